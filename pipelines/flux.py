@@ -1,0 +1,132 @@
+"""FLUX.1 (dev with guidance embedding, schnell without) over diffusers' ``FluxPipeline``.
+
+Composes the pipeline's own ``encode_prompt``, ``prepare_latents`` (packed 2x2 latents), schedule
+(``calculate_shift`` + ``retrieve_timesteps``), ``_unpack_latents`` and VAE; the sampling loop is
+``FlowMatchSampler.rollout``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+from torch import Tensor
+
+from pipelines.base import NEGATIVE_PREFIX, FlowMatchSampler, RolloutOptions
+
+DEFAULT_GUIDANCE = 3.5
+
+
+class FluxSampler(FlowMatchSampler):
+    """SDE sampler for FLUX.1-dev / FLUX.1-schnell (true CFG optional, embedded guidance for dev)."""
+
+    family = "flux"
+    pipeline_class = FluxPipeline
+    required_components = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+    default_max_sequence_length = 512
+
+    def encode_prompts(self, prompts: list[str], options: RolloutOptions, num_per_prompt: int) -> dict[str, Tensor]:
+        """T5 sequence + pooled CLIP embeddings (and the negative prompt's for CFG), plus guidance [B]."""
+        conditioning = self._encode(prompts, options, num_per_prompt)
+        if options.cfg_scale > 1.0:
+            negative = self._encode([options.negative_prompt] * len(prompts), options, num_per_prompt)
+            conditioning.update({NEGATIVE_PREFIX + key: value for key, value in negative.items()})
+        batch = len(prompts) * num_per_prompt
+        if self.transformer.config.guidance_embeds:
+            guidance = DEFAULT_GUIDANCE if options.guidance is None else options.guidance
+            conditioning["guidance"] = torch.full((batch,), guidance, dtype=torch.float32, device=self.device)
+        elif options.guidance is not None:
+            raise ValueError(
+                "guidance was set but this FLUX transformer has no guidance embedding (FLUX.1-schnell style); "
+                "set sample.guidance to null, or use cfg_scale for true classifier-free guidance"
+            )
+        return conditioning
+
+    def _encode(self, prompts: list[str], options: RolloutOptions, num_per_prompt: int) -> dict[str, Tensor]:
+        prompt_embeds, pooled_prompt_embeds, _ = self.pipeline.encode_prompt(
+            prompt=prompts,
+            prompt_2=None,
+            device=self.device,
+            num_images_per_prompt=num_per_prompt,
+            max_sequence_length=self._max_sequence_length(options),
+        )
+        return {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled_prompt_embeds}
+
+    def initial_latents(self, generators: list[torch.Generator], image_size: tuple[int, int]) -> Tensor:
+        """Packed latents ``[B, tokens, 4 * latent_channels]`` drawn exactly as ``FluxPipeline`` draws them."""
+        height, width = image_size
+        latents, _ = self.pipeline.prepare_latents(
+            len(generators),
+            self.transformer.config.in_channels // 4,
+            height,
+            width,
+            self.dtype,
+            self.device,
+            generators,
+        )
+        return latents
+
+    def grid(self, options: RolloutOptions, latents: Tensor) -> tuple[Tensor, Tensor]:
+        """FluxPipeline's schedule: linspace(1, 1/S) shifted by mu(image tokens), or a static ``shift``."""
+        num_steps = options.num_steps
+        config = self.pipeline.scheduler.config
+        sigmas = np.linspace(1.0, 1 / num_steps, num_steps)
+        if options.shift is None:
+            scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
+            mu = calculate_shift(
+                latents.shape[1],
+                config.get("base_image_seq_len", 256),
+                config.get("max_image_seq_len", 4096),
+                config.get("base_shift", 0.5),
+                config.get("max_shift", 1.15),
+            )
+        else:
+            scheduler = FlowMatchEulerDiscreteScheduler.from_config(
+                config, shift=options.shift, use_dynamic_shifting=False
+            )
+            mu = None
+        if config.get("use_flow_sigmas", False):
+            sigmas = None
+        timesteps, _ = retrieve_timesteps(scheduler, num_steps, self.device, sigmas=sigmas, mu=mu)
+        return scheduler.sigmas.to(self.device, torch.float32), timesteps.to(torch.float32)
+
+    def model_velocity(
+        self, latents: Tensor, timesteps: Tensor, conditioning: dict[str, Tensor], image_size: tuple[int, int]
+    ) -> Tensor:
+        """One FLUX transformer call; timesteps are cast to the latent dtype and divided by 1000 as diffusers does."""
+        prompt_embeds = conditioning["prompt_embeds"]
+        height, width = self._latent_size(image_size)
+        image_ids = self.pipeline._prepare_latent_image_ids(None, height // 2, width // 2, self.device, self.dtype)
+        text_ids = torch.zeros(prompt_embeds.shape[1], 3, device=self.device, dtype=prompt_embeds.dtype)
+        return self.transformer(
+            hidden_states=latents,
+            timestep=timesteps.to(latents.dtype) / 1000,
+            guidance=conditioning.get("guidance"),
+            pooled_projections=conditioning["pooled_prompt_embeds"],
+            encoder_hidden_states=prompt_embeds,
+            txt_ids=text_ids,
+            img_ids=image_ids,
+            return_dict=False,
+        )[0]
+
+    def decode(self, latents: Tensor, image_size: tuple[int, int]) -> Tensor:
+        """Unpack, undo the VAE scaling/shift, decode and post-process to [0, 1]."""
+        pipeline = self.pipeline
+        height, width = image_size
+        latents = pipeline._unpack_latents(latents, height, width, pipeline.vae_scale_factor)
+        latents = latents / pipeline.vae.config.scaling_factor + pipeline.vae.config.shift_factor
+        images = pipeline.vae.decode(latents.to(pipeline.vae.dtype), return_dict=False)[0]
+        return pipeline.image_processor.postprocess(images, output_type="pt").float()
+
+    def _latent_size(self, image_size: tuple[int, int]) -> tuple[int, int]:
+        factor = self.pipeline.vae_scale_factor * 2
+        height, width = image_size
+        return 2 * (height // factor), 2 * (width // factor)
+
+    def _image_size(self, options: RolloutOptions) -> tuple[int, int]:
+        height, width = super()._image_size(options)
+        multiple = self.pipeline.vae_scale_factor * 2
+        if height % multiple or width % multiple:
+            raise ValueError(f"FLUX image height and width must be multiples of {multiple}; got {height}x{width}")
+        return height, width
