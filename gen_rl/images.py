@@ -1,0 +1,46 @@
+"""Image helpers: tensors in [0, 1] to PNG files and grids people can look at."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def to_uint8(pixels: torch.Tensor) -> np.ndarray:
+    """``[B, C, H, W]`` floats in [0, 1] to ``[B, H, W, C]`` uint8 (rounded, clamped)."""
+    if pixels.ndim != 4:
+        raise ValueError(f"expected pixels [B, C, H, W]; got shape {tuple(pixels.shape)}")
+    scaled = (pixels.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
+    return scaled.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def make_grid(pixels: torch.Tensor, columns: int | None = None, padding: int = 2) -> np.ndarray:
+    """Tile a batch into one ``[rows*(H+p)+p, cols*(W+p)+p, C]`` uint8 image, row-major, white padding."""
+    images = to_uint8(pixels)
+    count, height, width, channels = images.shape
+    columns = columns or math.ceil(math.sqrt(count))
+    rows = math.ceil(count / columns)
+    grid = np.full(
+        (rows * (height + padding) + padding, columns * (width + padding) + padding, channels), 255, np.uint8
+    )
+    for index, image in enumerate(images):
+        top = padding + (index // columns) * (height + padding)
+        left = padding + (index % columns) * (width + padding)
+        grid[top : top + height, left : left + width] = image
+    return grid
+
+
+def save_image_grid(pixels: torch.Tensor, path: str | os.PathLike, columns: int | None = None) -> Path:
+    """Write the grid of ``pixels`` as a PNG (via a temp file and an atomic rename) and return its path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid = make_grid(pixels, columns)
+    temporary = path.with_name(path.name + ".tmp")
+    Image.fromarray(grid.squeeze(-1) if grid.shape[-1] == 1 else grid).save(temporary, format="PNG")
+    os.replace(temporary, path)
+    return path
