@@ -20,9 +20,13 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--family", default="flux", choices=sorted(SAMPLERS))
-    parser.add_argument("--model", default="tiny", help="local folder or hub id; 'tiny' builds a tiny FLUX in code")
+    parser.add_argument(
+        "--model", default="tiny", help="local folder or hub id; 'tiny' builds a tiny FLUX in code"
+    )
     parser.add_argument("--prompts", nargs="+", default=["a red circle", "a blue square"])
     parser.add_argument("--group-size", type=int, default=4)
     parser.add_argument("--steps", type=int, default=10)

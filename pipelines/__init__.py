@@ -22,5 +22,13 @@ def build_sampler(family: str, pretrained: Any, **kwargs: Any) -> FlowMatchSampl
     return sampler_class(pretrained)
 
 
-__all__ = ["SAMPLERS", "FlowMatchSampler", "FluxSampler", "Rollout", "RolloutOptions", "SD3Sampler", "StepLogProbs"]
+__all__ = [
+    "SAMPLERS",
+    "FlowMatchSampler",
+    "FluxSampler",
+    "Rollout",
+    "RolloutOptions",
+    "SD3Sampler",
+    "StepLogProbs",
+]
 __all__ += ["build_sampler"]

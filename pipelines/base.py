@@ -79,7 +79,9 @@ class Rollout:
     def select(self, indices: Tensor | Sequence[int]) -> Rollout:
         """The sub-batch at ``indices`` (e.g. a training minibatch)."""
         index = torch.as_tensor(indices, dtype=torch.long)
-        return dataclasses.replace(self, **{name: _take(value, index) for name, value in self._batched().items()})
+        return dataclasses.replace(
+            self, **{name: _take(value, index) for name, value in self._batched().items()}
+        )
 
     @staticmethod
     def cat(rollouts: Sequence[Rollout]) -> Rollout:
@@ -235,7 +237,9 @@ class FlowMatchSampler(ABC):
             }
         )
         both = {key: torch.cat([negative[key], positive[key]]) for key in positive}
-        velocity = self.model_velocity(torch.cat([latents, latents]), torch.cat([timesteps, timesteps]), both, image_size)
+        velocity = self.model_velocity(
+            torch.cat([latents, latents]), torch.cat([timesteps, timesteps]), both, image_size
+        )
         velocity_negative, velocity_positive = velocity.chunk(2)
         return velocity_negative + cfg_scale * (velocity_positive - velocity_negative)
 
@@ -269,28 +273,32 @@ class FlowMatchSampler(ABC):
             for key, member in zip(keys, members, strict=True)
         ]
         sde_generators = make_generators(
-            [derive_seed(options.seed, epoch, key, member, "sde") for key, member in zip(keys, members, strict=True)]
+            [
+                derive_seed(options.seed, epoch, key, member, "sde")
+                for key, member in zip(keys, members, strict=True)
+            ]
         )
 
         conditioning = self.encode_prompts(prompts, options, group_size)
         latents = self.initial_latents(make_generators(initial_seeds), image_size)
         sigma_grid, timestep_grid = self.grid(options, latents)
+        latent_dtype, device = latents.dtype, latents.device
         num_steps = timestep_grid.shape[0]
         window = self._window(options.sde_window, num_steps)
 
         trajectory = [latents]
-        log_probs = torch.full((batch, num_steps), float("nan"), device=self.device)
-        stochastic = torch.zeros((batch, num_steps), dtype=torch.bool, device=self.device)
+        log_probs = torch.full((batch, num_steps), float("nan"), device=device)
+        stochastic = torch.zeros((batch, num_steps), dtype=torch.bool, device=device)
         for index in range(num_steps):
             timesteps = timestep_grid[index].expand(batch)
             velocity = self.predict_velocity(latents, timesteps, conditioning, options.cfg_scale, image_size)
             sigma, sigma_next = sigma_grid[index], sigma_grid[index + 1]
             if window[0] <= index < window[1]:
-                noise = draw_noise(sde_generators, tuple(latents.shape[1:]), latents.device)
+                noise = draw_noise(sde_generators, tuple(latents.shape[1:]), device)
                 out = step(latents, velocity, sigma, sigma_next, options.noise_level, noise=noise)
             else:
                 out = flow_sde_step(latents, velocity, sigma, sigma_next, 0.0)
-            latents = out.next_sample.to(self.dtype)
+            latents = out.next_sample.to(latent_dtype)
             is_random = out.std > 0
             if bool(is_random.any()):
                 log_probs[:, index] = _log_prob_of_stored(latents, out)
@@ -397,9 +405,13 @@ class FlowMatchSampler(ABC):
         if group_size < 1:
             raise ValueError(f"group_size must be >= 1 (samples per prompt); got {group_size}")
         if len(prompt_keys) != len(prompts):
-            raise ValueError(f"got {len(prompt_keys)} prompt_keys for {len(prompts)} prompts; give one per prompt")
+            raise ValueError(
+                f"got {len(prompt_keys)} prompt_keys for {len(prompts)} prompts; give one per prompt"
+            )
         if metadata is not None and len(metadata) != len(prompts):
-            raise ValueError(f"got {len(metadata)} metadata records for {len(prompts)} prompts; give one per prompt")
+            raise ValueError(
+                f"got {len(metadata)} metadata records for {len(prompts)} prompts; give one per prompt"
+            )
         if options.num_steps < 1:
             raise ValueError(f"num_steps must be >= 1; got {options.num_steps}")
         if options.noise_level < 0:
@@ -424,7 +436,9 @@ class FlowMatchSampler(ABC):
         if indices.ndim == 1:
             indices = indices.expand(len(rollout), -1)
         if indices.ndim != 2 or indices.shape[0] != len(rollout):
-            raise ValueError(f"step_indices must be [K] or [B={len(rollout)}, K]; got shape {tuple(indices.shape)}")
+            raise ValueError(
+                f"step_indices must be [K] or [B={len(rollout)}, K]; got shape {tuple(indices.shape)}"
+            )
         if indices.numel() and (indices.min() < 0 or indices.max() >= rollout.num_steps):
             raise ValueError(f"step_indices must lie in [0, {rollout.num_steps}); got {indices.tolist()}")
         trainable = rollout.stochastic.gather(1, indices.to(rollout.stochastic.device))

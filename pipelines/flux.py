@@ -26,7 +26,13 @@ class FluxSampler(FlowMatchSampler):
     required_components = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
     default_max_sequence_length = 512
 
-    def encode_prompts(self, prompts: list[str], options: RolloutOptions, num_per_prompt: int) -> dict[str, Tensor]:
+    def __init__(self, pipeline: FluxPipeline) -> None:
+        super().__init__(pipeline)
+        self._position_cache: dict[tuple, tuple[Tensor, Tensor]] = {}
+
+    def encode_prompts(
+        self, prompts: list[str], options: RolloutOptions, num_per_prompt: int
+    ) -> dict[str, Tensor]:
         """T5 sequence + pooled CLIP embeddings (and the negative prompt's for CFG), plus guidance [B]."""
         conditioning = self._encode(prompts, options, num_per_prompt)
         if options.cfg_scale > 1.0:
@@ -96,9 +102,7 @@ class FluxSampler(FlowMatchSampler):
     ) -> Tensor:
         """One FLUX transformer call; timesteps are cast to the latent dtype and divided by 1000 as diffusers does."""
         prompt_embeds = conditioning["prompt_embeds"]
-        height, width = self._latent_size(image_size)
-        image_ids = self.pipeline._prepare_latent_image_ids(None, height // 2, width // 2, self.device, self.dtype)
-        text_ids = torch.zeros(prompt_embeds.shape[1], 3, device=self.device, dtype=prompt_embeds.dtype)
+        image_ids, text_ids = self._position_ids(image_size, prompt_embeds.shape[1], latents)
         return self.transformer(
             hidden_states=latents,
             timestep=timesteps.to(latents.dtype) / 1000,
@@ -119,6 +123,20 @@ class FluxSampler(FlowMatchSampler):
         images = pipeline.vae.decode(latents.to(pipeline.vae.dtype), return_dict=False)[0]
         return pipeline.image_processor.postprocess(images, output_type="pt").float()
 
+    def _position_ids(
+        self, image_size: tuple[int, int], text_length: int, latents: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """FLUX's RoPE position ids for image tokens and (all-zero) text tokens, cached per size and device."""
+        key = (image_size, text_length, latents.device, latents.dtype)
+        if key not in self._position_cache:
+            height, width = self._latent_size(image_size)
+            image_ids = self.pipeline._prepare_latent_image_ids(
+                None, height // 2, width // 2, latents.device, latents.dtype
+            )
+            text_ids = torch.zeros(text_length, 3, device=latents.device, dtype=latents.dtype)
+            self._position_cache = {key: (image_ids, text_ids)}
+        return self._position_cache[key]
+
     def _latent_size(self, image_size: tuple[int, int]) -> tuple[int, int]:
         factor = self.pipeline.vae_scale_factor * 2
         height, width = image_size
@@ -128,5 +146,7 @@ class FluxSampler(FlowMatchSampler):
         height, width = super()._image_size(options)
         multiple = self.pipeline.vae_scale_factor * 2
         if height % multiple or width % multiple:
-            raise ValueError(f"FLUX image height and width must be multiples of {multiple}; got {height}x{width}")
+            raise ValueError(
+                f"FLUX image height and width must be multiples of {multiple}; got {height}x{width}"
+            )
         return height, width

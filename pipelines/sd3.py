@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
-from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift, retrieve_timesteps
+from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import (
+    calculate_shift,
+    retrieve_timesteps,
+)
 from torch import Tensor
 
 from pipelines.base import NEGATIVE_PREFIX, FlowMatchSampler, RolloutOptions
@@ -32,7 +35,9 @@ class SD3Sampler(FlowMatchSampler):
     )
     default_max_sequence_length = 256
 
-    def encode_prompts(self, prompts: list[str], options: RolloutOptions, num_per_prompt: int) -> dict[str, Tensor]:
+    def encode_prompts(
+        self, prompts: list[str], options: RolloutOptions, num_per_prompt: int
+    ) -> dict[str, Tensor]:
         """Joint CLIP+T5 sequence and pooled CLIP embeddings; ``negative_*`` too when ``cfg_scale > 1``."""
         use_cfg = options.cfg_scale > 1.0
         prompt_embeds, negative_embeds, pooled_embeds, negative_pooled = self.pipeline.encode_prompt(
@@ -55,7 +60,13 @@ class SD3Sampler(FlowMatchSampler):
         """Latents ``[B, C, h, w]`` drawn exactly as ``StableDiffusion3Pipeline`` draws them."""
         height, width = image_size
         return self.pipeline.prepare_latents(
-            len(generators), self.transformer.config.in_channels, height, width, self.dtype, self.device, generators
+            len(generators),
+            self.transformer.config.in_channels,
+            height,
+            width,
+            self.dtype,
+            self.device,
+            generators,
         )
 
     def grid(self, options: RolloutOptions, latents: Tensor) -> tuple[Tensor, Tensor]:

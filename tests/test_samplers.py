@@ -54,7 +54,7 @@ def test_rollout_shapes_and_grid(samplers, family):
     assert rollout.log_probs.shape == (batch, steps) and torch.isfinite(rollout.log_probs).all()
     assert rollout.stochastic.all()
     assert rollout.pixels.shape == (batch, 3, 32, 32)
-    assert 0 <= rollout.pixels.min() and rollout.pixels.max() <= 1
+    assert rollout.pixels.min() >= 0 and rollout.pixels.max() <= 1
     assert rollout.prompts == [PROMPTS[0]] * 3 + [PROMPTS[1]] * 3
     assert rollout.group_ids.tolist() == [0, 0, 0, 1, 1, 1]
     assert rollout.members.tolist() == [0, 1, 2, 0, 1, 2]
@@ -141,7 +141,13 @@ def test_window_and_cps_mark_deterministic_steps(samplers):
     assert window.stochastic[0].tolist() == [False, True, True, False, False]
     assert window.log_probs[:, [0, 3, 4]].isnan().all() and window.log_probs[:, 1:3].isfinite().all()
     cps = sampler.rollout(PROMPTS, _options(sde_type="cps"))
-    assert cps.stochastic[0].tolist() == [True, True, True, True, False]  # the last CPS step lands on s=0 exactly
+    assert cps.stochastic[0].tolist() == [
+        True,
+        True,
+        True,
+        True,
+        False,
+    ]  # the last CPS step lands on s=0 exactly
     with pytest.raises(ValueError, match="deterministic"):
         sampler.log_prob(window, [0])
 
@@ -178,7 +184,9 @@ def test_ratio_check_fails_loudly_when_the_model_is_not_reproducible(saved_pipel
 
 
 def test_rollout_select_and_cat_round_trip(samplers):
-    rollout = samplers["flux"].rollout(PROMPTS, BASE, group_size=2, metadata=[{"colour": "red"}, {"colour": "blue"}])
+    rollout = samplers["flux"].rollout(
+        PROMPTS, BASE, group_size=2, metadata=[{"colour": "red"}, {"colour": "blue"}]
+    )
     head, tail = rollout.select([0, 1]), rollout.select([2, 3])
     assert head.metadata == [{"colour": "red"}] * 2 and tail.prompts == [PROMPTS[1]] * 2
     merged = Rollout.cat([head, tail])
@@ -191,7 +199,9 @@ def test_static_shift_option_changes_the_grid(samplers):
     sampler = samplers["sd3"]
     default = sampler.rollout(PROMPTS[:1], _options(decode=False))
     shifted = sampler.rollout(PROMPTS[:1], _options(shift=1.0, decode=False))
-    expected = torch.linspace(1, 0, 6)[:-1]  # shift 1: SD3's default linear grid from sigma_max=1 to sigma_min
+    expected = torch.linspace(1, 0, 6)[
+        :-1
+    ]  # shift 1: SD3's default linear grid from sigma_max=1 to sigma_min
     assert not torch.allclose(default.sigmas, shifted.sigmas)
     assert shifted.pixels is None
     torch.testing.assert_close(shifted.sigmas[0, :-1], torch.linspace(1, 0.001, 5), atol=1e-6, rtol=0)
