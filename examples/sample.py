@@ -47,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.model == "tiny":
         sampler = build_sampler("flux", tiny_flux_pipeline().to(dtype=dtype))
     else:
-        sampler = build_sampler(args.family, args.model, torch_dtype=dtype)
+        sampler = build_sampler(args.family, args.model, dtype=dtype)
     sampler.pipeline.to(args.device)
     options = RolloutOptions(
         num_steps=args.steps,

@@ -160,10 +160,10 @@ class FlowMatchSampler(ABC):
         self.pipeline = pipeline
 
     @classmethod
-    def from_pretrained(cls, path_or_id: str, torch_dtype: torch.dtype | None = None, **kwargs: Any):
+    def from_pretrained(cls, path_or_id: str, dtype: torch.dtype | None = None, **kwargs: Any):
         """Load the family's diffusers pipeline from a local folder or a hub id and wrap it."""
         try:
-            pipeline = cls.pipeline_class.from_pretrained(path_or_id, torch_dtype=torch_dtype, **kwargs)
+            pipeline = cls.pipeline_class.from_pretrained(path_or_id, dtype=dtype, **kwargs)
         except (OSError, ValueError) as error:
             raise FileNotFoundError(
                 f"could not load a {cls.pipeline_class.__name__} from {path_or_id!r}: {error}\n"

@@ -295,7 +295,7 @@ def dance_grpo_step(
     velocity: Tensor,
     sigma: Scalar,
     sigma_next: Scalar,
-    eta: float,
+    noise_level: float,
     *,
     noise: Tensor | None = None,
     next_sample: Tensor | None = None,
@@ -303,12 +303,13 @@ def dance_grpo_step(
     """DanceGRPO SDE step: :func:`flow_sde_step` with a constant diffusion ``g = eta`` (Xue et al., 2025).
 
     Implements DanceGRPO's rectified-flow reverse SDE ``dz = (u - eta^2/2 * score) dt + eta dw`` discretised
-    with Euler-Maruyama; see :func:`flow_sde_step` for the arguments.
+    with Euler-Maruyama. ``noise_level`` is DanceGRPO's ``eta`` (named like the other flow steps so that every
+    entry of :data:`SDE_STEPS` takes the same keywords); see :func:`flow_sde_step` for the other arguments.
     """
     _check_step_inputs(sample, velocity, "velocity", noise, next_sample)
-    _check_nonnegative(eta, "eta")
+    _check_nonnegative(noise_level, "noise_level")
     sigma_now, sigma_after = _flow_sigmas(sigma, sigma_next, sample)
-    diffusion_b = torch.full_like(sigma_now, float(eta))
+    diffusion_b = torch.full_like(sigma_now, float(noise_level))
     return _flow_sde_from_valid(sample, velocity, sigma_now, sigma_after, diffusion_b, noise, next_sample)
 
 

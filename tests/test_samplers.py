@@ -241,3 +241,13 @@ def test_pipeline_without_expected_components_is_refused(saved_pipelines):
     pipeline.scheduler = DDIMScheduler()
     with pytest.raises(ValueError, match="FlowMatchEulerDiscreteScheduler"):
         FluxSampler(pipeline)
+
+
+def test_bfloat16_rollout_keeps_ratio_one(saved_pipelines):
+    """Latents are stored in the model dtype and the log-prob is taken of the stored (rounded) value."""
+    sampler = build_sampler("flux", str(saved_pipelines["flux"]), dtype=torch.bfloat16)
+    rollout = sampler.rollout(PROMPTS, BASE, group_size=2)
+    assert rollout.latents.dtype == torch.bfloat16 and rollout.log_probs.dtype == torch.float32
+    assert sampler.check_log_probs(rollout, atol=1e-6) <= 1e-6
+    recomputed = sampler.log_prob(rollout, [0, 4]).log_probs
+    torch.testing.assert_close(recomputed, rollout.log_probs[:, [0, 4]], atol=1e-6, rtol=0)

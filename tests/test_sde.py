@@ -392,3 +392,10 @@ def test_unknown_step_name_lists_known_names() -> None:
     with pytest.raises(ValueError, match="'euler'.*cps, dance_grpo, flow_grpo"):
         get_flow_step("euler")
     assert set(SDE_STEPS) == {"flow_grpo", "dance_grpo", "cps"}
+
+
+def test_flow_steps_share_one_keyword_signature():
+    sample = torch.randn(2, 3, generator=torch.Generator().manual_seed(0))
+    for name in SDE_STEPS:
+        out = get_flow_step(name)(sample, sample, sigma=0.6, sigma_next=0.5, noise_level=0.3)
+        assert out.std.gt(0).all(), name
