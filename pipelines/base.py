@@ -268,16 +268,15 @@ class FlowMatchSampler(ABC):
         batch = len(prompts) * group_size
         members = [member for _ in prompts for member in range(group_size)]
         keys = [key for key in prompt_keys for _ in range(group_size)]
-        initial_seeds = [
-            derive_seed(options.seed, epoch, key, 0 if options.share_initial_noise else member, "initial")
-            for key, member in zip(keys, members, strict=True)
-        ]
-        sde_generators = make_generators(
-            [
-                derive_seed(options.seed, epoch, key, member, "sde")
+
+        def stream_seeds(stream: str, shared_within_group: bool) -> list[int]:
+            return [
+                derive_seed(options.seed, epoch, key, 0 if shared_within_group else member, stream)
                 for key, member in zip(keys, members, strict=True)
             ]
-        )
+
+        initial_seeds = stream_seeds("initial", options.share_initial_noise)
+        sde_generators = make_generators(stream_seeds("sde", shared_within_group=False))
 
         conditioning = self.encode_prompts(prompts, options, group_size)
         latents = self.initial_latents(make_generators(initial_seeds), image_size)
