@@ -1,0 +1,231 @@
+"""Typed configs: nested dataclasses loaded from YAML, dotted command-line overrides, checked on load.
+
+Any dataclass tree works (the generation trainer's tree is in ``gen_rl/trainer_config.py``); every field is
+declared with ``option(default, "one-line doc with its unit")`` so that ``describe`` can print the reference.
+Unknown keys fail with the closest valid name; values are checked against the field's type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the key, the problem and the fix."""
+
+
+def option(default: Any, doc: str) -> Any:
+    """A dataclass field with a one-line ``doc`` (shown by ``describe``); mutable defaults are copied."""
+    if isinstance(default, (list, dict)):
+        value = default
+        return dataclasses.field(default_factory=lambda: _copy(value), metadata={"doc": doc})
+    return dataclasses.field(default=default, metadata={"doc": doc})
+
+
+def _copy(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_copy(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _copy(item) for key, item in value.items()}
+    return value
+
+
+def section(cls: type) -> Any:
+    """A nested config section field, defaulting to ``cls()``."""
+    return dataclasses.field(
+        default_factory=cls, metadata={"doc": (cls.__doc__ or "").strip().split("\n")[0]}
+    )
+
+
+def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
+    """Build ``cls`` from a plain mapping, recursing into nested dataclasses; unknown keys are errors."""
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{where or 'config'} must be a mapping of keys to values, got {type(data).__name__}"
+        )
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key in data:
+        if key not in fields:
+            raise ConfigError(_unknown_key_message(key, list(fields), where))
+    values = {name: _coerce(hints[name], data[name], _join(where, name)) for name in fields if name in data}
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as error:
+        if isinstance(error, ConfigError):
+            raise
+        raise ConfigError(f"{where or 'config'}: {error}") from error
+
+
+def _unknown_key_message(key: str, known: list[str], where: str) -> str:
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
+    hint = f" Did you mean {_join(where, close[0])!r}?" if close else ""
+    return f"unknown config key {_join(where, key)!r}.{hint} Valid keys here: {', '.join(known)}."
+
+
+def _join(where: str, name: str) -> str:
+    return f"{where}.{name}" if where else name
+
+
+def _coerce(annotation: Any, value: Any, where: str) -> Any:
+    """Check ``value`` against a field annotation; ints become floats, lists become tuples where declared."""
+    origin = typing.get_origin(annotation)
+    if dataclasses.is_dataclass(annotation):
+        return from_dict(annotation, value, where)
+    if origin in (Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for candidate in options:
+            if candidate is type(None):
+                continue
+            try:
+                return _coerce(candidate, value, where)
+            except ConfigError as error:
+                errors.append(str(error))
+        raise ConfigError(
+            errors[0] if len(errors) == 1 else f"{where}: {value!r} matches none of {annotation}"
+        )
+    if origin is Literal:
+        choices = typing.get_args(annotation)
+        if value not in choices:
+            raise ConfigError(f"{where} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+        return value
+    if origin in (list, tuple) or annotation in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        args = typing.get_args(annotation)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(args) != len(value):
+                raise ConfigError(f"{where} must have {len(args)} items, got {len(value)}")
+            pairs = enumerate(zip(args, value, strict=True))
+            return tuple(_coerce(arg, item, f"{where}[{i}]") for i, (arg, item) in pairs)
+        item_type = args[0] if args else Any
+        items = [_coerce(item_type, item, f"{where}[{i}]") for i, item in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict or annotation is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping, got {value!r}")
+        args = typing.get_args(annotation)
+        value_type = args[1] if args else Any
+        return {key: _coerce(value_type, item, f"{where}.{key}") for key, item in value.items()}
+    return _coerce_scalar(annotation, value, where)
+
+
+def _coerce_scalar(annotation: Any, value: Any, where: str) -> Any:
+    if annotation is Any:
+        return value
+    if annotation is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if annotation is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if annotation in (str, bool) and isinstance(value, annotation):
+        return value
+    if annotation in (int, float, str, bool):
+        raise ConfigError(f"{where} must be {annotation.__name__}, got {value!r}")
+    return value
+
+
+def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
+    """``["train.lr=1e-5", "sample.sde_window=[0,4]"]`` -> nested dict; values are parsed as YAML."""
+    nested: dict[str, Any] = {}
+    for override in overrides:
+        key, sep, raw = override.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {override!r} must look like section.key=value (e.g. train.lr=1e-5)")
+        value = yaml.safe_load(raw) if raw else ""
+        if isinstance(value, str) and _looks_like_float(value):
+            value = float(value)  # YAML 1.1 reads 1e-5 as a string
+        node = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return nested
+
+
+def _looks_like_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return text.strip().lower() not in ("nan", "inf", "-inf", "infinity", "-infinity")
+
+
+def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Recursively merge ``update`` into a copy of ``base`` (mappings merge, everything else replaces)."""
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping; a missing file or a non-mapping gives a ConfigError naming the path."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(
+            f"config file {str(path)!r} does not exist; pass --config with a YAML under configs/"
+        )
+    with path.open() as handle:
+        data = yaml.safe_load(handle)
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"config file {str(path)!r} must hold a mapping of sections, got {type(data).__name__}"
+        )
+    return data
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
+    """Load ``cls`` from a YAML file plus dotted overrides, then run its ``validate()`` if it has one."""
+    data = read_yaml(path) if path is not None else {}
+    data = merge(data, parse_overrides(overrides))
+    config = from_dict(cls, data)
+    if hasattr(config, "validate"):
+        config.validate()
+    return config
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """Plain nested dict (tuples as lists) that ``from_dict`` reads back to an equal config."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, (list, tuple)):
+            return [plain(item) for item in value]
+        if isinstance(value, dict):
+            return {key: plain(item) for key, item in value.items()}
+        return value
+
+    return plain(dataclasses.asdict(config))
+
+
+def describe(cls: type, where: str = "") -> list[str]:
+    """One line per field: ``section.key: type = default  # doc``, for ``train.py --describe``."""
+    lines = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        name = _join(where, f.name)
+        if dataclasses.is_dataclass(hints[f.name]):
+            lines.append(f"[{name}] {f.metadata.get('doc', '')}")
+            lines.extend(describe(hints[f.name], name))
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        lines.append(f"{name} = {default!r}  # {f.metadata.get('doc', '')}")
+    return lines
