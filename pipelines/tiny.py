@@ -102,6 +102,96 @@ def _tiny_vae(latent_channels: int) -> AutoencoderKL:
     )
 
 
+# Channel layout of the pixel VAE's single block (width 10, one GroupNorm group). See `_pixel_vae`.
+_PIXEL_WIDTH = 10
+_PIXEL_COPY_A = (0, 1, 2)  # z_c, scaled by +sigma0 in the final norm's affine
+_PIXEL_COPY_B = (3, 4, 5)  # z_c again, scaled by -sigma0
+_PIXEL_REF_A, _PIXEL_REF_B = 6, 7  # constant 0: cancels the group mean that the norm subtracts
+_PIXEL_PLUS_K, _PIXEL_MINUS_K = 8, 9  # constants +K / -K: they set the group std
+_PIXEL_K = 4096.0  # a power of two: GroupNorm's float32 sums of K and K^2 are then exact
+_PIXEL_MIN_LOGVAR = -30.0  # DiagonalGaussianDistribution clamps log-variance to [-30, 20]
+
+
+def _centre_tap_(conv: torch.nn.Conv2d, out_channel: int, in_channel: int, weight: float) -> None:
+    conv.weight[out_channel, in_channel, conv.kernel_size[0] // 2, conv.kernel_size[1] // 2] = weight
+
+
+def _set_pixel_tower_(conv_in, blocks, norm_out: torch.nn.GroupNorm, conv_out: torch.nn.Conv2d) -> None:
+    """Make conv_in -> blocks -> norm_out -> SiLU -> conv_out[:3] the identity on 3 channels (in place)."""
+    for module in (conv_in, *blocks, norm_out, conv_out):
+        for parameter in module.parameters():
+            parameter.zero_()  # residual branches (conv2, attention to_out) become exact zeros
+    for channel in range(3):
+        _centre_tap_(conv_in, _PIXEL_COPY_A[channel], channel, 1.0)
+        _centre_tap_(conv_in, _PIXEL_COPY_B[channel], channel, 1.0)
+    conv_in.bias[_PIXEL_PLUS_K] = _PIXEL_K
+    conv_in.bias[_PIXEL_MINUS_K] = -_PIXEL_K
+    # Group std at z = 0: two of the ten channels are +-K, the rest 0 (eps as in nn.GroupNorm).
+    sigma0 = (2 * _PIXEL_K**2 / _PIXEL_WIDTH + norm_out.eps) ** 0.5
+    for channel in (*_PIXEL_COPY_A, _PIXEL_REF_A):
+        norm_out.weight[channel] = sigma0
+    for channel in (*_PIXEL_COPY_B, _PIXEL_REF_B):
+        norm_out.weight[channel] = -sigma0
+    # silu(y) - silu(-y) = y exactly, so A - B is linear; subtracting the reference pair removes the mean.
+    for channel in range(3):
+        _centre_tap_(conv_out, channel, _PIXEL_COPY_A[channel], 1.0)
+        _centre_tap_(conv_out, channel, _PIXEL_COPY_B[channel], -1.0)
+        _centre_tap_(conv_out, channel, _PIXEL_REF_A, -1.0)
+        _centre_tap_(conv_out, channel, _PIXEL_REF_B, 1.0)
+
+
+@torch.no_grad()
+def _pixel_vae() -> AutoencoderKL:
+    """A stock `AutoencoderKL` whose decoder (and encoder) is set by hand to the identity: the latent is the image.
+
+    A single block (scale factor 1, no up/down samplers) of width 10 with one GroupNorm group and
+    ``scaling_factor=1``, ``shift_factor=0``, so ``vae.decode(z).sample ~= z`` in the [-1, 1] image convention.
+
+    Construction (decoder; the encoder is built the same way):
+
+    * every resnet and the mid-block attention have all parameters zeroed, so ``x + conv2(...)`` and
+      ``x + to_out(...)`` are exact identities through the residual path;
+    * ``conv_in`` (centre tap) writes z into two copies A and B (channels 0-2 and 3-5), leaves two
+      reference channels at 0 (6, 7) and adds constants +K / -K through its bias (8, 9), K = 4096;
+    * the final GroupNorm (one group) subtracts the group mean mu and divides by the group std sigma. The
+      constants dominate sigma: sigma^2 = K^2 / 5 + (2 sum_c mean(z_c^2)) / 10 - mu^2, so sigma / sigma0 - 1
+      ~ -sum_c mean(z_c^2) / (2 K^2) ~ 1e-7 whatever the image (constant images included). Its affine
+      multiplies copy A and reference A by +sigma0 and copy B and reference B by -sigma0 (no shift). K is a
+      power of two so that the float32 sums over the +-K channels are exact (with K = 1000 their rounding
+      gave a per-image scale error growing with image size, 4e-4 at 256 px);
+    * SiLU is odd-linear: silu(y) - silu(-y) = y exactly, so ``conv_out`` (centre tap) takes A - B (which is
+      sigma0 / sigma * (z - mu)) minus (ref A - ref B) (which is -sigma0 / sigma * mu): z * sigma0 / sigma.
+
+    Measured error in float32: <= ~1e-6 for |z| <= 2 at 16-256 px, ~1e-5 for a constant |z| = 6 image. The
+    encoder uses the same tower with its ``conv_out`` emitting the mean = x and log-variance -30 (the clamp),
+    so ``encode(x).latent_dist.mode() ~= x``.
+    """
+    vae = AutoencoderKL(
+        sample_size=32,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(_PIXEL_WIDTH,),
+        layers_per_block=1,
+        latent_channels=3,
+        norm_num_groups=1,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.0,
+        scaling_factor=1.0,
+    )
+    decoder, encoder = vae.decoder, vae.encoder
+    assert all(block.upsamplers is None for block in decoder.up_blocks)
+    assert all(block.downsamplers is None for block in encoder.down_blocks)
+    _set_pixel_tower_(
+        decoder.conv_in, [decoder.mid_block, *decoder.up_blocks], decoder.conv_norm_out, decoder.conv_out
+    )
+    _set_pixel_tower_(
+        encoder.conv_in, [*encoder.down_blocks, encoder.mid_block], encoder.conv_norm_out, encoder.conv_out
+    )
+    encoder.conv_out.bias[3:] = _PIXEL_MIN_LOGVAR
+    return vae
+
+
 def _eval_mode(pipeline):
     """Put every module in eval mode, as ``from_pretrained`` does (T5 has dropout 0.1 in train mode)."""
     for component in pipeline.components.values():
@@ -110,15 +200,26 @@ def _eval_mode(pipeline):
     return pipeline
 
 
-def tiny_flux_pipeline(seed: int = 0, guidance_embeds: bool = True) -> FluxPipeline:
+def tiny_flux_pipeline(
+    seed: int = 0, guidance_embeds: bool = True, *, pixel_decoder: bool = False
+) -> FluxPipeline:
     """A FLUX.1-architecture pipeline (dev-style with guidance embedding, or schnell-style without) at ~70k params.
 
     The VAE has scale factor 1, so a 32 px image is 16 x 16 = 256 packed tokens of 4 channels.
+
+    ``pixel_decoder=False`` (default): a random 1-latent-channel VAE, whose decoder maps every latent to a
+    near-constant grey; fine for code-path tests, useless to look at.
+
+    ``pixel_decoder=True``: a 3-latent-channel VAE whose weights are set by hand so that it decodes the latent
+    *as* the image (``vae.decode(z).sample ~= z``, RGB in [-1, 1], error ~1e-6; see `_pixel_vae`), and a
+    transformer with ``in_channels = out_channels = 12`` (FLUX packs 2 x 2 latent patches: 4 * 3). It exists for
+    the CPU demo: with it a colour reward can actually move the images and before/after grids differ visibly.
+    Still the stock ``AutoencoderKL`` class, so ``save_pretrained`` / ``FluxPipeline.from_pretrained`` work.
     """
     torch.manual_seed(seed)
     transformer = FluxTransformer2DModel(
         patch_size=1,
-        in_channels=4,
+        in_channels=12 if pixel_decoder else 4,
         num_layers=1,
         num_single_layers=1,
         attention_head_dim=16,
@@ -130,7 +231,7 @@ def tiny_flux_pipeline(seed: int = 0, guidance_embeds: bool = True) -> FluxPipel
     )
     pipeline = FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True),
-        vae=_tiny_vae(latent_channels=1),
+        vae=_pixel_vae() if pixel_decoder else _tiny_vae(latent_channels=1),
         text_encoder=CLIPTextModel(_clip_config()),
         tokenizer=build_char_tokenizer(77),
         text_encoder_2=_t5_encoder(),

@@ -1,0 +1,168 @@
+"""Export trained LoRA adapters in diffusers' format, which ``pipe.load_lora_weights(folder)`` and ComfyUI read.
+
+``save_lora`` writes ``pytorch_lora_weights.safetensors`` (keys ``transformer.<module>.lora_A/B.weight``)
+through the pipeline class's own ``save_lora_weights``. The adapter's scale (``lora_alpha / r``, or
+``lora_alpha / sqrt(r)`` with rsLoRA, per module with ``alpha_pattern`` / ``rank_pattern``) is folded into
+``lora_B``, and the stored adapter config says ``lora_alpha = r``: readers that honour the config
+(diffusers) and readers that assume scale 1 when no alpha is stored (ComfyUI, most web UIs) then apply the
+same update ``W + B A``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+
+_ATTENTION_TARGETS = [
+    "attn.to_q",
+    "attn.to_k",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_q_proj",
+    "attn.add_k_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+]
+_FLUX_MLP_TARGETS = [
+    "ff.net.0.proj",
+    "ff.net.2",
+    "ff_context.net.0.proj",
+    "ff_context.net.2",
+    "proj_mlp",
+    "proj_out",
+]
+LORA_TARGET_MODULES: dict[str, list[str]] = {
+    # Double-stream attention (image and text projections), single-stream attention, the double blocks'
+    # feed-forwards and the single blocks' MLP in / fused out. "proj_out" also matches the final output
+    # projection, as in common FLUX LoRA recipes (SimpleTuner "all+ffs", ai-toolkit).
+    "flux": _ATTENTION_TARGETS + _FLUX_MLP_TARGETS,
+    # The joint-attention projections of every MMDiT block (Flow-GRPO and diffusers' SD3 DreamBooth LoRA).
+    # The last block is context-pre-only and has no to_add_out; SD3.5's extra self-attention (attn2) is left out.
+    "sd3": list(_ATTENTION_TARGETS),
+}
+
+
+def lora_target_modules(family: str) -> list[str]:
+    """Default peft ``target_modules`` (module-name suffixes) for a model family: ``flux`` or ``sd3``."""
+    if family not in LORA_TARGET_MODULES:
+        raise ValueError(
+            f"no default LoRA target modules for family {family!r}; known: {', '.join(LORA_TARGET_MODULES)}. "
+            "Give train.lora target modules explicitly."
+        )
+    return list(LORA_TARGET_MODULES[family])
+
+
+def save_lora(sampler: Any, directory: str | Path, adapter_name: str = "default") -> Path:
+    """Write the transformer's LoRA adapter to ``directory`` in diffusers' format and return the folder.
+
+    The folder is written whole into a temporary sibling and renamed into place, so a crash never leaves a
+    half-written export; an existing folder at ``directory`` is replaced. Load it back with
+    ``pipeline.load_lora_weights(directory)``. Call it on the main process only.
+    """
+    transformer = sampler.transformer
+    config = _adapter_config(transformer, adapter_name)
+    state_dict = lora_state_dict(transformer, adapter_name)
+    metadata = _unit_scale_metadata(config)
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise FileExistsError(f"cannot export a LoRA to {directory}: a file of that name exists")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
+    try:
+        type(sampler.pipeline).save_lora_weights(
+            staging,
+            transformer_lora_layers=state_dict,
+            safe_serialization=True,
+            transformer_lora_adapter_metadata=metadata,
+        )
+        _replace_directory(staging, directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return directory
+
+
+def lora_state_dict(transformer: torch.nn.Module, adapter_name: str = "default") -> dict[str, Tensor]:
+    """The adapter's ``<module>.lora_A/B.weight`` tensors (CPU, contiguous) with its scale folded into B."""
+    from peft import get_peft_model_state_dict
+    from peft.tuners.lora import LoraLayer
+
+    _adapter_config(transformer, adapter_name)
+    state_dict = get_peft_model_state_dict(transformer, adapter_name=adapter_name)
+    scales = {
+        name: float(module.scaling[adapter_name])
+        for name, module in transformer.named_modules()
+        if isinstance(module, LoraLayer) and adapter_name in module.scaling
+    }
+    exported = {}
+    for key, tensor in state_dict.items():
+        tensor = tensor.detach()
+        module_name, is_lora_b, _ = key.rpartition(".lora_B.")
+        if is_lora_b and scales.get(module_name, 1.0) != 1.0:
+            tensor = (tensor.float() * scales[module_name]).to(tensor.dtype)
+        exported[key] = tensor.cpu().contiguous()
+    return exported
+
+
+def merge_lora(sampler: Any, adapter_name: str = "default") -> None:
+    """Fuse the adapter into the transformer's base weights and remove the LoRA layers (for a full export)."""
+    transformer = sampler.transformer
+    _adapter_config(transformer, adapter_name)
+    others = sorted(set(transformer.peft_config) - {adapter_name})
+    if others:
+        raise ValueError(
+            f"merge_lora fuses one adapter and removes all LoRA layers, but the transformer also has {others}; "
+            "delete them first (transformer.delete_adapters([...]))"
+        )
+    transformer.fuse_lora(adapter_names=[adapter_name])
+    transformer.unload_lora()
+
+
+def _adapter_config(transformer: torch.nn.Module, adapter_name: str) -> Any:
+    """The peft ``LoraConfig`` of ``adapter_name``, or a clear error when the transformer has none."""
+    adapters = getattr(transformer, "peft_config", None) or {}
+    if not adapters:
+        raise ValueError(
+            "the transformer has no LoRA adapter to export: train.lora is off, so the full weights are in the "
+            "checkpoint; use sampler.pipeline.save_pretrained(directory) for a full diffusers folder instead"
+        )
+    if adapter_name not in adapters:
+        raise ValueError(f"the transformer has no LoRA adapter {adapter_name!r}; it has {sorted(adapters)}")
+    return adapters[adapter_name]
+
+
+def _unit_scale_metadata(config: Any) -> dict[str, Any]:
+    """The adapter config as diffusers stores it, with ``lora_alpha = r`` (scale 1: the scale is in B)."""
+    metadata = config.to_dict()
+    metadata.update(
+        lora_alpha=metadata["r"],
+        alpha_pattern=dict(metadata.get("rank_pattern") or {}),
+        use_rslora=False,
+    )
+    return {key: value for key, value in metadata.items() if _json_like(value)}
+
+
+def _json_like(value: Any) -> bool:
+    return value is None or isinstance(value, (str, int, float, bool, list, tuple, dict, set))
+
+
+def _replace_directory(staging: Path, directory: Path) -> None:
+    """Move ``staging`` to ``directory``, replacing an existing folder (the old one is removed after the swap)."""
+    if not directory.exists():
+        staging.rename(directory)
+        return
+    retired = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".old", dir=directory.parent))
+    retired.rmdir()
+    directory.rename(retired)
+    try:
+        staging.rename(directory)
+    except OSError:
+        retired.rename(directory)
+        raise
+    shutil.rmtree(retired, ignore_errors=True)
