@@ -158,6 +158,7 @@ class FlowMatchSampler(ABC):
                 f"{type(pipeline.scheduler).__name__}. Restore the checkpoint's own scheduler."
             )
         self.pipeline = pipeline
+        self.forward_module: torch.nn.Module | None = None
 
     @classmethod
     def from_pretrained(cls, path_or_id: str, dtype: torch.dtype | None = None, **kwargs: Any):
@@ -176,6 +177,12 @@ class FlowMatchSampler(ABC):
     def transformer(self) -> torch.nn.Module:
         """The denoiser: the module a LoRA adapter is attached to."""
         return self.pipeline.transformer
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        """The module that runs the denoiser's forward: a DDP / autocast wrapper set in ``forward_module`` by a
+        trainer (so gradients synchronise), else the transformer itself."""
+        return self.transformer if self.forward_module is None else self.forward_module
 
     @property
     def device(self) -> torch.device:

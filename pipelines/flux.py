@@ -103,7 +103,7 @@ class FluxSampler(FlowMatchSampler):
         """One FLUX transformer call; timesteps are cast to the latent dtype and divided by 1000 as diffusers does."""
         prompt_embeds = conditioning["prompt_embeds"]
         image_ids, text_ids = self._position_ids(image_size, prompt_embeds.shape[1], latents)
-        return self.transformer(
+        return self.denoiser(
             hidden_states=latents,
             timestep=timesteps.to(latents.dtype) / 1000,
             guidance=conditioning.get("guidance"),

@@ -91,7 +91,7 @@ class SD3Sampler(FlowMatchSampler):
         self, latents: Tensor, timesteps: Tensor, conditioning: dict[str, Tensor], image_size: tuple[int, int]
     ) -> Tensor:
         """One SD3 transformer call at per-sample timesteps (sigma * 1000)."""
-        return self.transformer(
+        return self.denoiser(
             hidden_states=latents,
             timestep=timesteps,
             encoder_hidden_states=conditioning["prompt_embeds"],

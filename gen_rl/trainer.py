@@ -1,0 +1,595 @@
+"""The generation GRPO loop (Flow-GRPO / DanceGRPO family), in named phases.
+
+Each training step: ``sample`` groups on every process -> ``score`` them -> ``gather`` rewards across
+processes -> group ``advantages`` -> ``update`` the policy over the selected denoising steps (clipped
+surrogate, Flow-GRPO eq. 8 / DanceGRPO eq. 9, optional KL to the LoRA-disabled reference) -> ``log``;
+``evaluate`` and ``save`` every N steps. Step ``t``'s metrics describe the weights after ``t`` updates.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from tqdm.auto import tqdm
+
+from gen_rl import run_state
+from gen_rl.advantages import AdvantageOutput, PerPromptStatTracker, combine_rewards
+from gen_rl.checkpoint import CheckpointManager
+from gen_rl.config import to_dict
+from gen_rl.data import PromptSet, load_prompts, prompt_indices_for_step
+from gen_rl.ema import ParameterEMA
+from gen_rl.losses import clipped_surrogate, gaussian_kl
+from gen_rl.metrics import MetricsLog, plot_reward_curve
+from gen_rl.policy import load_sampler, make_trainable
+from gen_rl.seeding import derive_seed
+from gen_rl.step_selection import sde_window, train_step_indices
+from gen_rl.trainer_config import GenerationConfig
+from pipelines import Rollout, RolloutOptions
+from rewards import build_reward
+
+
+class RewardError(RuntimeError):
+    """A reward returned NaN / inf under ``reward.nan_policy: abort``."""
+
+
+@dataclass
+class StepBatch:
+    """One process's share of a training step: the rollout plus its global group ids and rewards."""
+
+    rollout: Rollout
+    group_ids: torch.Tensor  # [n] global position of each sample's prompt within the step
+    rewards: dict[str, torch.Tensor]  # name -> [n] raw scores (NaN: no score)
+
+
+class GenerationTrainer:
+    """Online RL of a rectified-flow generator against rewards; ``train()`` runs the whole schedule."""
+
+    def __init__(self, config: GenerationConfig, *, resume: bool = False) -> None:
+        self.config = config
+        log = config.log
+        self.output_dir = Path(log.output_dir)
+        self.accelerator = Accelerator(
+            cpu=not torch.cuda.is_available(),
+            mixed_precision=config.train.mixed_precision,
+            log_with=None if log.tracker == "none" else log.tracker,
+            project_dir=str(self.output_dir),
+        )
+        config.validate(num_processes=self.accelerator.num_processes)
+        self.train_set = load_prompts(config.data.train_prompts)
+        self.eval_set: PromptSet | None = (
+            load_prompts(config.data.eval_prompts) if config.data.eval_prompts else None
+        )
+        self.reward_models = {
+            _reward_key(i, term.name): build_reward(term.name, **term.kwargs)
+            for i, term in enumerate(config.reward.terms)
+        }
+        self.reward_weights = {
+            key: term.weight for key, term in zip(self.reward_models, config.reward.terms, strict=True)
+        }
+        self.sampler = load_sampler(config.model, self.accelerator.device)
+        self.parameters = make_trainable(self.sampler, config.model)
+        self.optimizer = torch.optim.AdamW(
+            self.parameters,
+            lr=config.train.lr,
+            betas=config.train.adam_betas,
+            eps=config.train.adam_eps,
+            weight_decay=config.train.weight_decay,
+        )
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        model, self.optimizer = self.accelerator.prepare(self.sampler.transformer, self.optimizer)
+        self.sampler.forward_module = model
+        self.model = model
+        self.ema = ParameterEMA(self.parameters, config.train.ema_decay) if config.train.ema else None
+        self.stat_tracker = (
+            PerPromptStatTracker(config.reward.tracker_buffer, config.reward.tracker_min_count)
+            if config.reward.per_prompt_tracker
+            else None
+        )
+        self.checkpoints = CheckpointManager(self.output_dir, config.checkpoint.keep_last)
+        self.metrics = MetricsLog(self.output_dir / "metrics.jsonl")
+        run_state.install_hooks(self)
+        self.start_step = 0
+        self.log_probs_checked = not config.train.check_log_probs
+        if resume:
+            self._resume()
+        elif self.accelerator.is_main_process and self.metrics.path.exists():
+            self.metrics.path.unlink()  # a fresh run starts a fresh metrics file
+        if self.accelerator.is_main_process and log.tracker != "none":
+            self.accelerator.init_trackers(log.run_name, config=_flat_hparams(to_dict(config)))
+
+    # ----- schedule ----------------------------------------------------------------------------------------
+    @property
+    def samples_per_process(self) -> int:
+        sample = self.config.sample
+        return sample.groups_per_step // self.accelerator.num_processes * sample.group_size
+
+    @property
+    def updates_per_step(self) -> int:
+        return (
+            self.config.train.inner_epochs * self.samples_per_process // self.config.train.samples_per_update
+        )
+
+    def _lr_factor(self, update: int) -> float:
+        train = self.config.train
+        if update < train.warmup_updates:
+            return (update + 1) / (train.warmup_updates + 1)
+        total = max(1, train.num_steps * self.updates_per_step - train.warmup_updates)
+        progress = min(1.0, (update - train.warmup_updates) / total)
+        if train.lr_schedule == "linear":
+            return 1.0 - progress
+        if train.lr_schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0
+
+    # ----- the loop ----------------------------------------------------------------------------------------
+    def train(self) -> dict[str, Any]:
+        """Run from ``start_step`` to ``train.num_steps``; returns a summary (first / last eval reward)."""
+        config = self.config
+        steps = range(self.start_step, config.train.num_steps)
+        show = config.log.progress and self.accelerator.is_main_process
+        bar = tqdm(steps, desc="gen-rl", disable=not show, dynamic_ncols=True)
+        for step in bar:
+            record = self.run_step(step)
+            bar.set_postfix(reward=f"{record['reward_mean']:.4f}", kl=f"{record.get('approx_kl', 0):.2e}")
+        final = {"step": config.train.num_steps, **self.evaluate(config.train.num_steps)}
+        if self.accelerator.is_main_process and len(final) > 1:
+            self.metrics.append(final)
+        if self.start_step < config.train.num_steps or self.checkpoints.latest() is None:
+            self.save(config.train.num_steps)
+        self.accelerator.wait_for_everyone()
+        summary = self._summary()
+        if self.accelerator.is_main_process:
+            plot_reward_curve(self.metrics.read(), self.output_dir / "reward_curve.png")
+        self.accelerator.end_training()
+        return summary
+
+    def run_step(self, step: int) -> dict[str, Any]:
+        """One training step: sample, score, gather, advantages, update, log, maybe evaluate / save."""
+        config = self.config
+        record: dict[str, Any] = {"step": step}
+        if self.eval_set is not None and config.eval.every_steps and step % config.eval.every_steps == 0:
+            record.update(self.evaluate(step))
+        started = time.perf_counter()
+        batch, sample_seconds = self.sample(step)
+        scored_at = time.perf_counter()
+        batch.rewards = self.score(batch.rollout)
+        reward_seconds = time.perf_counter() - scored_at
+        advantages, valid, reward_stats = self.advantages(batch)
+        update_started = time.perf_counter()
+        record.update(self.update(batch.rollout, advantages, valid, step))
+        update_seconds = time.perf_counter() - update_started
+        total = time.perf_counter() - started
+        record.update(reward_stats)
+        record.update(
+            sample_seconds=sample_seconds,
+            reward_seconds=reward_seconds,
+            update_seconds=update_seconds,
+            step_seconds=total,
+            samples_per_second=config.sample.groups_per_step * config.sample.group_size / total,
+            lr=self.optimizer.param_groups[0]["lr"],
+            peak_memory_mb=_peak_memory_mb(self.accelerator.device),
+        )
+        self.log(record)
+        if config.checkpoint.every_steps and (step + 1) % config.checkpoint.every_steps == 0:
+            self.save(step + 1)
+        return record
+
+    # ----- phases ------------------------------------------------------------------------------------------
+    def rollout_options(
+        self,
+        step: int,
+        *,
+        seed: int | None = None,
+        noise_level: float | None = None,
+        window: tuple[int, int] | None = None,
+    ) -> RolloutOptions:
+        """The sampling options of the config for one call (eval sets its own seed and never shares noise)."""
+        sample = self.config.sample
+        return RolloutOptions(
+            num_steps=sample.num_steps,
+            height=sample.height,
+            width=sample.width,
+            cfg_scale=sample.cfg_scale,
+            negative_prompt=sample.negative_prompt,
+            guidance=sample.guidance,
+            shift=sample.shift,
+            sde_type=sample.sde_type,
+            noise_level=sample.noise_level if noise_level is None else noise_level,
+            sde_window=window,
+            share_initial_noise=sample.share_initial_noise and seed is None,
+            seed=self.config.train.seed if seed is None else seed,
+            max_sequence_length=sample.max_sequence_length,
+        )
+
+    @torch.no_grad()
+    def sample(self, step: int) -> tuple[StepBatch, float]:
+        """This process's groups of step ``step``: whole groups, prompt keys = position within the step."""
+        config, accelerator = self.config, self.accelerator
+        train = config.train
+        started = time.perf_counter()
+        indices = prompt_indices_for_step(
+            len(self.train_set), step, config.sample.groups_per_step, train.seed
+        )
+        per_process = config.sample.groups_per_step // accelerator.num_processes
+        positions = list(
+            range(accelerator.process_index * per_process, (accelerator.process_index + 1) * per_process)
+        )
+        window = sde_window(
+            train.step_selection,
+            step,
+            config.sample.num_steps,
+            window_size=train.window_size,
+            window_range=train.window_range,
+            stride=train.window_stride,
+            every=train.window_every,
+            seed=train.seed,
+        )
+        options = self.rollout_options(step, window=window)
+        rollouts = []
+        chunk = config.sample.groups_per_rollout
+        for start in range(0, per_process, chunk):
+            chunk_positions = positions[start : start + chunk]
+            rollouts.append(
+                self.sampler.rollout(
+                    [self.train_set.prompts[indices[p]] for p in chunk_positions],
+                    options,
+                    group_size=config.sample.group_size,
+                    epoch=step,
+                    prompt_keys=[f"step-position-{p}" for p in chunk_positions],
+                    metadata=[self.train_set.metadata[indices[p]] for p in chunk_positions],
+                )
+            )
+        rollout = Rollout.cat(rollouts)
+        group_ids = torch.tensor(positions).repeat_interleave(config.sample.group_size)
+        seconds = time.perf_counter() - started
+        if not self.log_probs_checked:
+            with accelerator.autocast():
+                self.sampler.check_log_probs(rollout)
+            self.log_probs_checked = True
+        return StepBatch(rollout=rollout, group_ids=group_ids, rewards={}), seconds
+
+    @torch.no_grad()
+    def score(self, rollout: Rollout) -> dict[str, torch.Tensor]:
+        """Raw scores ``[n]`` of every reward model for this process's samples (NaN: no score)."""
+        metadata = rollout.metadata or [{} for _ in range(len(rollout))]
+        return {
+            key: model(rollout.pixels, rollout.prompts, metadata).scores.float().cpu()
+            for key, model in self.reward_models.items()
+        }
+
+    def advantages(self, batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+        """Gather every process's rewards, compute group advantages over the whole step, keep this slice.
+
+        Returns ``advantages`` [n], ``valid`` [n] (all rewards finite) and reward / advantage statistics.
+        """
+        config, accelerator = self.config, self.accelerator
+        names = list(self.reward_models)
+        local = torch.stack([batch.rewards[name] for name in names], dim=1).to(accelerator.device)
+        rewards = accelerator.gather(local).cpu()
+        group_ids = accelerator.gather(batch.group_ids.to(accelerator.device)).cpu()
+        invalid = ~torch.isfinite(rewards)
+        if invalid.any() and config.reward.nan_policy == "abort":
+            sample, column = (int(i) for i in torch.nonzero(invalid)[0])
+            raise RewardError(
+                f"reward {names[column]!r} returned {rewards[sample, column].item()} for sample {sample} of the "
+                f"step ({int(invalid.any(dim=1).sum())} samples affected); set reward.nan_policy: drop to drop "
+                "such samples, or fix the reward. The last checkpoint is intact."
+            )
+        rewards = torch.where(invalid, torch.full_like(rewards, float("nan")), rewards)
+        by_name = {name: rewards[:, column] for column, name in enumerate(names)}
+        output = self._advantages(by_name, group_ids, batch)
+        start = accelerator.process_index * len(batch.rollout)
+        local_slice = slice(start, start + len(batch.rollout))
+        valid = ~invalid.any(dim=1)
+        stats = _reward_stats(by_name, self.reward_weights, output, valid, config.sample.groups_per_step)
+        return (
+            output.advantages[local_slice].to(accelerator.device),
+            valid[local_slice].to(accelerator.device),
+            stats,
+        )
+
+    def _advantages(self, rewards: dict[str, torch.Tensor], group_ids: torch.Tensor, batch: StepBatch):
+        reward = self.config.reward
+        clip = self.config.train.advantage_clip
+        if self.stat_tracker is None:
+            return combine_rewards(
+                rewards,
+                self.reward_weights,
+                group_ids,
+                mode=reward.combine,
+                std_mode=reward.std_mode,
+                clip=clip,
+            )
+        combined = sum(self.reward_weights[name] * value for name, value in rewards.items())
+        prompts = gather_object(batch.rollout.prompts)
+        values = self.stat_tracker.update(prompts, combined)
+        if clip is not None:
+            values = values.clamp(-clip, clip)
+        invalid = int((~torch.isfinite(combined)).sum())
+        return AdvantageOutput(values, len(set(group_ids.tolist())), 0, invalid)
+
+    def update(
+        self, rollout: Rollout, advantages: torch.Tensor, valid: torch.Tensor, step: int
+    ) -> dict[str, float]:
+        """Policy-gradient updates over the selected steps; the loss is a mean over samples and trained steps.
+
+        Gradients accumulate over ``samples_per_update / microbatch_size`` microbatches and the K trained steps
+        of each, each backward scaled by ``1 / (microbatches * K)``: the update's size does not depend on how
+        many steps are trained. Samples with a dropped reward (``valid`` False) carry zero loss.
+        """
+        config, accelerator = self.config, self.accelerator
+        train = config.train
+        step_indices = train_step_indices(
+            rollout.stochastic, train.step_selection, fraction=train.step_fraction, seed=train.seed, step=step
+        ).to(rollout.log_probs.device)
+        old_log_probs = rollout.log_probs.gather(1, step_indices)
+        num_trained = step_indices.shape[1]
+        totals: dict[str, float] = {}
+        calls, grad_norms = 0, []
+        for inner in range(train.inner_epochs):
+            generator = torch.Generator().manual_seed(
+                derive_seed(train.seed, "minibatch", step, inner, accelerator.process_index)
+            )
+            order = torch.randperm(len(rollout), generator=generator)
+            for update_indices in order.split(train.samples_per_update):
+                microbatches = update_indices.split(train.microbatch_size)
+                scale = 1.0 / (len(microbatches) * num_trained)
+                for position, micro in enumerate(microbatches):
+                    for k in range(num_trained):
+                        last = position == len(microbatches) - 1 and k == num_trained - 1
+                        stats = self._backward(
+                            rollout,
+                            micro,
+                            step_indices,
+                            old_log_probs,
+                            advantages,
+                            valid,
+                            k,
+                            scale,
+                            sync=last,
+                        )
+                        _accumulate(totals, stats)
+                        calls += 1
+                grad_norms.append(self._optimizer_step())
+        record = {
+            key: value if key == "ratio_max_abs_dev" else value / calls for key, value in totals.items()
+        }
+        record["grad_norm"] = sum(grad_norms) / len(grad_norms)
+        record["trained_steps"] = num_trained
+        record["updates"] = len(grad_norms)
+        return record
+
+    def _backward(self, rollout, micro, step_indices, old_log_probs, advantages, valid, k, scale, *, sync):
+        train = self.config.train
+        part = rollout.select(micro)
+        column = step_indices[micro][:, k : k + 1]
+        context = nullcontext() if sync else self.accelerator.no_sync(self.model)
+        with context, self.accelerator.autocast():
+            out = self.sampler.log_prob(part, column)
+            surrogate = clipped_surrogate(
+                out.log_probs,
+                old_log_probs[micro][:, k : k + 1],
+                advantages[micro],
+                clip_low=train.clip_range,
+                clip_high=train.clip_range_high,
+            )
+            weight = valid[micro].float()
+            policy_loss = (surrogate.loss[:, 0] * weight).mean()
+            loss = policy_loss
+            kl = torch.zeros((), device=policy_loss.device)
+            if train.kl_coef > 0:
+                with (
+                    torch.no_grad(),
+                    _adapters_disabled(self.sampler.transformer),
+                    _plain_forward(self.sampler),
+                ):
+                    reference = self.sampler.log_prob(part, column)
+                kl = (gaussian_kl(out.means[:, 0], reference.means[:, 0], out.stds[:, 0]) * weight).mean()
+                loss = loss + train.kl_coef * kl
+            self.accelerator.backward(loss * scale)
+        log_ratio = (out.log_probs - old_log_probs[micro][:, k : k + 1]).detach()
+        return {
+            "loss": float(loss.detach()),
+            "policy_loss": float(policy_loss.detach()),
+            "kl": float(kl.detach()),
+            "clip_fraction": float(surrogate.clipped.float().mean()),
+            "approx_kl": float(0.5 * log_ratio.square().mean()),
+            "ratio_mean": float(surrogate.ratio.detach().mean()),
+            "ratio_max_abs_dev": float((surrogate.ratio.detach() - 1).abs().max()),
+        }
+
+    def _optimizer_step(self) -> float:
+        train = self.config.train
+        grad_norm = 0.0
+        if train.max_grad_norm > 0:
+            grad_norm = float(self.accelerator.clip_grad_norm_(self.parameters, train.max_grad_norm))
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update()
+        return grad_norm
+
+    @torch.no_grad()
+    def evaluate(self, step: int) -> dict[str, Any]:
+        """Reward of the held-out prompts at fixed seeds (the same noise every time); saves an image grid."""
+        if self.eval_set is None:
+            return {}
+        config, accelerator = self.config, self.accelerator
+        count = min(len(self.eval_set), config.eval.max_prompts)
+        options = self.rollout_options(step, seed=config.eval.seed, noise_level=config.eval.noise_level)
+        mine = list(range(accelerator.process_index, count, accelerator.num_processes))
+        ema = self.ema.swapped_in() if self.ema is not None else nullcontext()
+        with ema, _plain_forward(self.sampler), accelerator.autocast():
+            rollout = (
+                self.sampler.rollout(
+                    [self.eval_set.prompts[i] for i in mine],
+                    options,
+                    group_size=config.eval.samples_per_prompt,
+                    epoch=0,
+                    prompt_keys=[f"eval-{i}" for i in mine],
+                    metadata=[self.eval_set.metadata[i] for i in mine],
+                )
+                if mine
+                else None
+            )
+        scores = (
+            self.score(rollout)
+            if rollout is not None
+            else {name: torch.empty(0) for name in self.reward_models}
+        )
+        gathered = gather_object(
+            [
+                (
+                    mine,
+                    {k: v.tolist() for k, v in scores.items()},
+                    rollout.pixels.cpu() if rollout is not None else None,
+                )
+            ]
+        )
+        if not accelerator.is_main_process:
+            return {}
+        return self._eval_record(step, gathered)
+
+    def _eval_record(self, step: int, gathered: list) -> dict[str, Any]:
+        from gen_rl.images import save_image_grid
+
+        record: dict[str, Any] = {}
+        combined = torch.zeros(0)
+        per_name: dict[str, list[float]] = {name: [] for name in self.reward_models}
+        pixels, order = [], []
+        for indices, scores, images in gathered:
+            for name, values in scores.items():
+                per_name[name].extend(values)
+            if images is not None:
+                pixels.append(images)
+                order.extend(indices)
+        for name, values in per_name.items():
+            tensor = torch.tensor(values, dtype=torch.float32)
+            record[f"eval_reward_{name}"] = float(tensor.nanmean())
+            combined = tensor * self.reward_weights[name] + (combined if combined.numel() else 0.0)
+        record["eval_reward_mean"] = float(combined.nanmean())
+        images = torch.cat(pixels)
+        rank = sorted(range(len(order)), key=order.__getitem__)
+        per_prompt = self.config.eval.samples_per_prompt
+        images = torch.cat([images[i * per_prompt : (i + 1) * per_prompt] for i in rank])
+        save_image_grid(images, self.output_dir / "eval" / f"step-{step:06d}.png", columns=per_prompt)
+        return record
+
+    def log(self, record: dict[str, Any]) -> None:
+        """Append to metrics.jsonl and the tracker (main process)."""
+        if not self.accelerator.is_main_process:
+            return
+        self.metrics.append(record)
+        if self.config.log.tracker != "none":
+            scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+            self.accelerator.log(scalars, step=record["step"])
+
+    # ----- checkpoints -------------------------------------------------------------------------------------
+    def save(self, step: int) -> None:
+        """Checkpoint after ``step`` steps: accelerate state + trainer state + LoRA, committed atomically."""
+        run_state.save(self, step)
+
+    def _resume(self) -> None:
+        self.start_step = run_state.load(self)
+
+    def _summary(self) -> dict[str, Any]:
+        records = self.metrics.read() if self.accelerator.is_main_process else []
+        evals = [r["eval_reward_mean"] for r in records if r.get("eval_reward_mean") is not None]
+        train = [r["reward_mean"] for r in records if r.get("reward_mean") is not None]
+        return {
+            "first_eval_reward": evals[0] if evals else None,
+            "last_eval_reward": evals[-1] if evals else None,
+            "first_train_reward": train[0] if train else None,
+            "last_train_reward": train[-1] if train else None,
+            "output_dir": str(self.output_dir),
+        }
+
+
+def _reward_key(index: int, name: str) -> str:
+    base = name.rsplit(":", 1)[-1]
+    return base if index == 0 else f"{base}_{index}"
+
+
+def _reward_stats(rewards, weights, output: AdvantageOutput, valid, num_groups: int) -> dict[str, float]:
+    stats: dict[str, float] = {}
+    combined = sum(weights[name] * value for name, value in rewards.items())
+    for name, value in rewards.items():
+        stats[f"reward_{name}_mean"] = float(value.nanmean())
+        stats[f"reward_{name}_std"] = (
+            float(value[torch.isfinite(value)].std()) if int(valid.sum()) > 1 else 0.0
+        )
+    finite = combined[torch.isfinite(combined)]
+    stats["reward_mean"] = float(finite.mean()) if finite.numel() else float("nan")
+    stats["reward_std"] = float(finite.std()) if finite.numel() > 1 else 0.0
+    stats["dropped_samples"] = int((~valid).sum())
+    advantages = output.advantages
+    stats["advantage_mean"] = float(advantages.mean())
+    stats["advantage_std"] = float(advantages.std())
+    stats["advantage_abs_mean"] = float(advantages.abs().mean())
+    stats["zero_std_group_fraction"] = output.num_zero_std_groups / max(1, num_groups)
+    return stats
+
+
+def _accumulate(totals: dict[str, float], stats: dict[str, float]) -> None:
+    for key, value in stats.items():
+        if key == "ratio_max_abs_dev":
+            totals[key] = max(totals.get(key, 0.0), value)
+        else:
+            totals[key] = totals.get(key, 0.0) + value
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports kB
+
+
+class _adapters_disabled:  # noqa: N801 - used as a context manager
+    """Run the LoRA-disabled transformer (the frozen reference) inside the block."""
+
+    def __init__(self, transformer: torch.nn.Module) -> None:
+        self.transformer = transformer
+
+    def __enter__(self) -> None:
+        self.transformer.disable_adapters()
+
+    def __exit__(self, *exc: object) -> None:
+        self.transformer.enable_adapters()
+
+
+class _plain_forward:  # noqa: N801 - used as a context manager
+    """Bypass the DDP wrapper (evaluation runs on uneven shards, no gradient sync)."""
+
+    def __init__(self, sampler) -> None:
+        self.sampler = sampler
+        self.saved = None
+
+    def __enter__(self) -> None:
+        self.saved, self.sampler.forward_module = self.sampler.forward_module, None
+
+    def __exit__(self, *exc: object) -> None:
+        self.sampler.forward_module = self.saved
+
+
+def _flat_hparams(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flat_hparams(value, name + "."))
+        elif isinstance(value, (int, float, str, bool)):
+            flat[name] = value
+        else:
+            flat[name] = str(value)
+    return flat

@@ -1,0 +1,238 @@
+"""The generation trainer's config: one dataclass per YAML section, every field documented with its unit.
+
+``python gen_rl/train.py --describe`` prints this reference. Log-probs are means over latent elements
+(``pipelines/sde.py``), so ``clip_range`` and ``kl_coef`` are on the per-element scale of the Flow-GRPO and
+DanceGRPO reference code, whose published values carry over unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from gen_rl.config import ConfigError, option, section
+
+STEP_SELECTIONS = ("all", "random_fraction", "first", "random_window", "sliding_window")
+
+
+@dataclass
+class ModelConfig:
+    """The generator to train."""
+
+    family: str = option("flux", "sampler family: flux | sd3 | package.module:Class")
+    pretrained: str = option(
+        "tiny:flux",
+        "local diffusers folder, hub id, or tiny:flux / tiny:flux-pixel / tiny:sd3 (built in code)",
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = option("float32", "dtype of the frozen weights")
+    lora: bool = option(True, "train a LoRA adapter (False: full fine-tuning of the transformer)")
+    lora_rank: int = option(16, "LoRA rank r")
+    lora_alpha: float = option(16.0, "LoRA alpha (scale = alpha / r)")
+    lora_target_modules: list[str] = option([], "module names for LoRA; empty: the family's default list")
+    gradient_checkpointing: bool = option(False, "recompute activations in backward (saves memory)")
+
+
+@dataclass
+class SampleConfig:
+    """How rollouts are drawn (the SDE of pipelines/sde.py)."""
+
+    num_steps: int = option(16, "denoising steps S per rollout")
+    height: int | None = option(None, "image height in pixels; null: the model's default")
+    width: int | None = option(None, "image width in pixels; null: the model's default")
+    cfg_scale: float = option(1.0, "true classifier-free guidance scale; <= 1 disables it")
+    negative_prompt: str = option("", "negative prompt used when cfg_scale > 1")
+    guidance: float | None = option(None, "FLUX.1-dev embedded guidance; null: the family default (3.5)")
+    shift: float | None = option(None, "static schedule shift; null: the scheduler's own")
+    sde_type: Literal["flow_grpo", "dance_grpo", "cps"] = option("flow_grpo", "stochastic step family")
+    noise_level: float = option(0.7, "a of Flow-GRPO / CPS, or eta of DanceGRPO (dimensionless)")
+    share_initial_noise: bool = option(False, "members of a group start from the same initial noise")
+    group_size: int = option(8, "samples per prompt (G of GRPO)")
+    groups_per_step: int = option(8, "distinct prompts per training step, summed over all processes")
+    groups_per_rollout: int = option(2, "prompts per rollout call on one process (memory knob)")
+    max_sequence_length: int | None = option(None, "T5 tokens; null: the family default")
+
+
+@dataclass
+class TrainConfig:
+    """The policy-gradient update."""
+
+    num_steps: int = option(100, "training steps (each: sample, score, update)")
+    seed: int = option(0, "run seed: prompts, noise, step choice and minibatch order derive from it")
+    lr: float = option(1e-4, "AdamW learning rate")
+    lr_schedule: Literal["constant", "linear", "cosine"] = option(
+        "constant", "decay after warmup, per update"
+    )
+    warmup_updates: int = option(0, "optimizer updates of linear warmup")
+    weight_decay: float = option(1e-4, "AdamW weight decay")
+    adam_betas: tuple[float, float] = option((0.9, 0.999), "AdamW betas")
+    adam_eps: float = option(1e-8, "AdamW epsilon")
+    max_grad_norm: float = option(1.0, "gradient-norm clip per update; <= 0 disables")
+    mixed_precision: Literal["no", "bf16", "fp16"] = option(
+        "no", "autocast precision for the trained forward"
+    )
+    inner_epochs: int = option(1, "passes over each step's samples")
+    samples_per_update: int = option(16, "samples per optimizer update on one process")
+    microbatch_size: int = option(4, "samples per forward/backward (gradient accumulation fills the update)")
+    step_selection: Literal["all", "random_fraction", "first", "random_window", "sliding_window"] = option(
+        "all", "which denoising steps are stochastic and trained (see docs/step selection)"
+    )
+    step_fraction: float = option(1.0, "fraction of stochastic steps trained (random_fraction / first)")
+    window_size: int = option(4, "SDE window length in steps (random_window / sliding_window)")
+    window_range: tuple[int, int] | None = option(None, "[lo, hi) steps the window may cover; null: all")
+    window_stride: int = option(1, "sliding_window: steps the window advances each time it moves")
+    window_every: int = option(1, "sliding_window: training steps between moves")
+    clip_range: float = option(1e-4, "PPO clip epsilon below 1 (per-element log-prob scale)")
+    clip_range_high: float | None = option(None, "clip epsilon above 1; null: equal to clip_range")
+    advantage_clip: float | None = option(5.0, "clamp advantages to [-c, c]; null: no clamp")
+    kl_coef: float = option(0.0, "beta of the KL to the reference (LoRA disabled); 0: no reference pass")
+    ema: bool = option(False, "keep an EMA of the trained weights (used for eval and the exported LoRA)")
+    ema_decay: float = option(0.9, "EMA decay per optimizer update")
+    check_log_probs: bool = option(True, "verify ratio == 1 on the first rollout (fails loudly otherwise)")
+
+
+@dataclass
+class RewardTerm:
+    """One reward model and its weight."""
+
+    name: str = option("colour", "registered reward name or package.module:Class")
+    weight: float = option(1.0, "weight in the combination")
+    kwargs: dict[str, Any] = option({}, "keyword arguments for the reward's constructor")
+
+
+@dataclass
+class RewardConfig:
+    """What is optimised, and how rewards become advantages."""
+
+    terms: list[RewardTerm] = field(
+        default_factory=lambda: [RewardTerm()],
+        metadata={"doc": "rewards with weights: [{name, weight, kwargs}]"},
+    )
+    combine: Literal["sum_then_normalize", "normalize_then_sum"] = option(
+        "sum_then_normalize", "weighted sum then group-normalise, or normalise each then sum"
+    )
+    std_mode: Literal["group", "global", "none"] = option("group", "advantage std: group, batch, or none")
+    per_prompt_tracker: bool = option(False, "DDPO per-prompt history statistics instead of groups")
+    tracker_buffer: int = option(32, "per-prompt history length (tracker)")
+    tracker_min_count: int = option(16, "history length before a prompt uses its own statistics (tracker)")
+    nan_policy: Literal["drop", "abort"] = option("drop", "a NaN / inf reward: drop the sample, or stop")
+
+
+@dataclass
+class DataConfig:
+    """Prompt sets."""
+
+    train_prompts: str = option("", "text file (one prompt per line) or JSONL with a 'prompt' key")
+    eval_prompts: str = option("", "held-out prompts (same formats); empty: no evaluation")
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation with fixed seeds."""
+
+    every_steps: int = option(10, "evaluate every N training steps (and before the first, and at the end)")
+    samples_per_prompt: int = option(2, "images per eval prompt")
+    noise_level: float = option(0.0, "SDE noise at eval; 0: the deterministic ODE sampler")
+    seed: int = option(1234, "seed of the eval noise (fixed across the run)")
+    max_prompts: int = option(16, "evaluate at most this many eval prompts")
+
+
+@dataclass
+class LogConfig:
+    """Where results go."""
+
+    output_dir: str = option("outputs/run", "run folder: metrics.jsonl, eval grids, checkpoints, curves")
+    tracker: Literal["none", "tensorboard", "wandb"] = option("tensorboard", "accelerate tracker")
+    run_name: str = option("gen-rl", "tracker run name")
+    progress: bool = option(True, "tqdm progress bar on the main process")
+
+
+@dataclass
+class CheckpointConfig:
+    """Checkpoints and resume."""
+
+    every_steps: int = option(10, "save every N training steps (and at the end); 0: only at the end")
+    keep_last: int = option(2, "checkpoints kept (older ones are deleted after a save succeeds)")
+
+
+@dataclass
+class GenerationConfig:
+    """A generation GRPO run: ``gen_rl/train.py --config`` reads one of these from YAML."""
+
+    task: str = option("generation", "generation (this trainer) or vlm (gen_rl/vlm)")
+    model: ModelConfig = section(ModelConfig)
+    sample: SampleConfig = section(SampleConfig)
+    train: TrainConfig = section(TrainConfig)
+    reward: RewardConfig = section(RewardConfig)
+    data: DataConfig = section(DataConfig)
+    eval: EvalConfig = section(EvalConfig)
+    log: LogConfig = section(LogConfig)
+    checkpoint: CheckpointConfig = section(CheckpointConfig)
+
+    def validate(self, num_processes: int = 1) -> None:
+        """Check the invariants between fields; each error states the invariant and a fix."""
+        if self.task != "generation":
+            raise ConfigError(f"task is {self.task!r}; this config class runs task: generation")
+        sample, train = self.sample, self.train
+        _positive(
+            {
+                "sample.num_steps": sample.num_steps,
+                "sample.group_size": sample.group_size,
+                "sample.groups_per_step": sample.groups_per_step,
+                "sample.groups_per_rollout": sample.groups_per_rollout,
+                "train.num_steps": train.num_steps,
+                "train.inner_epochs": train.inner_epochs,
+                "train.samples_per_update": train.samples_per_update,
+                "train.microbatch_size": train.microbatch_size,
+                "model.lora_rank": self.model.lora_rank,
+                "checkpoint.keep_last": self.checkpoint.keep_last,
+            }
+        )
+        if sample.groups_per_step % num_processes:
+            raise ConfigError(
+                f"sample.groups_per_step ({sample.groups_per_step}) must be divisible by the number of processes "
+                f"({num_processes}) so that every process samples whole groups; set it to a multiple of "
+                f"{num_processes}."
+            )
+        groups_per_process = sample.groups_per_step // num_processes
+        if groups_per_process % sample.groups_per_rollout:
+            raise ConfigError(
+                f"groups per process ({groups_per_process} = groups_per_step / processes) must be divisible by "
+                f"sample.groups_per_rollout ({sample.groups_per_rollout}); pick a divisor of {groups_per_process}."
+            )
+        samples_per_process = groups_per_process * sample.group_size
+        if samples_per_process % train.samples_per_update:
+            raise ConfigError(
+                f"samples per process per step ({samples_per_process} = groups_per_step * group_size / processes) "
+                f"must be divisible by train.samples_per_update ({train.samples_per_update}); the batch of "
+                f"{samples_per_process} samples would not split into whole updates."
+            )
+        if train.samples_per_update % train.microbatch_size:
+            raise ConfigError(
+                f"train.samples_per_update ({train.samples_per_update}) must be divisible by "
+                f"train.microbatch_size ({train.microbatch_size}) (gradient accumulation takes whole microbatches)."
+            )
+        if not 0.0 < train.step_fraction <= 1.0:
+            raise ConfigError(f"train.step_fraction must be in (0, 1], got {train.step_fraction}")
+        if train.step_selection in ("random_window", "sliding_window"):
+            low, high = train.window_range or (0, sample.num_steps)
+            if not (0 <= low < high <= sample.num_steps and train.window_size <= high - low):
+                raise ConfigError(
+                    f"train.window_size ({train.window_size}) must fit in train.window_range [{low}, {high}) inside "
+                    f"the {sample.num_steps} sampling steps; shrink the window or widen the range."
+                )
+        if train.clip_range <= 0 or (train.clip_range_high is not None and train.clip_range_high <= 0):
+            raise ConfigError("train.clip_range and train.clip_range_high must be > 0")
+        if not self.reward.terms:
+            raise ConfigError(
+                "reward.terms is empty; add at least one reward, e.g. [{name: colour, weight: 1}]"
+            )
+        if not self.data.train_prompts:
+            raise ConfigError("data.train_prompts is empty; give a .txt (one prompt per line) or .jsonl file")
+        if self.eval.every_steps < 0 or self.checkpoint.every_steps < 0:
+            raise ConfigError("eval.every_steps and checkpoint.every_steps must be >= 0")
+
+
+def _positive(values: dict[str, int]) -> None:
+    for name, value in values.items():
+        if value < 1:
+            raise ConfigError(f"{name} must be >= 1, got {value}")

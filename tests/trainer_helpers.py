@@ -1,0 +1,69 @@
+"""Shared pieces of the trainer tests: a small, fast config on the tiny pixel-decoder FLUX, and test rewards."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from gen_rl.config import load_config
+from gen_rl.trainer_config import GenerationConfig
+from rewards import Reward, RewardOutput
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "configs" / "demo" / "tiny_flux_cpu.yaml"
+TIMING_KEYS = {"sample_seconds", "reward_seconds", "update_seconds", "step_seconds", "samples_per_second"}
+TIMING_KEYS |= {"peak_memory_mb"}
+
+
+def small_config(output_dir: Path, *overrides: str) -> GenerationConfig:
+    """The demo config shrunk to a few seconds per run: 2 groups of 4, 4 denoising steps, 16 px."""
+    base = [
+        f"log.output_dir={output_dir}",
+        "log.tracker=none",
+        "log.progress=false",
+        "sample.num_steps=4",
+        "sample.group_size=4",
+        "sample.groups_per_step=2",
+        "sample.groups_per_rollout=1",
+        "train.samples_per_update=4",
+        "train.microbatch_size=2",
+        "train.num_steps=2",
+        "eval.every_steps=2",
+        "eval.max_prompts=2",
+        "eval.samples_per_prompt=1",
+        "checkpoint.every_steps=2",
+        f"data.train_prompts={DEMO.parent / 'prompts' / 'colour_train.txt'}",
+        f"data.eval_prompts={DEMO.parent / 'prompts' / 'colour_eval.txt'}",
+    ]
+    return load_config(GenerationConfig, DEMO, [*base, *overrides])
+
+
+def without_timing(record: dict) -> dict:
+    """A metrics record minus the wall-clock fields (which differ between runs)."""
+    return {key: value for key, value in record.items() if key not in TIMING_KEYS}
+
+
+class SometimesNaN(Reward):
+    """Mean brightness, but NaN for member 0 of every prompt containing ``bad_word`` (tests the NaN policy)."""
+
+    def __init__(self, bad_word: str = "red") -> None:
+        self.bad_word = bad_word
+
+    def score(self, pixels, prompts, metadata):
+        scores = pixels.float().mean(dim=(1, 2, 3)).cpu()
+        seen: set[str] = set()
+        for index, prompt in enumerate(prompts):
+            if self.bad_word in prompt.split() and prompt not in seen:
+                scores[index] = float("nan")
+            seen.add(prompt)
+        return RewardOutput(scores=scores)
+
+
+def lora_weights(trainer) -> dict[str, torch.Tensor]:
+    """The trained parameters by name, copied to CPU."""
+    return {
+        name: p.detach().cpu().clone()
+        for name, p in trainer.sampler.transformer.named_parameters()
+        if p.requires_grad
+    }
