@@ -1,0 +1,309 @@
+"""Typed config of the vision-language GRPO trainer (``task: vlm``), one dataclass per YAML section.
+
+``VLMConfig`` is loaded by ``gen_rl.config.load_config`` (YAML + dotted overrides) and checked by
+``VLMConfig.validate``; ``gen_rl/train.py --describe`` prints every key with its default and unit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gen_rl.config import ConfigError, option, section
+
+__all__ = [
+    "LOSS_NAMES",
+    "REFERENCE_MODES",
+    "AcceleratorSection",
+    "DataSection",
+    "LogSection",
+    "LoraSection",
+    "ModelSection",
+    "RewardSection",
+    "RewardSpec",
+    "SampleSection",
+    "StageSection",
+    "TrainSection",
+    "VLMConfig",
+]
+
+LOSS_NAMES = ("grpo", "dr_grpo", "dapo", "gspo", "gspo_token")
+REFERENCE_MODES = ("auto", "disable_adapter", "frozen_copy")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class LoraSection:
+    """LoRA adapters on the language model (peft); disabled means full fine-tuning."""
+
+    enabled: bool = option(False, "train LoRA adapters instead of every language-model weight")
+    r: int = option(64, "LoRA rank")
+    alpha: int = option(128, "LoRA alpha (the update is scaled by alpha / r)")
+    dropout: float = option(
+        0.0, "dropout on the LoRA input (probability); >0 makes the first ratio differ from 1"
+    )
+    target_modules: list[str] = option(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        "names of the linear layers that get adapters (matched inside the language model only)",
+    )
+
+
+@dataclass
+class ModelSection:
+    """The policy: a transformers image-text-to-text model loaded through the Auto classes."""
+
+    name_or_path: str = option(
+        "Qwen/Qwen2.5-VL-3B-Instruct",
+        "hub id or folder (AutoModelForImageTextToText + AutoProcessor); 'builtin:tiny-qwen2-vl' or "
+        "'builtin:tiny-qwen2.5-vl' builds a tiny test model into the output folder and loads it from there",
+    )
+    dtype: str = option("bfloat16", "weight dtype: float32 | bfloat16 | float16")
+    attn_implementation: str = option("sdpa", "attention kernel: sdpa | eager | flash_attention_2")
+    min_pixels: int = option(0, "image processor min_pixels (Qwen: pixels per image); 0 keeps the model's")
+    max_pixels: int = option(0, "image processor max_pixels (Qwen: pixels per image); 0 keeps the model's")
+    freeze_vision_tower: bool = option(
+        True,
+        "keep the vision encoder and its merger/projector frozen (with LoRA every base weight is frozen)",
+    )
+    gradient_checkpointing: bool = option(False, "recompute activations in the backward pass (less memory)")
+    reference: str = option(
+        "auto",
+        "KL reference: disable_adapter (LoRA off) | frozen_copy (a frozen copy of the initial weights) | "
+        "auto (disable_adapter with LoRA, frozen_copy otherwise); only built when train.beta > 0",
+    )
+    lora: LoraSection = section(LoraSection)
+
+
+@dataclass
+class StageSection:
+    """One curriculum stage: which records to draw prompts from, and for how many steps."""
+
+    name: str = option("main", "stage name (logged)")
+    files: list[str] = option([], "JSONL files of records (image, problem, solution, task, metadata)")
+    tasks: list[str] = option([], "keep only records whose task is listed; empty keeps all")
+    steps: int = option(
+        0, "optimizer rounds (rollout batches) in this stage; 0 = until train.steps (last stage)"
+    )
+    synthetic: str = option("", "build this synthetic task in code instead of reading files: 'colour'")
+    synthetic_records: int = option(64, "records of the synthetic task (written under log.output_dir/data)")
+
+
+@dataclass
+class DataSection:
+    """Prompts: JSONL records plus an image root, in curriculum stages (RewardMap: perception first)."""
+
+    image_root: str = option("", "folder that relative image paths in the records are resolved against")
+    stages: list[StageSection] = option([], "curriculum stages, run in order")
+    system_prompt: str = option("", "system message of every prompt; empty sends none")
+    question_template: str = option(
+        "{problem}", "user text of every prompt; '{problem}' is replaced by the record's problem"
+    )
+    max_prompt_length: int = option(
+        0, "prompt token budget; longer problems are cut (image tokens never are); 0 = no limit"
+    )
+    shuffle: bool = option(True, "draw records in a seeded shuffled order (else file order)")
+
+
+@dataclass
+class SampleSection:
+    """Rollouts: ``generate`` with plain temperature sampling (no top-k / top-p, so log-probs are exact)."""
+
+    prompts_per_step: int = option(8, "prompts per rollout batch, over all processes")
+    group_size: int = option(8, "completions per prompt (G)")
+    max_new_tokens: int = option(256, "completion token budget")
+    temperature: float = option(1.0, "sampling temperature; log-probs are recomputed at the same one")
+    generation_batch_size: int = option(0, "completions per generate call on a process; 0 = all at once")
+    mask_truncated: bool = option(False, "give zero loss to completions that hit max_new_tokens (DAPO)")
+
+
+@dataclass
+class TrainSection:
+    """Policy-gradient updates on the shared core (gen_rl.advantages / gen_rl.losses)."""
+
+    steps: int = option(100, "rollout batches (each followed by num_iterations x mini-batch updates)")
+    loss: str = option("grpo", "objective: grpo | dr_grpo | dapo | gspo | gspo_token")
+    std_mode: str = option("", "advantage std: group | global | none; empty = the loss's default")
+    lr: float = option(1e-6, "AdamW learning rate")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    adam_betas: list[float] = option([0.9, 0.99], "AdamW betas")
+    warmup_steps: int = option(0, "linear learning-rate warm-up (optimizer steps)")
+    max_grad_norm: float = option(1.0, "gradient-norm clip; 0 disables")
+    num_iterations: int = option(1, "passes over each rollout batch (GRPO's mu)")
+    mini_batch_size: int = option(
+        0, "completions per optimizer step, over all processes; 0 = the whole batch"
+    )
+    micro_batch_size: int = option(0, "completions per forward/backward on a process; 0 = the mini-batch")
+    clip_low: float = option(0.2, "ratio lower bound is 1 - clip_low (GSPO: ~3e-4)")
+    clip_high: float = option(0.0, "ratio upper bound is 1 + clip_high; 0 = clip_low (DAPO: 0.28)")
+    beta: float = option(0.0, "KL(policy || reference) coefficient (k3 per token); 0 builds no reference")
+    kl_estimator: str = option("k3", "KL estimator: k1 | k2 | k3")
+    drop_zero_std_groups: bool = option(False, "leave groups whose rewards are all equal out of the loss")
+    dynamic_sampling_rounds: int = option(
+        1, "rollout rounds to fill the batch with non-zero-std groups (DAPO dynamic sampling); 1 = no refill"
+    )
+
+
+@dataclass
+class RewardSpec:
+    """One verifiable reward and its weight."""
+
+    name: str = option(
+        "exact", "rewards.verifiable name (exact, format, iou, math, ...) or 'module:function'"
+    )
+    weight: float = option(1.0, "weight in the combined reward")
+    tasks: list[str] = option([], "score only records of these tasks (others get 0); empty = all")
+
+
+@dataclass
+class RewardSection:
+    """Rewards and how they combine into one group-relative advantage."""
+
+    functions: list[RewardSpec] = option([], "the rewards (at least one)")
+    combine: str = option("sum_then_normalize", "sum_then_normalize | normalize_then_sum")
+    advantage_eps: float = option(1e-4, "added to the group std")
+    advantage_clip: float = option(0.0, "clamp advantages to [-clip, clip]; 0 disables")
+
+
+@dataclass
+class LogSection:
+    """Outputs: metrics, sample completions, checkpoints, the final adapter / model."""
+
+    output_dir: str = option(
+        "outputs/vlm", "run folder: metrics.jsonl, completions.jsonl, checkpoints, final/"
+    )
+    log_completions: int = option(4, "completions written to completions.jsonl per step")
+    checkpoint_every: int = option(0, "save a resumable checkpoint every N steps; 0 = only at the end")
+    progress_bar: bool = option(True, "tqdm progress bar on the main process")
+
+
+@dataclass
+class AcceleratorSection:
+    """accelerate.Accelerator settings."""
+
+    mixed_precision: str = option("no", "no | bf16 | fp16")
+    cpu: bool = option(False, "run on CPU even where a GPU exists")
+    cpu_threads: int = option(0, "torch intra-op threads when running on CPU; 0 keeps torch's default")
+
+
+@dataclass
+class VLMConfig:
+    """GRPO-family training of a vision-language model on verifiable rewards."""
+
+    task: str = option("vlm", "trainer family; must be 'vlm' for this config")
+    seed: int = option(0, "run seed (data order, sampling)")
+    model: ModelSection = section(ModelSection)
+    data: DataSection = section(DataSection)
+    sample: SampleSection = section(SampleSection)
+    train: TrainSection = section(TrainSection)
+    reward: RewardSection = section(RewardSection)
+    log: LogSection = section(LogSection)
+    accelerator: AcceleratorSection = section(AcceleratorSection)
+
+    @property
+    def batch_size(self) -> int:
+        """Completions per rollout batch, over all processes."""
+        return self.sample.prompts_per_step * self.sample.group_size
+
+    @property
+    def mini_batch_size(self) -> int:
+        """Completions per optimizer step, over all processes."""
+        return self.train.mini_batch_size or self.batch_size
+
+    @property
+    def clip_high(self) -> float:
+        """Upper clip range (``clip_low`` when unset)."""
+        return self.train.clip_high or self.train.clip_low
+
+    def validate(self) -> None:
+        """Check the invariants between keys; each error names the key and the fix."""
+        self._validate_names()
+        self._validate_batches()
+        self._validate_stages()
+        self._validate_rewards()
+
+    def _validate_names(self) -> None:
+        if self.task != "vlm":
+            raise ConfigError(f"task must be 'vlm' for VLMConfig, got {self.task!r}; set task: vlm")
+        choices = {
+            "train.loss": (self.train.loss, LOSS_NAMES),
+            "train.std_mode": (self.train.std_mode, ("", "group", "global", "none")),
+            "train.kl_estimator": (self.train.kl_estimator, ("k1", "k2", "k3")),
+            "model.dtype": (self.model.dtype, DTYPES),
+            "model.reference": (self.model.reference, REFERENCE_MODES),
+            "reward.combine": (self.reward.combine, ("sum_then_normalize", "normalize_then_sum")),
+            "accelerator.mixed_precision": (self.accelerator.mixed_precision, ("no", "bf16", "fp16")),
+        }
+        for key, (value, allowed) in choices.items():
+            if value not in allowed:
+                raise ConfigError(f"{key} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+        if self.model.reference == "disable_adapter" and not self.model.lora.enabled:
+            raise ConfigError(
+                "model.reference=disable_adapter needs model.lora.enabled=true; use frozen_copy or auto for "
+                "full fine-tuning"
+            )
+
+    def _validate_batches(self) -> None:
+        sample, train = self.sample, self.train
+        if sample.group_size < 2:
+            raise ConfigError(
+                f"sample.group_size must be >= 2 (advantages are relative within a group), got "
+                f"{sample.group_size}"
+            )
+        positive = {
+            "sample.prompts_per_step": sample.prompts_per_step,
+            "sample.max_new_tokens": sample.max_new_tokens,
+            "train.steps": train.steps,
+            "train.num_iterations": train.num_iterations,
+            "train.dynamic_sampling_rounds": train.dynamic_sampling_rounds,
+        }
+        for key, value in positive.items():
+            if value < 1:
+                raise ConfigError(f"{key} must be >= 1, got {value}")
+        if not sample.temperature > 0:
+            raise ConfigError(f"sample.temperature must be > 0 (sampling), got {sample.temperature}")
+        if self.batch_size % self.mini_batch_size != 0:
+            raise ConfigError(
+                f"train.mini_batch_size={self.mini_batch_size} must divide the rollout batch "
+                f"sample.prompts_per_step x sample.group_size = {self.batch_size}; pick a divisor"
+            )
+        if train.micro_batch_size and self.mini_batch_size % train.micro_batch_size != 0:
+            raise ConfigError(
+                f"train.micro_batch_size={train.micro_batch_size} must divide the mini-batch "
+                f"({self.mini_batch_size} completions); pick a divisor or 0"
+            )
+        if not (train.clip_low >= 0 and train.clip_high >= 0):
+            raise ConfigError("train.clip_low and train.clip_high must be >= 0")
+        if train.loss == "dapo" and not self.clip_high > train.clip_low:
+            raise ConfigError(
+                f"train.loss=dapo uses clip-higher: set train.clip_high > train.clip_low (DAPO: 0.28 vs 0.2), "
+                f"got clip_low={train.clip_low}, clip_high={self.clip_high}"
+            )
+        if train.beta < 0:
+            raise ConfigError(f"train.beta must be >= 0, got {train.beta}")
+
+    def _validate_stages(self) -> None:
+        stages = self.data.stages
+        if not stages:
+            raise ConfigError(
+                "data.stages is empty; add at least one stage with files (or synthetic: colour)"
+            )
+        for index, stage in enumerate(stages):
+            where = f"data.stages[{index}]"
+            if not stage.files and not stage.synthetic:
+                raise ConfigError(
+                    f"{where} has neither files nor synthetic; list JSONL files in {where}.files"
+                )
+            if stage.synthetic and stage.synthetic != "colour":
+                raise ConfigError(f"{where}.synthetic must be '' or 'colour', got {stage.synthetic!r}")
+            if stage.steps < 0:
+                raise ConfigError(f"{where}.steps must be >= 0, got {stage.steps}")
+            if stage.steps == 0 and index != len(stages) - 1:
+                raise ConfigError(
+                    f"{where}.steps is 0 (until the end) but later stages follow; give it steps"
+                )
+
+    def _validate_rewards(self) -> None:
+        if not self.reward.functions:
+            raise ConfigError("reward.functions is empty; add e.g. {name: exact, weight: 1.0}")
+        names = [spec.name for spec in self.reward.functions]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"reward.functions names must be unique, got {names}")

@@ -1,0 +1,186 @@
+"""Prompts for VLM training: JSONL records, an image root, and a multi-stage curriculum.
+
+A record is one JSON object per line::
+
+    {"image": "coco/0001.jpg" | ["a.png", "b.png"] | null, "problem": "...", "solution": ...,
+     "task": "grounding", "metadata": {...}}
+
+(``images`` is accepted for ``image``; ``id`` is optional). Relative image paths are resolved against the
+image root. The curriculum (RewardMap-style: perception stages first, then reasoning) is a list of stages,
+each with its files, an optional task filter and a number of steps; prompts are drawn from the current stage
+in a seeded shuffled order, epoch after epoch, through a cursor that checkpoints can save and restore.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from gen_rl.seeding import derive_seed
+
+__all__ = ["VLMRecord", "Stage", "Curriculum", "PromptStream", "parse_record", "read_records", "load_images"]
+
+
+@dataclass
+class VLMRecord:
+    """One prompt: its images (absolute paths), problem text, ground truth, task and reward metadata."""
+
+    images: list[str]
+    problem: str
+    solution: Any
+    task: str = ""
+    metadata: dict[str, Any] = field(default_factory=dict)
+    key: str = ""
+
+
+def parse_record(raw: dict[str, Any], image_root: str | Path = "", where: str = "record") -> VLMRecord:
+    """Validate one JSON object and resolve its image paths against ``image_root``."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: a record must be a JSON object, got {type(raw).__name__}")
+    missing = [key for key in ("problem", "solution") if key not in raw]
+    if missing:
+        raise ValueError(f"{where}: missing {missing}; every record needs 'problem' and 'solution'")
+    image_field = raw.get("image", raw.get("images"))
+    if image_field is None:
+        paths: list[str] = []
+    elif isinstance(image_field, str):
+        paths = [image_field]
+    elif isinstance(image_field, list) and all(isinstance(item, str) for item in image_field):
+        paths = list(image_field)
+    else:
+        raise ValueError(f"{where}: 'image' must be a path, a list of paths or null, got {image_field!r}")
+    metadata = raw.get("metadata") or {}
+    if not isinstance(metadata, dict):
+        raise ValueError(f"{where}: 'metadata' must be an object, got {type(metadata).__name__}")
+    root = Path(image_root)
+    resolved = [str(path if Path(path).is_absolute() else root / path) for path in paths]
+    return VLMRecord(
+        images=resolved,
+        problem=str(raw["problem"]),
+        solution=raw["solution"],
+        task=str(raw.get("task", "")),
+        metadata=dict(metadata),
+        key=str(raw.get("id", where)),
+    )
+
+
+def read_records(path: str | Path, image_root: str | Path = "") -> list[VLMRecord]:
+    """All records of a JSONL file (blank lines skipped); errors name the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {str(path)!r} does not exist; check data.stages[*].files")
+    records = []
+    with path.open() as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            where = f"{path.name}:{line_number}"
+            try:
+                raw = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{where}: not valid JSON ({error.msg})") from error
+            records.append(parse_record(raw, image_root, where))
+    return records
+
+
+def load_images(record: VLMRecord) -> list[Image.Image]:
+    """The record's images as RGB PIL images, in order."""
+    images = []
+    for path in record.images:
+        with Image.open(path) as image:
+            images.append(image.convert("RGB"))
+    return images
+
+
+@dataclass
+class Stage:
+    """A curriculum stage: its records and the number of steps it lasts (0 = until the end of training)."""
+
+    name: str
+    records: list[VLMRecord]
+    steps: int = 0
+
+
+class Curriculum:
+    """Stages run in order; ``stage_at(step)`` is the stage that serves rollout batch ``step`` (0-based)."""
+
+    def __init__(self, stages: Sequence[Stage]) -> None:
+        if not stages:
+            raise ValueError("a curriculum needs at least one stage")
+        for stage in stages:
+            if not stage.records:
+                raise ValueError(
+                    f"curriculum stage {stage.name!r} has no records (check its files and tasks)"
+                )
+        self.stages = list(stages)
+
+    def stage_index(self, step: int) -> int:
+        """Index of the stage serving ``step``; the last stage continues past its own steps."""
+        start = 0
+        for index, stage in enumerate(self.stages[:-1]):
+            if step < start + stage.steps:
+                return index
+            start += stage.steps
+        return len(self.stages) - 1
+
+    def stage_at(self, step: int) -> Stage:
+        """The stage serving rollout batch ``step``."""
+        return self.stages[self.stage_index(step)]
+
+
+class PromptStream:
+    """Records of one stage in a seeded shuffled order, epoch after epoch, with a saveable cursor.
+
+    Epoch ``e`` of stage ``s`` visits the records in the permutation seeded by ``(seed, s, e)``, so a restored
+    cursor continues exactly where the saved run was.
+    """
+
+    def __init__(self, curriculum: Curriculum, seed: int, shuffle: bool = True) -> None:
+        self.curriculum = curriculum
+        self.seed = seed
+        self.shuffle = shuffle
+        self.cursors = [0] * len(curriculum.stages)
+        self._orders: dict[tuple[int, int], np.ndarray] = {}
+
+    def _order(self, stage_index: int, epoch: int) -> np.ndarray:
+        if (stage_index, epoch) not in self._orders:
+            count = len(self.curriculum.stages[stage_index].records)
+            if self.shuffle:
+                generator = np.random.default_rng(derive_seed(self.seed, "prompts", stage_index, epoch))
+                order = generator.permutation(count)
+            else:
+                order = np.arange(count)
+            self._orders = {(stage_index, epoch): order}  # keep only the current epoch's order
+        return self._orders[(stage_index, epoch)]
+
+    def draw(self, step: int, count: int) -> list[VLMRecord]:
+        """The next ``count`` records of the stage serving ``step``."""
+        stage_index = self.curriculum.stage_index(step)
+        records = self.curriculum.stages[stage_index].records
+        drawn = []
+        for _ in range(count):
+            cursor = self.cursors[stage_index]
+            epoch, position = divmod(cursor, len(records))
+            drawn.append(records[int(self._order(stage_index, epoch)[position])])
+            self.cursors[stage_index] = cursor + 1
+        return drawn
+
+    def state_dict(self) -> dict[str, Any]:
+        """The cursors (one per stage), for checkpoints."""
+        return {"cursors": list(self.cursors)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore cursors saved by :meth:`state_dict`."""
+        cursors = list(state["cursors"])
+        if len(cursors) != len(self.cursors):
+            raise ValueError(
+                f"checkpoint has {len(cursors)} curriculum stages, the config has {len(self.cursors)}; "
+                "resume with the config the run started with"
+            )
+        self.cursors = cursors

@@ -1,0 +1,748 @@
+"""GRPO-family training of a vision-language model on verifiable rewards.
+
+``accelerate launch gen_rl/train.py --config configs/vlm/<run>.yaml`` calls :func:`train`. Every step runs
+named phases:
+
+1. ``collect``: draw prompts from the curriculum stage, sample ``G`` completions each, score them, compute
+   group-relative advantages (shared core); with DAPO dynamic sampling, extra rounds replace groups whose
+   rewards are all equal.
+2. ``reference_pass`` / ``old_pass``: no-grad token log-probs of the KL reference (``beta > 0``) and of the
+   sampling policy (only when the batch feeds more than one optimizer step; otherwise ratio 1 is exact and the
+   current log-probs, detached, stand in).
+3. ``update``: ``num_iterations`` passes of mini-batch optimizer steps, each accumulated over micro-batches
+   whose losses are divided by the whole mini-batch's denominators.
+4. ``log`` (``metrics.jsonl``, ``completions.jsonl``, tqdm) and ``checkpoint``.
+
+Groups are whole on each process (each process samples all ``G`` completions of its prompts), so advantages
+need no communication; rewards are gathered only for logging.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from accelerate import Accelerator, DistributedDataParallelKwargs
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+
+from gen_rl.checkpoint import CheckpointManager
+from gen_rl.config import ConfigError, to_dict
+from gen_rl.metrics import MetricsLog
+from gen_rl.seeding import derive_seed
+from gen_rl.vlm.config import VLMConfig
+from gen_rl.vlm.data import Curriculum, PromptStream, Stage, load_images, read_records
+from gen_rl.vlm.objectives import LOSS_MODES, MiniBatchNorms, policy_loss
+from gen_rl.vlm.policy import (
+    ReferencePolicy,
+    apply_lora,
+    enable_gradient_checkpointing,
+    eos_token_ids,
+    freeze_vision_tower,
+    load_policy,
+)
+from gen_rl.vlm.rollout import (
+    Rollout,
+    SamplingSettings,
+    completion_log_probs,
+    encode_prompt,
+    sample_rollout,
+    sequence_inputs,
+    vision_token_ids,
+)
+from gen_rl.vlm.scoring import advantages_of, build_reward_functions, reward_metadata, score_completions
+
+__all__ = ["train", "VLMTrainer", "ScoredRollout", "BUILTIN_MODELS"]
+
+BUILTIN_MODELS = {"builtin:tiny-qwen2-vl": "qwen2_vl", "builtin:tiny-qwen2.5-vl": "qwen2_5_vl"}
+TRAINER_STATE = "trainer_state.json"
+
+
+def train(config: VLMConfig, resume: bool = False) -> dict[str, float]:
+    """Run the whole training described by ``config``; returns a summary (first / last mean reward, ...)."""
+    return VLMTrainer(config, resume=resume).run()
+
+
+@dataclass
+class _Group:
+    """One prompt's completions with their rewards and advantages (internal)."""
+
+    rollout: Rollout
+    scores: dict[str, torch.Tensor]
+    total: torch.Tensor
+    advantages: torch.Tensor
+
+    @property
+    def has_spread(self) -> bool:
+        return bool(self.total.max() > self.total.min())
+
+
+@dataclass
+class ScoredRollout:
+    """A rollout with its rewards and advantages (one process's share of the batch).
+
+    Attributes:
+        rollout: the completions.
+        scores: ``{reward name: [N]}`` (NaN where a reward does not apply).
+        total_reward: ``[N]`` weighted reward.
+        advantages: ``[N]`` group-relative advantages.
+        keep: ``[N]`` bool, completion counts in the loss (False for dropped zero-std groups).
+        num_groups / num_zero_std_groups: over all processes, summed over rounds (before refilling).
+        rounds: dynamic-sampling rounds used.
+        generated_tokens / rollout_seconds: for tokens/s.
+    """
+
+    rollout: Rollout
+    scores: dict[str, torch.Tensor]
+    total_reward: torch.Tensor
+    advantages: torch.Tensor
+    keep: torch.Tensor
+    num_groups: int
+    num_zero_std_groups: int
+    rounds: int
+    generated_tokens: int
+    rollout_seconds: float
+
+
+class VLMTrainer:
+    """Owns the accelerator, policy, reference, optimizer, data stream and logs of one run."""
+
+    def __init__(self, config: VLMConfig, resume: bool = False) -> None:
+        config.validate()
+        self.config = config
+        self.output_dir = Path(config.log.output_dir)
+        use_cpu = config.accelerator.cpu or not torch.cuda.is_available()
+        # a trainable vision tower gets no gradient from a process whose prompts have no image: let DDP allow it
+        trainable_vision = not (config.model.freeze_vision_tower or config.model.lora.enabled)
+        self.accelerator = Accelerator(
+            cpu=use_cpu,
+            mixed_precision=config.accelerator.mixed_precision,
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=trainable_vision)],
+        )
+        if self.accelerator.device.type == "cpu" and config.accelerator.cpu_threads > 0:
+            torch.set_num_threads(config.accelerator.cpu_threads)
+        self._check_process_split()
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(derive_seed(config.seed, "init"))
+
+        self.model, self.processor = self._build_policy()
+        self.reference = self._build_reference()
+        trainable = [parameter for parameter in self.model.parameters() if parameter.requires_grad]
+        if not trainable:
+            raise ConfigError("no trainable parameters: check model.lora and model.freeze_vision_tower")
+        self.optimizer = torch.optim.AdamW(
+            trainable,
+            lr=config.train.lr,
+            betas=tuple(config.train.adam_betas),
+            weight_decay=config.train.weight_decay,
+        )
+        warmup = config.train.warmup_steps
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
+        )
+        self.model, self.optimizer, self.lr_scheduler = self.accelerator.prepare(
+            self.model, self.optimizer, self.lr_scheduler
+        )
+        if self.reference is not None and self.reference.mode == "frozen_copy":
+            self.reference.frozen_copy.to(self.accelerator.device)
+        self._install_checkpoint_hooks()
+
+        self.settings = self._sampling_settings()
+        self.reward_functions = build_reward_functions(config.reward.functions)
+        self.stream = PromptStream(self._build_curriculum(), seed=config.seed, shuffle=config.data.shuffle)
+        self.metrics = MetricsLog(self.output_dir / "metrics.jsonl")
+        self.checkpoints = CheckpointManager(self.output_dir, keep_last=2)
+        self.start_step = self._resume() if resume else 0
+        if not resume and self.accelerator.is_main_process:
+            for name in ("metrics.jsonl", "completions.jsonl"):
+                (self.output_dir / name).unlink(missing_ok=True)
+            (self.output_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+
+    # ------------------------------------------------------------------------------------------------
+    # setup
+    # ------------------------------------------------------------------------------------------------
+
+    @property
+    def world_size(self) -> int:
+        return self.accelerator.num_processes
+
+    def _check_process_split(self) -> None:
+        config, world = self.config, self.accelerator.num_processes
+        if config.sample.prompts_per_step % world:
+            raise ConfigError(
+                f"sample.prompts_per_step={config.sample.prompts_per_step} must be divisible by the "
+                f"{world} processes (each process samples whole groups); pick a multiple of {world}"
+            )
+        if config.mini_batch_size % world:
+            raise ConfigError(
+                f"train.mini_batch_size={config.mini_batch_size} must be divisible by the {world} processes"
+            )
+
+    def _model_path(self) -> str:
+        name = self.config.model.name_or_path
+        if not name.startswith("builtin:"):
+            return name
+        if name not in BUILTIN_MODELS:
+            raise ConfigError(
+                f"model.name_or_path {name!r} is not a builtin model; known: {', '.join(BUILTIN_MODELS)}"
+            )
+        folder = self.output_dir / "base_model"
+        if self.accelerator.is_main_process and not (folder / "config.json").is_file():
+            from gen_rl.vlm.tiny import TINY_BUILDERS
+
+            model, processor = TINY_BUILDERS[BUILTIN_MODELS[name]](seed=self.config.seed)
+            model.save_pretrained(folder)
+            processor.save_pretrained(folder)
+        self.accelerator.wait_for_everyone()
+        return str(folder)
+
+    def _build_policy(self):
+        section = self.config.model
+        model, processor = load_policy(
+            self._model_path(),
+            dtype=section.dtype,
+            attn_implementation=section.attn_implementation,
+            min_pixels=section.min_pixels,
+            max_pixels=section.max_pixels,
+        )
+        if section.freeze_vision_tower:
+            freeze_vision_tower(model)
+        self._frozen_copy = None
+        if self.config.train.beta > 0 and self._reference_mode() == "frozen_copy":
+            self._frozen_copy = ReferencePolicy.copy_of(model)
+        if section.lora.enabled:
+            lora = section.lora
+            model = apply_lora(model, lora.r, lora.alpha, lora.dropout, lora.target_modules)
+        if section.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+        model.train()
+        return model, processor
+
+    def _reference_mode(self) -> str:
+        mode = self.config.model.reference
+        if mode == "auto":
+            return "disable_adapter" if self.config.model.lora.enabled else "frozen_copy"
+        return mode
+
+    def _build_reference(self) -> ReferencePolicy | None:
+        if self.config.train.beta <= 0:
+            return None
+        if self._reference_mode() == "frozen_copy":
+            return self._frozen_copy
+        return ReferencePolicy.adapter_disabled(self.model)
+
+    def _sampling_settings(self) -> SamplingSettings:
+        model = self.accelerator.unwrap_model(self.model)
+        tokenizer = self.processor.tokenizer
+        pad_token_id = tokenizer.pad_token_id
+        if pad_token_id is None:
+            pad_token_id = eos_token_ids(model, self.processor)[0]
+        return SamplingSettings(
+            max_new_tokens=self.config.sample.max_new_tokens,
+            temperature=self.config.sample.temperature,
+            eos_token_ids=eos_token_ids(model, self.processor),
+            pad_token_id=int(pad_token_id),
+            suppress_token_ids=vision_token_ids(model.config, self.processor),
+        )
+
+    def _build_curriculum(self) -> Curriculum:
+        stages = []
+        for index, section in enumerate(self.config.data.stages):
+            if section.synthetic:
+                records = self._synthetic_records(index, section)
+            else:
+                records = [
+                    record
+                    for path in section.files
+                    for record in read_records(path, self.config.data.image_root)
+                ]
+            if section.tasks:
+                records = [record for record in records if record.task in section.tasks]
+            stages.append(Stage(name=section.name, records=records, steps=section.steps))
+        return Curriculum(stages)
+
+    def _synthetic_records(self, index: int, section) -> list:
+        from gen_rl.vlm.synthetic import write_colour_dataset
+
+        folder = self.output_dir / "data" / f"stage{index}_{section.synthetic}"
+        if self.accelerator.is_main_process:
+            write_colour_dataset(folder, section.synthetic_records, seed=self.config.seed)
+        self.accelerator.wait_for_everyone()
+        return read_records(folder / "colour.jsonl", folder)
+
+    # ------------------------------------------------------------------------------------------------
+    # phase 1: collect
+    # ------------------------------------------------------------------------------------------------
+
+    def _local_prompts(self, step: int) -> list:
+        prompts_per_step = self.config.sample.prompts_per_step
+        records = self.stream.draw(step, prompts_per_step)
+        share = prompts_per_step // self.world_size
+        rank = self.accelerator.process_index
+        return records[rank * share : (rank + 1) * share]
+
+    def _sample_round(self, step: int, round_index: int):
+        config = self.config
+        records = self._local_prompts(step)
+        encoded, metadatas = [], []
+        for record in records:
+            images = load_images(record)
+            prompt = encode_prompt(
+                self.processor,
+                record.problem,
+                images,
+                system_prompt=config.data.system_prompt,
+                max_prompt_length=config.data.max_prompt_length,
+                question_template=config.data.question_template,
+            )
+            encoded.append(prompt)
+            original_sizes = [(image.height, image.width) for image in images]
+            metadatas.append(reward_metadata(record, original_sizes, prompt.processed_sizes))
+        first_group = (
+            step * config.train.dynamic_sampling_rounds + round_index
+        ) * config.sample.prompts_per_step
+        first_group += self.accelerator.process_index * len(records)
+        group_ids = [first_group + index for index in range(len(records))]
+
+        torch.manual_seed(
+            derive_seed(config.seed, "rollout", step, round_index, self.accelerator.process_index)
+        )
+        policy = self.accelerator.unwrap_model(self.model)
+        policy.eval()
+        start = time.perf_counter()
+        rollout = sample_rollout(
+            policy,
+            self.processor,
+            encoded,
+            records,
+            group_ids,
+            self.settings,
+            config.sample.group_size,
+            config.sample.generation_batch_size,
+        )
+        seconds = time.perf_counter() - start
+        policy.train()
+        group_size = config.sample.group_size
+        sample_metadata = [metadatas[index // group_size] for index in range(len(rollout))]
+        scores = score_completions(self.reward_functions, rollout.texts, rollout.records, sample_metadata)
+        return rollout, scores, seconds
+
+    def _advantages(self, rollout: Rollout, scores: dict[str, torch.Tensor]):
+        """Advantages over the rewards of every process (so ``std_mode: global`` uses the whole batch); each
+        process keeps its own slice. Returns ``(local total reward, local advantages, global AdvantageOutput)``."""
+        config = self.config
+        std_mode = config.train.std_mode or LOSS_MODES[config.train.loss].std_mode
+        all_scores = {name: self._gathered(values) for name, values in scores.items()}
+        all_group_ids = self._gathered(rollout.group_ids).long()
+        total, output = advantages_of(
+            all_scores,
+            self.reward_functions,
+            all_group_ids,
+            combine=config.reward.combine,
+            std_mode=std_mode,
+            eps=config.reward.advantage_eps,
+            clip=config.reward.advantage_clip or None,
+        )
+        start = self.accelerator.process_index * len(rollout)
+        local = slice(start, start + len(rollout))
+        return total[local], output.advantages[local], output
+
+    def collect(self, step: int) -> ScoredRollout:
+        """Sample, score and compute advantages. With ``train.drop_zero_std_groups``, groups whose rewards are
+        all equal are left out of the loss, and extra rounds (up to ``train.dynamic_sampling_rounds``, DAPO
+        dynamic sampling) replace them by groups with reward spread, keeping the batch size fixed."""
+        config = self.config
+        group_size = config.sample.group_size
+        local_prompts = config.sample.prompts_per_step // self.world_size
+        groups: list[_Group] = []
+        num_groups = num_zero_std = rounds = generated = 0
+        seconds = 0.0
+        for round_index in range(config.train.dynamic_sampling_rounds):
+            rollout, scores, round_seconds = self._sample_round(step, round_index)
+            total, advantages, advantage_output = self._advantages(rollout, scores)
+            rounds += 1
+            seconds += round_seconds
+            generated += int(rollout.completion_mask.sum())
+            num_groups += advantage_output.num_groups
+            num_zero_std += advantage_output.num_zero_std_groups
+            for start in range(0, len(rollout), group_size):
+                rows = list(range(start, start + group_size))
+                groups.append(
+                    _Group(
+                        rollout=rollout.select(rows),
+                        scores={name: values[rows] for name, values in scores.items()},
+                        total=total[rows],
+                        advantages=advantages[rows],
+                    )
+                )
+            if not config.train.drop_zero_std_groups:
+                break
+            if self._everyone_has(sum(group.has_spread for group in groups), local_prompts):
+                break
+        if config.train.drop_zero_std_groups:  # groups with spread first, zero-std ones (masked) fill up
+            groups = [group for group in groups if group.has_spread] + [g for g in groups if not g.has_spread]
+        chosen = groups[:local_prompts]
+        keep = torch.cat(
+            [
+                torch.full((group_size,), group.has_spread or not config.train.drop_zero_std_groups)
+                for group in chosen
+            ]
+        )
+        return ScoredRollout(
+            rollout=_concat_rollouts([group.rollout for group in chosen], self.settings.pad_token_id),
+            scores={name: torch.cat([group.scores[name] for group in chosen]) for name in chosen[0].scores},
+            total_reward=torch.cat([group.total for group in chosen]),
+            advantages=torch.cat([group.advantages for group in chosen]),
+            keep=keep,
+            num_groups=num_groups,
+            num_zero_std_groups=num_zero_std,
+            rounds=rounds,
+            generated_tokens=generated,
+            rollout_seconds=seconds,
+        )
+
+    def _everyone_has(self, count: int, needed: int) -> bool:
+        """Whether every process holds ``needed`` groups with reward spread (all processes get the same answer)."""
+        have = torch.tensor([min(count, needed)], device=self.accelerator.device)
+        return bool(self.accelerator.gather(have).min() >= needed)
+
+    # ------------------------------------------------------------------------------------------------
+    # phase 2: old / reference log-probs
+    # ------------------------------------------------------------------------------------------------
+
+    def _micro_batches(self, indices: list[int]) -> list[list[int]]:
+        size = self.config.train.micro_batch_size or len(indices)
+        return [indices[start : start + size] for start in range(0, len(indices), size)]
+
+    def _log_probs(self, model, rollout: Rollout, indices: list[int]) -> torch.Tensor:
+        """Token log-probs ``[n, width]`` of completions ``indices``; ``width`` = their longest completion."""
+        part = rollout.select(indices)
+        width = max(int(part.completion_mask.sum(dim=1).max()), 1)
+        completion_ids, mask = part.completion_ids[:, :width], part.completion_mask[:, :width]
+        batch = sequence_inputs(part.prompts, completion_ids, mask, self.settings.pad_token_id)
+        with self.accelerator.autocast():
+            return completion_log_probs(
+                model,
+                batch,
+                completion_ids.to(self.accelerator.device),
+                self.settings.temperature,
+                self.settings.suppress_token_ids,
+            )
+
+    @torch.no_grad()
+    def _no_grad_log_probs(self, model, rollout: Rollout) -> torch.Tensor:
+        """``[N, C]`` float32 token log-probs of the whole rollout (zeros past each micro-batch's width)."""
+        full = torch.zeros(rollout.completion_ids.shape, dtype=torch.float32, device=self.accelerator.device)
+        for indices in self._micro_batches(list(range(len(rollout)))):
+            values = self._log_probs(model, rollout, indices).float()
+            full[torch.tensor(indices, device=full.device), : values.shape[1]] = values
+        return full
+
+    def reference_pass(self, rollout: Rollout) -> torch.Tensor | None:
+        """Token log-probs of the KL reference (None when ``beta == 0``)."""
+        if self.reference is None:
+            return None
+        with self.reference.active(self.model) as reference_model:
+            return self._no_grad_log_probs(reference_model, rollout)
+
+    def old_pass(self, rollout: Rollout) -> torch.Tensor | None:
+        """Sampling-policy log-probs, needed when the batch feeds more than one optimizer step."""
+        optimizer_steps = self.config.train.num_iterations * (
+            self.config.batch_size // self.config.mini_batch_size
+        )
+        if optimizer_steps == 1:
+            return None
+        return self._no_grad_log_probs(self.model, rollout)
+
+    # ------------------------------------------------------------------------------------------------
+    # phase 3: update
+    # ------------------------------------------------------------------------------------------------
+
+    def update(self, step: int, scored: ScoredRollout, old_log_probs, ref_log_probs) -> dict[str, float]:
+        """``num_iterations`` passes of mini-batch optimizer steps over the rollout."""
+        config = self.config
+        rollout = scored.rollout
+        loss_mask = rollout.completion_mask & scored.keep[:, None]
+        if config.sample.mask_truncated:
+            loss_mask &= ~rollout.is_truncated[:, None]
+        device = self.accelerator.device
+        loss_mask = loss_mask.to(device)
+        advantages = scored.advantages.to(device)
+        mini_size = config.mini_batch_size // self.world_size
+        totals: dict[str, list[float]] = {}
+        for iteration in range(config.train.num_iterations):
+            generator = np.random.default_rng(derive_seed(config.seed, "minibatch", step, iteration))
+            order = generator.permutation(len(rollout)).tolist()
+            for start in range(0, len(order), mini_size):
+                mini = order[start : start + mini_size]
+                stats = self._optimizer_step(
+                    rollout, mini, loss_mask, advantages, old_log_probs, ref_log_probs
+                )
+                for key, value in stats.items():
+                    totals.setdefault(key, []).append(value)
+        return {key: float(np.mean(values)) for key, values in totals.items()}
+
+    def _optimizer_step(self, rollout, mini, loss_mask, advantages, old_log_probs, ref_log_probs):
+        config = self.config
+        norms = MiniBatchNorms.of(loss_mask[mini])
+        micro_batches = self._micro_batches(mini)
+        sums = {"loss": 0.0, "policy_loss": 0.0, "kl": 0.0}
+        surrogate: dict[str, list[float]] = {}
+        for position, micro in enumerate(micro_batches):
+            index = torch.tensor(micro, device=loss_mask.device)
+            is_last = position == len(micro_batches) - 1
+            sync = self.accelerator.no_sync(self.model) if not is_last else contextlib.nullcontext()
+            with sync:
+                log_probs = self._log_probs(self.model, rollout, micro)
+                width = log_probs.shape[1]
+                old = old_log_probs[index, :width] if old_log_probs is not None else log_probs.detach()
+                ref = ref_log_probs[index, :width] if ref_log_probs is not None else None
+                output = policy_loss(
+                    config.train.loss,
+                    log_probs,
+                    old,
+                    advantages[index],
+                    loss_mask[index, :width],
+                    clip_low=config.train.clip_low,
+                    clip_high=config.clip_high,
+                    max_completion_length=config.sample.max_new_tokens,
+                    norms=norms,
+                    ref_log_probs=ref,
+                    beta=config.train.beta,
+                    kl_estimator=config.train.kl_estimator,
+                )
+                self.accelerator.backward(output.loss)
+            sums["loss"] += float(output.loss.detach())
+            sums["policy_loss"] += float(output.policy_loss)
+            sums["kl"] += float(output.kl)
+            for key, value in output.stats.items():
+                surrogate.setdefault(key, []).append(value)
+        grad_norm = float("nan")
+        if config.train.max_grad_norm > 0:
+            grad_norm = float(
+                self.accelerator.clip_grad_norm_(self.model.parameters(), config.train.max_grad_norm)
+            )
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        stats = dict(sums)
+        stats["grad_norm"] = grad_norm
+        stats["clip_fraction"] = float(np.mean(surrogate["clip_fraction"]))
+        stats["ratio_mean"] = float(np.mean(surrogate["ratio_mean"]))
+        stats["ratio_min"] = float(np.min(surrogate["ratio_min"]))
+        stats["ratio_max"] = float(np.max(surrogate["ratio_max"]))
+        stats["approx_kl"] = float(np.mean(surrogate["approx_kl"]))
+        return stats
+
+    # ------------------------------------------------------------------------------------------------
+    # phase 4: log, checkpoint, save
+    # ------------------------------------------------------------------------------------------------
+
+    def _gathered(self, values: torch.Tensor) -> torch.Tensor:
+        return self.accelerator.gather(values.to(self.accelerator.device, torch.float64)).cpu()
+
+    def _step_metrics(
+        self, step: int, scored: ScoredRollout, update_stats: dict, step_seconds: float
+    ) -> dict:
+        rollout = scored.rollout
+        metrics: dict[str, Any] = {"step": step + 1, "stage": self.stream.curriculum.stage_at(step).name}
+        total = self._gathered(scored.total_reward)
+        metrics["reward/mean"] = float(total.mean())
+        metrics["reward/std"] = float(total.std(correction=0))
+        for name, values in scored.scores.items():
+            gathered = self._gathered(values)
+            finite = gathered[torch.isfinite(gathered)]
+            metrics[f"reward/{name}/mean"] = float(finite.mean()) if finite.numel() else float("nan")
+            metrics[f"reward/{name}/std"] = (
+                float(finite.std(correction=0)) if finite.numel() else float("nan")
+            )
+        advantages = self._gathered(scored.advantages)
+        metrics["advantage/mean"] = float(advantages.mean())
+        metrics["advantage/std"] = float(advantages.std(correction=0))
+        metrics["advantage/abs_max"] = float(advantages.abs().max())
+        metrics["zero_std_group_fraction"] = scored.num_zero_std_groups / max(scored.num_groups, 1)
+        metrics["kept_fraction"] = float(self._gathered(scored.keep.float()).mean())
+        metrics["sampling_rounds"] = float(scored.rounds)
+        lengths = self._gathered(rollout.completion_mask.sum(dim=1).float())
+        metrics["completion_length"] = float(lengths.mean())
+        metrics["truncated_fraction"] = float(self._gathered(rollout.is_truncated.float()).mean())
+        tokens_and_seconds = self._gathered(torch.tensor([scored.generated_tokens, scored.rollout_seconds]))
+        tokens_and_seconds = tokens_and_seconds.view(-1, 2)
+        metrics["rollout_tokens_per_s"] = float(
+            tokens_and_seconds[:, 0].sum() / tokens_and_seconds[:, 1].max()
+        )
+        metrics["rollout_s"] = float(tokens_and_seconds[:, 1].max())
+        metrics.update({key: value for key, value in update_stats.items()})
+        metrics["lr"] = float(self.lr_scheduler.get_last_lr()[0])
+        metrics["step_s"] = step_seconds
+        return metrics
+
+    def _log_completions(self, step: int, scored: ScoredRollout) -> None:
+        count = min(self.config.log.log_completions, len(scored.rollout))
+        if count <= 0 or not self.accelerator.is_main_process:
+            return
+        with (self.output_dir / "completions.jsonl").open("a") as handle:
+            for index in range(count):
+                record = scored.rollout.records[index]
+                entry = {
+                    "step": step + 1,
+                    "problem": record.problem,
+                    "solution": record.solution,
+                    "completion": scored.rollout.texts[index],
+                    "reward": float(scored.total_reward[index]),
+                    "advantage": float(scored.advantages[index]),
+                }
+                handle.write(json.dumps(entry, default=str) + "\n")
+
+    def _install_checkpoint_hooks(self) -> None:
+        """accelerate saves / loads only the trainable parameters (a LoRA checkpoint holds the adapter)."""
+        accelerator = self.accelerator
+
+        def save_hook(models, weights, output_dir):
+            for index, model in enumerate(models):
+                weights[index] = _trainable_state(accelerator.unwrap_model(model))
+
+        def load_hook(models, input_dir):
+            for index, model in enumerate(list(models)):
+                name = "model.safetensors" if index == 0 else f"model_{index}.safetensors"
+                saved = load_file(str(Path(input_dir) / name))
+                unwrapped = accelerator.unwrap_model(model)
+                expected = _trainable_state(unwrapped)
+                if set(saved) != set(expected):
+                    raise ValueError(
+                        f"checkpoint {input_dir} does not hold this config's trainable parameters; resume with "
+                        "the model.lora / model.freeze_vision_tower settings it was saved with"
+                    )
+                with torch.no_grad():
+                    for parameter_name, parameter in unwrapped.named_parameters():
+                        if parameter_name in saved:
+                            parameter.copy_(saved[parameter_name].to(parameter.device, parameter.dtype))
+            models.clear()
+
+        accelerator.register_save_state_pre_hook(save_hook)
+        accelerator.register_load_state_pre_hook(load_hook)
+
+    def save_checkpoint(self, step: int) -> None:
+        """Atomic resumable checkpoint after ``step`` completed steps (weights, optimizer, RNG, data cursor)."""
+        accelerator = self.accelerator
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            self.checkpoints.staging_dir(step)
+        accelerator.wait_for_everyone()
+        staging = self.checkpoints.root / f".tmp-checkpoint-{step:06d}"
+        accelerator.save_state(str(staging / "accelerate"))
+        if accelerator.is_main_process:
+            state = {"step": step, "stream": self.stream.state_dict()}
+            (staging / TRAINER_STATE).write_text(json.dumps(state))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            self.checkpoints.commit(step)
+        accelerator.wait_for_everyone()
+
+    def _resume(self) -> int:
+        latest = self.checkpoints.latest()
+        if latest is None:
+            if self.accelerator.is_main_process:
+                print(f"[gen-rl vlm] resume: no checkpoint under {self.checkpoints.root}; starting at step 0")
+            return 0
+        self.accelerator.load_state(str(latest / "accelerate"))
+        state = json.loads((latest / TRAINER_STATE).read_text())
+        self.stream.load_state_dict(state["stream"])
+        step = int(state["step"])
+        if self.accelerator.is_main_process:
+            self.metrics.truncate_after(step)
+        return step
+
+    def save_final(self) -> Path:
+        """``save_pretrained`` of the adapter (LoRA) or the whole model, plus the processor, into ``final/``."""
+        folder = self.output_dir / "final"
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            model = self.accelerator.unwrap_model(self.model)
+            model.save_pretrained(folder)
+            self.processor.save_pretrained(folder)
+        self.accelerator.wait_for_everyone()
+        return folder
+
+    # ------------------------------------------------------------------------------------------------
+    # the loop
+    # ------------------------------------------------------------------------------------------------
+
+    def run(self) -> dict[str, float]:
+        """Train from ``start_step`` to ``train.steps``; returns the summary dict."""
+        config = self.config
+        start_time = time.perf_counter()
+        progress = tqdm(
+            range(self.start_step, config.train.steps),
+            initial=self.start_step,
+            total=config.train.steps,
+            disable=not (self.accelerator.is_main_process and config.log.progress_bar),
+            desc="vlm-grpo",
+        )
+        for step in progress:
+            step_start = time.perf_counter()
+            scored = self.collect(step)
+            ref_log_probs = self.reference_pass(scored.rollout)
+            old_log_probs = self.old_pass(scored.rollout)
+            update_stats = self.update(step, scored, old_log_probs, ref_log_probs)
+            metrics = self._step_metrics(step, scored, update_stats, time.perf_counter() - step_start)
+            if self.accelerator.is_main_process:
+                self.metrics.append(metrics)
+            self._log_completions(step, scored)
+            progress.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics['kl']:.4f}")
+            every = config.log.checkpoint_every
+            if every and (step + 1) % every == 0 and step + 1 < config.train.steps:
+                self.save_checkpoint(step + 1)
+        progress.close()
+        self.save_final()
+        return self._summary(time.perf_counter() - start_time)
+
+    def _summary(self, seconds: float) -> dict[str, float]:
+        records = self.metrics.read() if self.accelerator.is_main_process else []
+        rewards = [record["reward/mean"] for record in records if record.get("reward/mean") is not None]
+        summary = {"steps": float(len(records)), "seconds": seconds}
+        if rewards:
+            quarter = max(len(rewards) // 4, 1)
+            summary.update(
+                {
+                    "first_reward": rewards[0],
+                    "last_reward": rewards[-1],
+                    "first_quarter_reward": float(np.mean(rewards[:quarter])),
+                    "last_quarter_reward": float(np.mean(rewards[-quarter:])),
+                }
+            )
+        return summary
+
+
+def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {
+        name: parameter.detach() for name, parameter in model.named_parameters() if parameter.requires_grad
+    }
+
+
+def _concat_rollouts(rollouts: list[Rollout], pad_token_id: int) -> Rollout:
+    """One rollout from several (completion tensors right-padded to the longest)."""
+    width = max(rollout.completion_ids.shape[1] for rollout in rollouts)
+
+    def pad(tensor: torch.Tensor, value) -> torch.Tensor:
+        missing = width - tensor.shape[1]
+        if missing == 0:
+            return tensor
+        return torch.cat([tensor, tensor.new_full((tensor.shape[0], missing), value)], dim=1)
+
+    return Rollout(
+        prompts=[prompt for rollout in rollouts for prompt in rollout.prompts],
+        records=[record for rollout in rollouts for record in rollout.records],
+        group_ids=torch.cat([rollout.group_ids for rollout in rollouts]),
+        completion_ids=torch.cat([pad(rollout.completion_ids, pad_token_id) for rollout in rollouts]),
+        completion_mask=torch.cat([pad(rollout.completion_mask, False) for rollout in rollouts]),
+        is_truncated=torch.cat([rollout.is_truncated for rollout in rollouts]),
+        texts=[text for rollout in rollouts for text in rollout.texts],
+    )
