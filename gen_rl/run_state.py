@@ -18,6 +18,8 @@ from safetensors.torch import load_file
 from gen_rl.config import to_dict
 
 if TYPE_CHECKING:
+    from accelerate import Accelerator
+
     from gen_rl.trainer import GenerationTrainer
 
 TRAINER_STATE = "trainer_state.pt"
@@ -29,9 +31,8 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: param.detach() for name, param in model.named_parameters() if param.requires_grad}
 
 
-def install_hooks(trainer: GenerationTrainer) -> None:
-    """Make accelerate save / load only the trainable parameters of the prepared model."""
-    accelerator = trainer.accelerator
+def install_hooks(accelerator: Accelerator) -> None:
+    """Make accelerate save / load only the trainable parameters of the prepared models (any trainer)."""
 
     def save_hook(models, weights, output_dir):
         for index, model in enumerate(models):
@@ -54,7 +55,8 @@ def _load_trainable(model: torch.nn.Module, input_dir: Path, index: int) -> None
         missing, extra = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
         raise ValueError(
             f"checkpoint {input_dir} does not match the trained parameters (missing {missing[:3]}, unexpected "
-            f"{extra[:3]}); resume with the same model.lora / lora_rank / lora_target_modules it was saved with."
+            f"{extra[:3]}); resume with the model / LoRA settings (lora, rank, target modules, frozen parts) it was "
+            "saved with."
         )
     with torch.no_grad():
         for name, param in model.named_parameters():

@@ -95,7 +95,7 @@ class GenerationTrainer:
         )
         self.checkpoints = CheckpointManager(self.output_dir, config.checkpoint.keep_last)
         self.metrics = MetricsLog(self.output_dir / "metrics.jsonl")
-        run_state.install_hooks(self)
+        run_state.install_hooks(self.accelerator)
         self.start_step = 0
         self.log_probs_checked = not config.train.check_log_probs
         if resume:

@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 from distributed_worker import one_step
 from trainer_helpers import small_config
@@ -65,11 +64,3 @@ def test_two_processes_match_one_process_and_each_other(tmp_path):
         torch.testing.assert_close(value, start[name], rtol=0, atol=0)  # DDP kept the ranks identical
     moved = sum(float(value.abs().sum()) for name, value in start.items() if "lora_B" in name)
     assert moved > 0  # the update happened (LoRA B starts at zero)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)

@@ -20,14 +20,6 @@ BUILDERS = {"flux": tiny_flux_pipeline, "sd3": tiny_sd3_pipeline}
 RANK, ALPHA = 4, 8  # scale alpha / r = 2, so an export that dropped the scale would not reproduce the model
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _fresh_pipeline(family: str):
     pipeline = BUILDERS[family](seed=0)
     pipeline.set_progress_bar_config(disable=True)

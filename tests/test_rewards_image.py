@@ -14,14 +14,6 @@ from rewards import REWARDS, ColourReward, Reward, RewardOutput, build_reward
 from rewards.compression import JpegCompressibility, JpegIncompressibility
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _as_pixels(images: list[np.ndarray]) -> torch.Tensor:
     """``[H, W, 3]`` uint8 arrays to ``[B, 3, H, W]`` floats in [0, 1]."""
     return torch.stack([torch.from_numpy(image).permute(2, 0, 1) for image in images]).float() / 255

@@ -27,15 +27,6 @@ DATA_VAR = DATA_STD**2
 NUM_PARTICLES = 20_000
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tensors here are tiny; intra-op threads only add overhead (10x under CPU contention)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _generator(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 

@@ -11,14 +11,6 @@ from pipelines.tiny import tiny_flux_pipeline
 DECODE_TOLERANCE = 1e-5  # float32; measured <= 2.4e-7 on these inputs, <= ~1e-6 for |z| <= 2 up to 256 px
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def pixel_pipeline() -> FluxPipeline:
     return tiny_flux_pipeline(seed=0, pixel_decoder=True)

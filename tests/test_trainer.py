@@ -16,14 +16,6 @@ from gen_rl.trainer import GenerationTrainer, RewardError
 __all__ = ["SometimesNaN"]  # reached by the config through the dotted path trainer_helpers:SometimesNaN
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_run_leaves_metrics_grids_curve_and_a_lora_diffusers_loads(tmp_path):
     config = small_config(tmp_path / "run", "train.samples_per_update=8")  # one update per step
     summary = GenerationTrainer(config).train()

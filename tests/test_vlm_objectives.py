@@ -7,15 +7,6 @@ import torch
 
 from gen_rl.vlm.objectives import LOSS_MODES, MiniBatchNorms, policy_loss, sequence_log_ratio
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 CLIP_LOW, CLIP_HIGH, MAX_LENGTH, BETA = 0.2, 0.28, 7, 0.05
 
 

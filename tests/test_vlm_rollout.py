@@ -35,14 +35,6 @@ MODEL_CLASSES = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module", params=sorted(TINY_BUILDERS))
 def family(request):
     return request.param

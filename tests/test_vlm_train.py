@@ -17,14 +17,6 @@ from gen_rl.vlm.trainer import VLMTrainer, train
 TINY = Path(__file__).resolve().parent.parent / "configs" / "vlm" / "tiny_colour_cpu.yaml"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _config(tmp_path, *overrides: str) -> VLMConfig:
     return load_config(VLMConfig, TINY, [f"log.output_dir={tmp_path}", "log.progress_bar=false", *overrides])
 

@@ -30,12 +30,12 @@ import numpy as np
 import torch
 import yaml
 from accelerate import Accelerator, DistributedDataParallelKwargs
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from gen_rl.checkpoint import CheckpointManager
 from gen_rl.config import ConfigError, to_dict
 from gen_rl.metrics import MetricsLog
+from gen_rl.run_state import install_hooks
 from gen_rl.seeding import derive_seed
 from gen_rl.vlm.config import VLMConfig
 from gen_rl.vlm.data import Curriculum, PromptStream, Stage, load_images, read_records
@@ -152,7 +152,7 @@ class VLMTrainer:
         )
         if self.reference is not None and self.reference.mode == "frozen_copy":
             self.reference.frozen_copy.to(self.accelerator.device)
-        self._install_checkpoint_hooks()
+        install_hooks(self.accelerator)
 
         self.settings = self._sampling_settings()
         self.reward_functions = build_reward_functions(config.reward.functions)
@@ -601,34 +601,6 @@ class VLMTrainer:
                 }
                 handle.write(json.dumps(entry, default=str) + "\n")
 
-    def _install_checkpoint_hooks(self) -> None:
-        """accelerate saves / loads only the trainable parameters (a LoRA checkpoint holds the adapter)."""
-        accelerator = self.accelerator
-
-        def save_hook(models, weights, output_dir):
-            for index, model in enumerate(models):
-                weights[index] = _trainable_state(accelerator.unwrap_model(model))
-
-        def load_hook(models, input_dir):
-            for index, model in enumerate(list(models)):
-                name = "model.safetensors" if index == 0 else f"model_{index}.safetensors"
-                saved = load_file(str(Path(input_dir) / name))
-                unwrapped = accelerator.unwrap_model(model)
-                expected = _trainable_state(unwrapped)
-                if set(saved) != set(expected):
-                    raise ValueError(
-                        f"checkpoint {input_dir} does not hold this config's trainable parameters; resume with "
-                        "the model.lora / model.freeze_vision_tower settings it was saved with"
-                    )
-                with torch.no_grad():
-                    for parameter_name, parameter in unwrapped.named_parameters():
-                        if parameter_name in saved:
-                            parameter.copy_(saved[parameter_name].to(parameter.device, parameter.dtype))
-            models.clear()
-
-        accelerator.register_save_state_pre_hook(save_hook)
-        accelerator.register_load_state_pre_hook(load_hook)
-
     def save_checkpoint(self, step: int) -> None:
         """Atomic resumable checkpoint after ``step`` completed steps (weights, optimizer, RNG, data cursor)."""
         accelerator = self.accelerator
@@ -719,12 +691,6 @@ class VLMTrainer:
                 }
             )
         return summary
-
-
-def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {
-        name: parameter.detach() for name, parameter in model.named_parameters() if parameter.requires_grad
-    }
 
 
 def _concat_rollouts(rollouts: list[Rollout], pad_token_id: int) -> Rollout:
