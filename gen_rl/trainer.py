@@ -136,9 +136,16 @@ class GenerationTrainer:
         steps = range(self.start_step, config.train.num_steps)
         show = config.log.progress and self.accelerator.is_main_process
         bar = tqdm(steps, desc="gen-rl", disable=not show, dynamic_ncols=True)
-        for step in bar:
-            record = self.run_step(step)
-            bar.set_postfix(reward=f"{record['reward_mean']:.4f}", kl=f"{record.get('approx_kl', 0):.2e}")
+        try:
+            for step in bar:
+                record = self.run_step(step)
+                bar.set_postfix(reward=f"{record['reward_mean']:.4f}", kl=f"{record.get('approx_kl', 0):.2e}")
+        except (KeyboardInterrupt, RewardError):
+            if self.accelerator.is_main_process:
+                latest = self.checkpoints.latest()
+                where = f"{latest} is intact" if latest else "no checkpoint was written yet"
+                print(f"\n[gen-rl] stopped; {where}. Continue with the same command plus --resume.")
+            raise
         final = {"step": config.train.num_steps, **self.evaluate(config.train.num_steps)}
         if self.accelerator.is_main_process and len(final) > 1:
             self.metrics.append(final)
