@@ -350,16 +350,17 @@ class GenerationTrainer:
                 microbatches = update_indices.split(train.microbatch_size)
                 scale = 1.0 / (len(microbatches) * num_trained)
                 for position, micro in enumerate(microbatches):
+                    part = rollout.select(micro)  # indexed once per microbatch, not once per trained step
+                    part_steps, part_old = step_indices[micro], old_log_probs[micro]
+                    part_advantages, part_weight = advantages[micro], valid[micro].float()
                     for k in range(num_trained):
                         last = position == len(microbatches) - 1 and k == num_trained - 1
                         stats = self._backward(
-                            rollout,
-                            micro,
-                            step_indices,
-                            old_log_probs,
-                            advantages,
-                            valid,
-                            k,
+                            part,
+                            part_steps[:, k : k + 1],
+                            part_old[:, k : k + 1],
+                            part_advantages,
+                            part_weight,
                             scale,
                             sync=last,
                         )
@@ -374,21 +375,19 @@ class GenerationTrainer:
         record["updates"] = len(grad_norms)
         return record
 
-    def _backward(self, rollout, micro, step_indices, old_log_probs, advantages, valid, k, scale, *, sync):
+    def _backward(self, part, column, old_log_probs, advantages, weight, scale, *, sync):
+        """Loss and backward of one microbatch at one trained step (``column`` [b, 1] step indices)."""
         train = self.config.train
-        part = rollout.select(micro)
-        column = step_indices[micro][:, k : k + 1]
         context = nullcontext() if sync else self.accelerator.no_sync(self.model)
         with context, self.accelerator.autocast():
             out = self.sampler.log_prob(part, column)
             surrogate = clipped_surrogate(
                 out.log_probs,
-                old_log_probs[micro][:, k : k + 1],
-                advantages[micro],
+                old_log_probs,
+                advantages,
                 clip_low=train.clip_range,
                 clip_high=train.clip_range_high,
             )
-            weight = valid[micro].float()
             policy_loss = (surrogate.loss[:, 0] * weight).mean()
             loss = policy_loss
             kl = torch.zeros((), device=policy_loss.device)
@@ -402,7 +401,7 @@ class GenerationTrainer:
                 kl = (gaussian_kl(out.means[:, 0], reference.means[:, 0], out.stds[:, 0]) * weight).mean()
                 loss = loss + train.kl_coef * kl
             self.accelerator.backward(loss * scale)
-        log_ratio = (out.log_probs - old_log_probs[micro][:, k : k + 1]).detach()
+        log_ratio = (out.log_probs - old_log_probs).detach()
         return {
             "loss": float(loss.detach()),
             "policy_loss": float(policy_loss.detach()),
