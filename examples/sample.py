@@ -12,11 +12,10 @@ from collections.abc import Sequence
 
 import torch
 
+from gen_rl.dtypes import DTYPES
 from gen_rl.images import save_image_grid
 from pipelines import SAMPLERS, RolloutOptions, build_sampler
 from pipelines.tiny import tiny_flux_pipeline
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

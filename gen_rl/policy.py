@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 from peft import LoraConfig
 
+from gen_rl.dtypes import DTYPES
 from gen_rl.export import lora_target_modules
 from gen_rl.trainer_config import ModelConfig
 from pipelines import FlowMatchSampler, build_sampler
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TINY_MODELS = ("tiny:flux", "tiny:flux-pixel", "tiny:sd3")
 
 

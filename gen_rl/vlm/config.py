@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from gen_rl.config import ConfigError, option, section
+from gen_rl.dtypes import DTYPES as DTYPE_MAP
 
 __all__ = [
     "LOSS_NAMES",
@@ -28,7 +29,7 @@ __all__ = [
 
 LOSS_NAMES = ("grpo", "dr_grpo", "dapo", "gspo", "gspo_token")
 REFERENCE_MODES = ("auto", "disable_adapter", "frozen_copy")
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = tuple(DTYPE_MAP)
 
 
 @dataclass

@@ -10,10 +10,10 @@ import contextlib
 import copy
 from collections.abc import Iterator, Sequence
 
-import torch
 from torch import nn
 from transformers import AutoModelForImageTextToText, GenerationConfig
 
+from gen_rl.dtypes import DTYPES, resolve_dtype
 from gen_rl.vlm.compat import load_processor
 
 __all__ = [
@@ -27,7 +27,6 @@ __all__ = [
     "ReferencePolicy",
 ]
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # submodules holding the vision encoder and its projector in transformers VLMs (Qwen2/2.5-VL: ``visual``)
 VISION_MODULE_NAMES = ("visual", "vision_tower", "vision_model", "vision_encoder", "multi_modal_projector")
 
@@ -44,10 +43,8 @@ def load_policy(
     The model's generation config is reduced to its special-token ids, so the trainer's sampling settings are
     the only ones in force; the tokenizer pads on the left.
     """
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
     model = AutoModelForImageTextToText.from_pretrained(
-        name_or_path, dtype=DTYPES[dtype], attn_implementation=attn_implementation
+        name_or_path, dtype=resolve_dtype(dtype), attn_implementation=attn_implementation
     )
     image_kwargs = {}
     if min_pixels:
