@@ -53,7 +53,11 @@ def _plain(value: Any) -> Any:
 
 
 def plot_reward_curve(records: list[dict[str, Any]], path: str | Path) -> Path:
-    """PNG of the training reward (mean +- std band) and the eval reward against the training step."""
+    """PNG of the training reward (mean +- std band) and the eval reward against the training step.
+
+    When gold rewards (scored at eval, never optimised) are logged, a second panel shows every eval reward's
+    change since the first eval: an optimised reward that rises while the gold ones fall is reward hacking.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -61,7 +65,9 @@ def plot_reward_curve(records: list[dict[str, Any]], path: str | Path) -> Path:
 
     train = [r for r in records if r.get("reward_mean") is not None]
     evals = [r for r in records if r.get("eval_reward_mean") is not None]
-    figure, axis = plt.subplots(figsize=(6, 3.5), dpi=120)
+    gold_keys = sorted({key for r in evals for key in r if key.startswith("eval_gold_")})
+    figure, axes = plt.subplots(1, 2 if gold_keys else 1, figsize=(11 if gold_keys else 6, 3.5), dpi=120)
+    axis = axes[0] if gold_keys else axes
     if train:
         steps = [r["step"] for r in train]
         mean = [r["reward_mean"] for r in train]
@@ -78,10 +84,9 @@ def plot_reward_curve(records: list[dict[str, Any]], path: str | Path) -> Path:
             color="tab:orange",
             label="eval reward (held-out, fixed seeds)",
         )
-    axis.set_xlabel("training step")
-    axis.set_ylabel("reward")
-    axis.grid(alpha=0.3)
-    axis.legend(loc="best", fontsize=8)
+    _style(axis, "reward")
+    if gold_keys:
+        _plot_changes(axes[1], evals, ["eval_reward_mean", *gold_keys])
     figure.tight_layout()
     path = Path(path)
     temporary = path.with_suffix(".tmp.png")
@@ -89,3 +94,24 @@ def plot_reward_curve(records: list[dict[str, Any]], path: str | Path) -> Path:
     plt.close(figure)
     temporary.replace(path)
     return path
+
+
+def _plot_changes(axis: Any, evals: list[dict[str, Any]], keys: list[str]) -> None:
+    """Each eval series minus its first value: optimised against gold rewards."""
+    for key in keys:
+        points = [(r["step"], r[key]) for r in evals if r.get(key) is not None]
+        if not points:
+            continue
+        label = (
+            "optimised (eval)" if key == "eval_reward_mean" else key.removeprefix("eval_gold_") + " (gold)"
+        )
+        axis.plot([p[0] for p in points], [p[1] - points[0][1] for p in points], "o-", label=label)
+    axis.axhline(0.0, color="grey", linewidth=0.8)
+    _style(axis, "change since first eval")
+
+
+def _style(axis: Any, ylabel: str) -> None:
+    axis.set_xlabel("training step")
+    axis.set_ylabel(ylabel)
+    axis.grid(alpha=0.3)
+    axis.legend(loc="best", fontsize=8)

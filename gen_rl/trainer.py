@@ -28,6 +28,7 @@ from gen_rl.data import PromptSet, load_prompts, prompt_indices_for_step
 from gen_rl.ema import ParameterEMA
 from gen_rl.losses import clipped_surrogate, gaussian_kl
 from gen_rl.metrics import MetricsLog, plot_reward_curve
+from gen_rl.monitoring import HackingMonitor
 from gen_rl.policy import load_sampler, make_trainable
 from gen_rl.seeding import derive_seed
 from gen_rl.step_selection import sde_window, train_step_indices
@@ -74,6 +75,11 @@ class GenerationTrainer:
         self.reward_weights = {
             key: term.weight for key, term in zip(self.reward_models, config.reward.terms, strict=True)
         }
+        self.gold_models = {
+            _reward_key(i, term.name): build_reward(term.name, **term.kwargs)
+            for i, term in enumerate(config.eval.gold)
+        }
+        self.monitor = HackingMonitor(log.diversity_model, self.accelerator.device) if log.monitors else None
         self.sampler = load_sampler(config.model, self.accelerator.device)
         self.parameters = make_trainable(self.sampler, config.model)
         self.optimizer = torch.optim.AdamW(
@@ -170,6 +176,7 @@ class GenerationTrainer:
         batch.rewards = self.score(batch.rollout)
         reward_seconds = time.perf_counter() - scored_at
         advantages, valid, reward_stats = self.advantages(batch)
+        record.update(self.monitors(batch))
         update_started = time.perf_counter()
         record.update(self.update(batch.rollout, advantages, valid, step))
         update_seconds = time.perf_counter() - update_started
@@ -264,13 +271,24 @@ class GenerationTrainer:
         return StepBatch(rollout=rollout, group_ids=group_ids, rewards={}), seconds
 
     @torch.no_grad()
-    def score(self, rollout: Rollout) -> dict[str, torch.Tensor]:
-        """Raw scores ``[n]`` of every reward model for this process's samples (NaN: no score)."""
+    def score(self, rollout: Rollout, models: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
+        """Raw scores ``[n]`` of every reward model (default: the optimised ones) for this process's samples."""
         metadata = rollout.metadata or [{} for _ in range(len(rollout))]
+        models = self.reward_models if models is None else models
         return {
             key: model(rollout.pixels, rollout.prompts, metadata).scores.float().cpu()
-            for key, model in self.reward_models.items()
+            for key, model in models.items()
         }
+
+    def monitors(self, batch: StepBatch) -> dict[str, float]:
+        """Reward-hacking monitors over the whole step: image statistics and in-group diversity."""
+        if self.monitor is None:
+            return {}
+        statistics, diversity = self.monitor.local(batch.rollout.pixels, batch.group_ids)
+        device = self.accelerator.device
+        statistics = self.accelerator.gather(statistics.to(device)).cpu()
+        diversity = self.accelerator.gather(diversity.to(device)).cpu()
+        return HackingMonitor.record(statistics, diversity)
 
     def advantages(self, batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
         """Gather every process's rewards, compute group advantages over the whole step, keep this slice.
@@ -447,10 +465,9 @@ class GenerationTrainer:
                 if mine
                 else None
             )
+        models = {**self.reward_models, **{f"gold_{key}": model for key, model in self.gold_models.items()}}
         scores = (
-            self.score(rollout)
-            if rollout is not None
-            else {name: torch.empty(0) for name in self.reward_models}
+            self.score(rollout, models) if rollout is not None else {name: torch.empty(0) for name in models}
         )
         gathered = gather_object(
             [
@@ -470,16 +487,19 @@ class GenerationTrainer:
 
         record: dict[str, Any] = {}
         combined = torch.zeros(0)
-        per_name: dict[str, list[float]] = {name: [] for name in self.reward_models}
+        per_name: dict[str, list[float]] = {}
         pixels, order = [], []
         for indices, scores, images in gathered:
             for name, values in scores.items():
-                per_name[name].extend(values)
+                per_name.setdefault(name, []).extend(values)
             if images is not None:
                 pixels.append(images)
                 order.extend(indices)
         for name, values in per_name.items():
             tensor = torch.tensor(values, dtype=torch.float32)
+            if name.startswith("gold_"):
+                record[f"eval_{name}"] = float(tensor.nanmean())
+                continue
             record[f"eval_reward_{name}"] = float(tensor.nanmean())
             combined = tensor * self.reward_weights[name] + (combined if combined.numel() else 0.0)
         record["eval_reward_mean"] = float(combined.nanmean())
@@ -487,6 +507,10 @@ class GenerationTrainer:
         rank = sorted(range(len(order)), key=order.__getitem__)
         per_prompt = self.config.eval.samples_per_prompt
         images = torch.cat([images[i * per_prompt : (i + 1) * per_prompt] for i in rank])
+        if self.monitor is not None:
+            group_ids = torch.arange(len(images)) // per_prompt
+            statistics, diversity = self.monitor.local(images.to(self.accelerator.device), group_ids)
+            record.update(HackingMonitor.record(statistics.cpu(), diversity.cpu(), prefix="eval_monitor_"))
         save_image_grid(images, self.output_dir / "eval" / f"step-{step:06d}.png", columns=per_prompt)
         return record
 
@@ -537,6 +561,8 @@ def _reward_stats(rewards, weights, output: AdvantageOutput, valid, num_groups: 
     stats["reward_mean"] = float(finite.mean()) if finite.numel() else float("nan")
     stats["reward_std"] = float(finite.std()) if finite.numel() > 1 else 0.0
     stats["dropped_samples"] = int((~valid).sum())
+    for name, value in rewards.items():
+        stats[f"reward_{name}_nan"] = int((~torch.isfinite(value)).sum())
     advantages = output.advantages
     stats["advantage_mean"] = float(advantages.mean())
     stats["advantage_std"] = float(advantages.std())

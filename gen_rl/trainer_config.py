@@ -134,6 +134,12 @@ class EvalConfig:
     noise_level: float = option(0.0, "SDE noise at eval; 0: the deterministic ODE sampler")
     seed: int = option(1234, "seed of the eval noise (fixed across the run)")
     max_prompts: int = option(16, "evaluate at most this many eval prompts")
+    gold: list[RewardTerm] = field(
+        default_factory=list,
+        metadata={
+            "doc": "rewards scored at eval only, never optimised: [{name, kwargs}] (reward-hacking check)"
+        },
+    )
 
 
 @dataclass
@@ -144,6 +150,10 @@ class LogConfig:
     tracker: Literal["none", "tensorboard", "wandb"] = option("tensorboard", "accelerate tracker")
     run_name: str = option("gen-rl", "tracker run name")
     progress: bool = option(True, "tqdm progress bar on the main process")
+    monitors: bool = option(True, "log image statistics and in-group diversity every step and at eval")
+    diversity_model: str = option(
+        "", "DINOv2 path / hub id for diversity features; empty: downsampled pixels"
+    )
 
 
 @dataclass
@@ -226,6 +236,17 @@ class GenerationConfig:
             raise ConfigError(
                 "reward.terms is empty; add at least one reward, e.g. [{name: colour, weight: 1}]"
             )
+        for term in self.reward.terms:
+            if (
+                term.name == "remote"
+                and term.kwargs.get("on_failure") == "drop"
+                and self.reward.nan_policy == "abort"
+            ):
+                raise ConfigError(
+                    "a remote reward with on_failure: drop returns NaN for the samples it could not score, and "
+                    "reward.nan_policy: abort would stop the run on them; set reward.nan_policy: drop, or "
+                    "on_failure: abort"
+                )
         if not self.data.train_prompts:
             raise ConfigError("data.train_prompts is empty; give a .txt (one prompt per line) or .jsonl file")
         if self.eval.every_steps < 0 or self.checkpoint.every_steps < 0:
