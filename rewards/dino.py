@@ -43,7 +43,6 @@ class DinoEmbedder:
         )
         self.preprocess = ImagePreprocess.from_image_processor(processor)
 
-    @torch.no_grad()
     def embed(self, pixels: Tensor, batch_size: int = 64) -> Tensor:
         """Unit-norm features ``[N, D]`` float32 of ``pixels`` ``[N, 3, H, W]`` in [0, 1]."""
         features = []
@@ -51,7 +50,11 @@ class DinoEmbedder:
             chunk = self.preprocess(pixels[start : start + batch_size].to(self.device))
             pooled = self.model(pixel_values=chunk.to(self.dtype)).pooler_output
             features.append(torch.nn.functional.normalize(pooled.float(), dim=-1))
-        return torch.cat(features) if features else torch.empty(0, self.model.config.hidden_size)
+        return (
+            torch.cat(features)
+            if features
+            else torch.empty(0, self.model.config.hidden_size, device=self.device)
+        )
 
 
 @register_reward("dino_similarity")
@@ -73,7 +76,9 @@ class DinoSimilarity(Reward):
             raise ValueError(f"dino_similarity reduce must be 'mean' or 'max'; got {reduce!r}")
         self.reduce = reduce
         self.embedder = DinoEmbedder(model, device=device, dtype=dtype)
-        self.reference_features = self.embedder.embed(load_reference_images(references))
+        with torch.no_grad():  # each reference at its own size: the processor's resize + crop keeps aspect
+            features = [self.embedder.embed(image[None]) for image in load_reference_images(references)]
+        self.reference_features = torch.cat(features)
 
     def score(self, pixels: Tensor, prompts: list[str], metadata: list[dict]) -> RewardOutput:
         """Mean (or max) over references of cos(f(x), f(ref))."""
@@ -82,15 +87,14 @@ class DinoSimilarity(Reward):
         return RewardOutput(scores=scores, components={"dino_max_similarity": similarity.max(dim=1).values})
 
 
-def load_reference_images(references: str | list[str]) -> Tensor:
-    """Reference images as pixels ``[R, 3, H, W]`` in [0, 1], each resized to the first one's size."""
-    paths = _reference_paths(references)
-    images = [Image.open(path).convert("RGB") for path in paths]
-    size = images[0].size
-    arrays = [
-        np.asarray(image if image.size == size else image.resize(size, Image.BICUBIC)) for image in images
-    ]
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0
+def load_reference_images(references: str | list[str]) -> list[Tensor]:
+    """Reference images as pixels ``[3, H, W]`` in [0, 1], each at its own size."""
+    images = []
+    for path in _reference_paths(references):
+        with Image.open(path) as image:
+            array = np.asarray(image.convert("RGB"))
+        images.append(torch.from_numpy(array.copy()).permute(2, 0, 1).float() / 255.0)
+    return images
 
 
 def _reference_paths(references: str | list[str]) -> list[Path]:

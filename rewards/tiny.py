@@ -5,12 +5,22 @@ Each ``save_tiny_*`` writes a folder that the reward heads load through the same
 
 from __future__ import annotations
 
+import gzip
 from pathlib import Path
 
 import torch
-from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+from transformers import (
+    BitImageProcessor,
+    CLIPConfig,
+    CLIPImageProcessor,
+    CLIPModel,
+    CLIPProcessor,
+    CLIPTokenizer,
+    Dinov2Config,
+    Dinov2Model,
+)
 
-from rewards.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from rewards.preprocess import IMAGENET_MEAN, IMAGENET_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 
 def save_tiny_dino(folder: str | Path, seed: int = 0) -> Path:
@@ -36,3 +46,69 @@ def save_tiny_dino(folder: str | Path, seed: int = 0) -> Path:
     )
     processor.save_pretrained(folder)
     return folder
+
+
+def save_tiny_clip(folder: str | Path, seed: int = 0, projection_dim: int = 32) -> Path:
+    """A 2-layer CLIP (hidden 32, patch 8, image 32) + a ``CLIPProcessor`` with the real CLIP BPE tokenizer.
+
+    The image processor resizes the shortest edge to 40 (bicubic) and centre-crops 32x32 with OpenAI's
+    mean / std; the tokenizer is built from open_clip's bundled BPE file, so its ids are CLIP's.
+    """
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    tower = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 37}
+    config = CLIPConfig(
+        text_config={
+            **tower,
+            "vocab_size": 49408,
+            "max_position_embeddings": 77,
+            "projection_dim": projection_dim,
+        },
+        vision_config={**tower, "patch_size": 8, "image_size": 32, "projection_dim": projection_dim},
+        projection_dim=projection_dim,
+    )
+    CLIPModel(config).save_pretrained(folder)
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": 40},
+        crop_size={"height": 32, "width": 32},
+        resample=3,
+        do_center_crop=True,
+        image_mean=list(OPENAI_CLIP_MEAN),
+        image_std=list(OPENAI_CLIP_STD),
+    )
+    CLIPProcessor(image_processor=image_processor, tokenizer=clip_bpe_tokenizer()).save_pretrained(folder)
+    return folder
+
+
+def clip_bpe_tokenizer() -> CLIPTokenizer:
+    """CLIP's tokenizer from open_clip's ``bpe_simple_vocab_16e6.txt.gz``, built as CLIP's ``SimpleTokenizer``.
+
+    Vocabulary: the 256 byte characters, the same with ``</w>``, the first 49152 - 256 - 2 merges joined,
+    then ``<|startoftext|>`` (49406) and ``<|endoftext|>`` (49407): 49408 tokens.
+    """
+    from open_clip.tokenizer import bytes_to_unicode, default_bpe
+
+    with gzip.open(default_bpe(), "rt", encoding="utf-8") as bpe_file:
+        merge_lines = bpe_file.read().split("\n")[1 : 49152 - 256 - 2 + 1]
+    merges = [tuple(line.split()) for line in merge_lines]
+    byte_chars = list(bytes_to_unicode().values())
+    tokens = byte_chars + [char + "</w>" for char in byte_chars] + ["".join(merge) for merge in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {token: index for index, token in enumerate(tokens)}
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+
+
+def save_tiny_aesthetic(folder: str | Path, seed: int = 0, projection_dim: int = 32) -> tuple[Path, Path]:
+    """A tiny CLIP (``save_tiny_clip``) and a random LAION aesthetic head ``.pth`` on its ``projection_dim``.
+
+    The head has the real hidden widths 1024/128/64/16 and key names, so the file format is the real one.
+    Returns ``(clip_folder, head_file)``.
+    """
+    from rewards.aesthetic import AESTHETIC_HEAD_FILE, AestheticMLP
+
+    folder = Path(folder)
+    clip_folder = save_tiny_clip(folder / "clip", seed=seed, projection_dim=projection_dim)
+    torch.manual_seed(seed + 1)
+    head_file = folder / AESTHETIC_HEAD_FILE
+    torch.save(AestheticMLP(projection_dim).state_dict(), head_file)
+    return clip_folder, head_file

@@ -54,7 +54,7 @@ def load_pretrained(
         )
     try:
         return loader(str(path) if path.exists() else source, **kwargs)
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, RuntimeError) as error:  # missing files, bad config, size mismatches
         where = f"the folder {source}" if path.exists() else f"the hub repo {source!r} (or its local cache)"
         raise MissingWeightsError(
             f"{what}: could not load from {where}: {error}. The weights are published at {published}; with "

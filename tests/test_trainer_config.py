@@ -32,23 +32,19 @@ def test_every_config_file_loads_and_validates(path):
     assert f"gen_rl/train.py --config {path.relative_to(CONFIGS_ROOT.parent)}" in first_line
 
 
-# Reward heads the real recipes name that the reward-heads issue adds (their weights are not on this machine).
-# Remove a name from here when it is registered in rewards.REWARDS.
-HEADS_PENDING = {"hps", "pickscore"}
-
-
 def test_generation_configs_name_registered_rewards_and_families():
     from pipelines import SAMPLERS
     from rewards import REWARDS
+    from rewards.base import _check_arguments
 
-    assert not HEADS_PENDING & set(REWARDS), "a pending head is registered now: drop it from HEADS_PENDING"
     for path in CONFIGS:
         if task_of(str(path), []) != "generation":
             continue
         config = load_config(GenerationConfig, path)
         assert config.model.family in SAMPLERS
-        for term in config.reward.terms:
-            assert term.name in REWARDS or term.name in HEADS_PENDING, (path, term.name)
+        for term in [*config.reward.terms, *config.eval.gold]:
+            assert term.name in REWARDS, (path, term.name)
+            _check_arguments(REWARDS[term.name], term.name, term.kwargs)  # the kwargs fit the constructor
 
 
 def test_overrides_change_values_and_keep_types(tmp_path):
