@@ -17,7 +17,7 @@ from rewards import Reward, RewardOutput, build_reward
 from rewards.binary import BinaryReward
 from rewards.hps import HPS_PUBLISHED, CheckpointMismatchError, HPSReward, hps_filename
 from rewards.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-from rewards.tiny_hps import save_tiny_hps
+from rewards.tiny import save_tiny_hps
 from rewards.weights import MissingWeightsError
 
 PROMPTS = ["a photo of a cat", "an oil painting of a dog", "a photo of a cat"]
