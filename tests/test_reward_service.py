@@ -1,0 +1,450 @@
+"""The reward service: a real HTTP server on loopback (in-process or a subprocess), real clients, no mocks."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from urllib.parse import urlsplit
+
+import pytest
+import torch
+
+import rewards.remote  # noqa: F401 - registers "remote"
+from rewards import build_reward
+from rewards.base import Reward, RewardOutput
+from rewards.colour import ColourReward
+from rewards.remote import FAILED_COMPONENT, RemoteReward, RemoteRewardError
+from rewards.serve import (
+    STARTUP_PREFIX,
+    RewardServer,
+    exposure_warning,
+    parse_args,
+    read_token,
+    reward_spec,
+)
+from rewards.wire import (
+    MIB,
+    RequestLimits,
+    RequestRejected,
+    decode_request,
+    decode_response,
+    encode_request,
+    encode_response,
+)
+
+PROMPTS = ["a red apple", "blue sky", "green grass", "no colour named here", "a white wall", "yellow"]
+FAST = {"timeout_s": 5.0, "retries": 0, "backoff_s": 0.01}  # client settings that keep failing tests short
+# Rounding to uint8 moves each value by at most 0.5/255, so an RGB distance moves by at most sqrt(3)*0.5/255
+# and the colour score (1 - mean distance / sqrt(3)) by at most 0.5/255; 1e-6 covers float32 arithmetic.
+UINT8_BOUND = 0.5 / 255 + 1e-6
+# float16 keeps 11 significant bits: a value in [0, 1] moves by at most 2**-12 (the brief's bound is 1e-3).
+FLOAT16_BOUND = 1e-3
+
+
+def pixels_for(batch: int, size: int = 8, seed: int = 0) -> torch.Tensor:
+    """Random images [batch, 3, size, size] in [0, 1]."""
+    return torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def prompts_for(batch: int, offset: int = 0) -> list[str]:
+    """``batch`` prompts cycling through ``PROMPTS`` (one names no colour: NaN)."""
+    return [PROMPTS[(offset + index) % len(PROMPTS)] for index in range(batch)]
+
+
+@contextmanager
+def serving(reward: Reward, **kwargs):
+    """A started in-process ``RewardServer`` on 127.0.0.1, stopped afterwards."""
+    server = RewardServer(reward, **kwargs)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def raw_request(
+    url: str,
+    body: bytes | None,
+    content_type: str | None,
+    token: str | None = None,
+    method: str = "POST",
+    path: str = "/score",
+) -> tuple[int, dict]:
+    """Send one request with http.client; ``(status, JSON body)``."""
+    parts = urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+    headers = {"Content-Type": content_type} if content_type else {}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    try:
+        connection.request(method, path, body=body, headers=headers)
+        response = connection.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        connection.close()
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on (right now)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def assert_same_scores(remote: RewardOutput, local: RewardOutput, bound: float) -> None:
+    """Same NaN positions, finite scores and shared components within ``bound``."""
+    assert torch.equal(remote.scores.isnan(), local.scores.isnan())
+    finite = ~local.scores.isnan()
+    assert (remote.scores[finite] - local.scores[finite]).abs().max().item() <= bound
+    for name, values in local.components.items():
+        both = ~values.isnan()
+        assert torch.equal(remote.components[name].isnan(), values.isnan())
+        assert (remote.components[name][both] - values[both]).abs().max().item() <= bound * 2
+
+
+class PromptFailingReward(ColourReward):
+    """The colour reward, but it raises on any batch holding a prompt with "boom"."""
+
+    def score(self, pixels, prompts, metadata):
+        """Raise on "boom", else score colour."""
+        if any("boom" in prompt for prompt in prompts):
+            raise ValueError("cannot score the prompt 'boom'")
+        return super().score(pixels, prompts, metadata)
+
+
+class FailsFirstCallsReward(ColourReward):
+    """The colour reward, failing its first ``failures`` calls (a server that answers 500 at first)."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures_left = failures
+
+    def score(self, pixels, prompts, metadata):
+        """Raise while failures are left, else score colour."""
+        if self.failures_left > 0:
+            self.failures_left -= 1
+            raise RuntimeError("warming up")
+        return super().score(pixels, prompts, metadata)
+
+
+# ----- the wire format -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("fmt", "bound"),
+    [
+        ("safetensors", FLOAT16_BOUND),
+        ("safetensors_uint8", UINT8_BOUND),
+        ("png", UINT8_BOUND),
+        ("safetensors_float32", 0),
+    ],
+)
+def test_remote_colour_scores_equal_local(fmt: str, bound: float) -> None:
+    local = ColourReward()
+    pixels = pixels_for(6, size=16)
+    with serving(local) as server:
+        remote = RemoteReward(server.url, fmt=fmt, **FAST)
+        output = remote(pixels, PROMPTS)
+    assert_same_scores(output, local(pixels, PROMPTS), bound)
+    assert output.scores.isnan().sum() == 1  # the prompt naming no colour stays unscored
+    assert output.components[FAILED_COMPONENT].tolist() == [0.0] * 6
+    if fmt == "safetensors_uint8":  # the bound is not vacuous: uint8 moves scores, by less than the bound
+        assert (output.scores - local(pixels, PROMPTS).scores).nan_to_num().abs().max() > 1e-6
+
+
+@pytest.mark.parametrize("fmt", ["safetensors_uint8", "png", "safetensors_float32"])
+def test_remote_jpeg_scores_are_exact(fmt: str) -> None:
+    """The JPEG reward rounds to uint8 itself: uint8 and PNG transport lose nothing it sees."""
+    local = build_reward("jpeg_compressibility")
+    pixels = pixels_for(4, size=24)
+    with serving(local) as server:
+        output = RemoteReward(server.url, fmt=fmt, **FAST)(pixels, prompts_for(4))
+    expected = local(pixels, prompts_for(4))
+    assert torch.equal(output.scores, expected.scores)
+    assert torch.equal(output.components["jpeg_kb"], expected.components["jpeg_kb"])
+
+
+def test_wire_round_trips_videos_metadata_and_nan() -> None:
+    video = torch.rand(2, 3, 4, 5, 6)
+    body, kind = encode_request(
+        video, ["a", "b"], [{"colour": "red"}, {"k": [1, 2]}], fmt="safetensors_uint8"
+    )
+    pixels, prompts, metadata = decode_request(body, kind)
+    assert pixels.shape == video.shape and pixels.dtype == torch.float32
+    assert (pixels - video).abs().max() <= 0.5 / 255 + 1e-6
+    assert prompts == ["a", "b"] and metadata == [{"colour": "red"}, {"k": [1, 2]}]
+    _, _, empty = decode_request(*encode_request(video, ["a", "b"], None))
+    assert empty == [{}, {}]
+    with pytest.raises(ValueError, match="png wire format carries images"):
+        encode_request(video, ["a", "b"], fmt="png")
+    scores = torch.tensor([0.5, float("nan"), float("inf")])
+    answer = decode_response(encode_response(RewardOutput(scores, {"c": scores}), 0.1), batch=3)
+    assert answer.scores[0] == 0.5 and answer.scores[1].isnan() and answer.scores[2] == float("inf")
+    assert json.loads(encode_response(RewardOutput(scores), 0.1))["scores"][1] is None
+    with pytest.raises(ValueError, match="list of 4"):
+        decode_response(encode_response(RewardOutput(scores), 0.1), batch=4)
+
+
+# ----- batching ------------------------------------------------------------------------------------------------
+def test_concurrent_requests_get_their_own_scores_and_are_coalesced() -> None:
+    local = ColourReward()
+    threads, per_thread = 16, 4
+    barrier = threading.Barrier(threads)
+    errors: list[str] = []
+    with serving(local, batch_wait_s=0.02, limits=RequestLimits(max_batch=64)) as server:
+        remote = RemoteReward(server.url, **FAST)
+
+        def client(index: int) -> None:
+            barrier.wait()
+            for request in range(per_thread):
+                batch = 1 + (index + request) % 4
+                size = 8 if index % 2 else 12  # two sample shapes: only equal shapes may be merged
+                pixels = pixels_for(batch, size, seed=100 * index + request)
+                prompts = prompts_for(batch, offset=index + request)
+                try:
+                    assert_same_scores(remote(pixels, prompts), local(pixels, prompts), FLOAT16_BOUND)
+                except Exception as error:  # noqa: BLE001 - reported below with the thread's index
+                    errors.append(f"thread {index} request {request}: {error!r}")
+
+        workers = [threading.Thread(target=client, args=(index,)) for index in range(threads)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(timeout=60)
+    assert errors == []
+    assert server.requests_scored == threads * per_thread
+    assert server.failed_calls == 0  # no merged call failed (e.g. mixing shapes) and was split up again
+    assert server.model_calls < threads * per_thread
+
+
+# ----- authentication ------------------------------------------------------------------------------------------
+def test_token_is_required_and_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    secret = "s3cret-token-value"
+    body, kind = encode_request(pixels_for(2), prompts_for(2))
+    with serving(ColourReward(), token=secret) as server:
+        started = time.monotonic()
+        with pytest.raises(RemoteRewardError) as caught:
+            RemoteReward(server.url, token="wrong-token-value", timeout_s=5, retries=3, backoff_s=1.0)
+        assert time.monotonic() - started < 0.9  # a 401 is not retried (it would wait 1 s first)
+        message = str(caught.value)
+        assert "401" in message and "token" in message and server.url in message
+        assert secret not in message and "wrong-token-value" not in message
+        status, answer = raw_request(server.url, body, kind)
+        assert status == 401 and "token" in answer["error"] and secret not in answer["error"]
+        assert raw_request(server.url, None, None, method="GET", path="/health")[0] == 401
+        assert raw_request(server.url, body, kind, token="wrong")[0] == 401
+        monkeypatch.setenv("GEN_RL_TEST_REWARD_TOKEN", secret)
+        remote = RemoteReward(server.url, token_env="GEN_RL_TEST_REWARD_TOKEN", **FAST)
+        assert remote(pixels_for(2), prompts_for(2)).scores.isfinite().all()
+        assert raw_request(server.url, body, kind, token=secret)[0] == 200
+        assert secret not in repr(remote)
+
+
+# ----- limits and content types --------------------------------------------------------------------------------
+def test_oversized_requests_get_413_naming_the_limit() -> None:
+    limits = RequestLimits(max_request_bytes=MIB, max_batch=4)
+    with serving(ColourReward(), limits=limits) as server:
+        big, kind = encode_request(pixels_for(4, size=300), prompts_for(4), fmt="safetensors_float32")
+        assert len(big) > 2 * MIB
+        status, answer = raw_request(server.url, big, kind)
+        assert status == 413 and "--max-request-mb" in answer["error"]
+        status, answer = raw_request(server.url, *encode_request(pixels_for(5), prompts_for(5)))
+        assert status == 413 and "max_batch of 4" in answer["error"]
+        status, answer = raw_request(server.url, *encode_request(pixels_for(5), prompts_for(5), fmt="png"))
+        assert status == 413 and "max_batch of 4" in answer["error"]
+        remote = RemoteReward(
+            server.url, on_failure="drop", fmt="safetensors_float32", retries=3, backoff_s=1.0
+        )
+        assert remote.max_batch_per_request == 4  # capped by the server's max_batch from /health
+        started = time.monotonic()
+        output = remote(pixels_for(6, size=180), prompts_for(6))
+        assert time.monotonic() - started < 0.9  # a 413 is not retried
+        assert (
+            output.scores[:4].isnan().all()
+            and output.components[FAILED_COMPONENT].tolist() == [1] * 4 + [0] * 2
+        )
+        assert output.scores[4:].isfinite().all()  # the 2-sample request fits in 1 MiB
+        assert remote.dropped_samples == 4 and "max_batch_per_request" in remote.failures[0]
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "status", "words"),
+    [
+        (pickle.dumps({"pixels": [1, 2]}), "application/python-pickle", 415, "pickle is never accepted"),
+        (pickle.dumps({"pixels": [1, 2]}), "application/octet-stream", 415, "unsupported Content-Type"),
+        (pickle.dumps({"pixels": [1, 2]}), "application/x-safetensors", 415, "looks like a pickle"),
+        (b"hello", "text/plain", 415, "application/x-safetensors"),
+        (b"hello", None, 415, "(none)"),
+        (
+            b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}......",
+            "application/x-safetensors",
+            400,
+            "not a safetensors",
+        ),
+        (b"{not json", "application/json", 400, "does not parse"),
+        (
+            json.dumps({"images_png": ["notbase64!"], "prompts": ["a"]}).encode(),
+            "application/json",
+            400,
+            "base64",
+        ),
+    ],
+)
+def test_bad_payloads_are_refused(body: bytes, content_type: str | None, status: int, words: str) -> None:
+    with serving(ColourReward()) as server:
+        got, answer = raw_request(server.url, body, content_type)
+    assert got == status and words in answer["error"]
+
+
+def test_bad_requests_are_refused_before_the_model_runs() -> None:
+    with serving(ColourReward()) as server:
+        video = torch.rand(2, 3, 2, 4, 4)
+        status, answer = raw_request(server.url, *encode_request(video, prompts_for(2)))
+        assert status == 400 and "scores images" in answer["error"]
+        out_of_range, kind = encode_request(pixels_for(2) * 2, prompts_for(2), fmt="safetensors_float32")
+        status, answer = raw_request(server.url, out_of_range, kind)
+        assert status == 400 and "[0, 1]" in answer["error"]
+        body, kind = encode_request(pixels_for(2), prompts_for(2))
+        status, answer = raw_request(server.url, body, kind, path="/nope")
+        assert status == 404 and "POST /score" in answer["error"]
+        assert server.model_calls == 0
+        with pytest.raises(RemoteRewardError, match="modality 'video' was configured"):
+            RemoteReward(server.url, modality="video", **FAST)
+    with pytest.raises(RequestRejected) as caught:
+        decode_request(body, "application/x-safetensors", RequestLimits(max_request_bytes=len(body) - 1))
+    assert caught.value.status == 413
+
+
+# ----- failures ------------------------------------------------------------------------------------------------
+def start_server_process(*args: str) -> tuple[subprocess.Popen, str]:
+    """``python -m rewards.serve ARGS`` as a subprocess and the URL from its startup line."""
+    env = {key: value for key, value in os.environ.items() if key != "GEN_RL_REWARD_TOKEN"}
+    env["OMP_NUM_THREADS"] = "1"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "rewards.serve", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.append(process.stdout.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout=60)
+    if not lines or not lines[0].startswith(STARTUP_PREFIX):
+        process.kill()
+        raise AssertionError(f"the server printed no startup line: {lines} {process.stderr.read()}")
+    return process, lines[0].split(" on ")[-1].strip()
+
+
+def test_killed_server_aborts_or_drops_every_unscored_sample() -> None:
+    process, url = start_server_process("--reward", "colour", "--port", "0")
+    try:
+        assert url.startswith("http://127.0.0.1:")  # loopback by default
+        client = {"timeout_s": 5.0, "retries": 1, "backoff_s": 0.01, "max_batch_per_request": 2}
+        abort = RemoteReward(url, on_failure="abort", **client)
+        drop = RemoteReward(url, on_failure="drop", **client)
+        assert abort(pixels_for(5), prompts_for(5)).scores[:3].isfinite().all()
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=10)
+        process.stdout.close()
+        process.stderr.close()
+    with pytest.raises(RemoteRewardError) as caught:
+        abort(pixels_for(5), prompts_for(5))
+    assert url in str(caught.value) and "connection refused" in str(caught.value)
+    assert "python -m rewards.serve" in str(caught.value)
+    output = drop(pixels_for(5), prompts_for(5))
+    assert output.scores.isnan().all()
+    assert output.components[FAILED_COMPONENT].tolist() == [1.0] * 5
+    assert drop.dropped_samples == 5 and len(drop.failures) == 3  # 3 requests of at most 2 samples
+    assert all("connection refused" in reason and "2 attempt(s)" in reason for reason in drop.failures)
+
+
+def test_one_failing_request_drops_only_its_samples() -> None:
+    prompts = prompts_for(6)
+    prompts[3] = "red boom"
+    pixels = pixels_for(6)
+    with serving(PromptFailingReward(), batch_wait_s=0.05) as server:
+        drop = RemoteReward(server.url, on_failure="drop", max_batch_per_request=2, **FAST)
+        output = drop(pixels, prompts)
+        with pytest.raises(
+            RemoteRewardError, match=r"samples 2-3 .*HTTP 500.*cannot score the prompt 'boom'"
+        ):
+            RemoteReward(server.url, on_failure="abort", max_batch_per_request=2, **FAST)(pixels, prompts)
+    expected = ColourReward()(pixels, prompts).scores
+    assert output.components[FAILED_COMPONENT].tolist() == [0, 0, 1, 1, 0, 0]
+    assert output.scores[2:4].isnan().all()
+    assert torch.allclose(output.scores[[0, 1, 4, 5]], expected[[0, 1, 4, 5]], atol=FLOAT16_BOUND)
+    assert output.components["colour_distance"][2:4].isnan().all()
+    assert drop.dropped_samples == 2 and len(drop.failures) == 1 and "HTTP 500" in drop.failures[0]
+
+
+def test_server_errors_are_retried_with_backoff() -> None:
+    with serving(FailsFirstCallsReward(failures=2)) as server:
+        remote = RemoteReward(server.url, timeout_s=5, retries=2, backoff_s=0.05)
+        started = time.monotonic()
+        output = remote(pixels_for(2), prompts_for(2))
+        assert time.monotonic() - started >= 0.05 + 0.1  # two waits: backoff_s, then 2 * backoff_s
+        assert output.scores.isfinite().all() and server.model_calls == 3
+        server.reward.failures_left = 1
+        with pytest.raises(RemoteRewardError, match="1 attempt"):
+            RemoteReward(server.url, **FAST)(pixels_for(2), prompts_for(2))
+
+
+def test_a_server_that_starts_late_is_retried() -> None:
+    port = free_port()
+    server = RewardServer(ColourReward(), port=port)
+    timer = threading.Timer(0.3, server.start)
+    timer.start()
+    try:
+        remote = RemoteReward(f"http://127.0.0.1:{port}", timeout_s=5, retries=5, backoff_s=0.1)
+        assert remote(pixels_for(2), prompts_for(2)).scores.isfinite().all()
+    finally:
+        timer.join()
+        server.stop()
+
+
+def test_unreachable_server_at_init_says_how_to_start_one() -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(RemoteRewardError) as caught:
+        RemoteReward(url, **FAST)
+    assert url in str(caught.value) and "python -m rewards.serve" in str(caught.value)
+    with pytest.raises(ValueError, match="http://HOST:PORT"):
+        RemoteReward("localhost:8765")
+
+
+# ----- server settings -----------------------------------------------------------------------------------------
+def test_server_binds_loopback_by_default_and_warns_when_exposed() -> None:
+    with serving(ColourReward()) as server:
+        assert server.url.startswith("http://127.0.0.1:")
+        status, health = raw_request(server.url, None, None, method="GET", path="/health")
+    assert status == 200 and health["modality"] == "image" and health["status"] == "ok"
+    assert parse_args([]).host == "127.0.0.1"
+    assert exposure_warning("0.0.0.0", requires_token=False) is not None
+    assert exposure_warning("0.0.0.0", requires_token=True) is None
+    assert exposure_warning("127.0.0.1", requires_token=False) is None
+    assert exposure_warning("localhost", requires_token=False) is None
+
+
+def test_cli_reward_spec_and_token(tmp_path) -> None:
+    config = tmp_path / "reward.yaml"
+    config.write_text("name: jpeg_compressibility\nkwargs: {quality: 80}\n")
+    args = parse_args(["--config", str(config), "--kwargs", '{"quality": 90}'])
+    assert reward_spec(args) == ("jpeg_compressibility", {"quality": 90})
+    with pytest.raises(ValueError, match="no reward given"):
+        reward_spec(parse_args([]))
+    token_file = tmp_path / "token"
+    token_file.write_text("abc\n")
+    assert read_token(parse_args(["--token-file", str(token_file)]), environ={}) == "abc"
+    assert read_token(parse_args([]), environ={"GEN_RL_REWARD_TOKEN": "xyz"}) == "xyz"
+    assert read_token(parse_args([]), environ={}) is None
+    with pytest.raises(ValueError, match=r"\$MY_TOKEN is not set"):
+        read_token(parse_args(["--token-env", "MY_TOKEN"]), environ={})
