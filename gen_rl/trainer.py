@@ -308,6 +308,8 @@ class GenerationTrainer:
                 f"step ({int(invalid.any(dim=1).sum())} samples affected); set reward.nan_policy: drop to drop "
                 "such samples, or fix the reward. The last checkpoint is intact."
             )
+        if invalid.any():
+            _report_dropped(names, rewards, invalid, accelerator)
         rewards = torch.where(invalid, torch.full_like(rewards, float("nan")), rewards)
         by_name = {name: rewards[:, column] for column, name in enumerate(names)}
         output = self._advantages(by_name, group_ids, batch)
@@ -547,6 +549,19 @@ class GenerationTrainer:
 def _reward_key(index: int, name: str) -> str:
     base = name.rsplit(":", 1)[-1]
     return base if index == 0 else f"{base}_{index}"
+
+
+def _report_dropped(names: list[str], rewards: torch.Tensor, invalid: torch.Tensor, accelerator) -> None:
+    """One line per reward naming the samples (indices within the step) whose score was NaN / inf."""
+    for column, name in enumerate(names):
+        samples = torch.nonzero(invalid[:, column]).flatten().tolist()
+        if samples:
+            shown = ", ".join(str(i) for i in samples[:8]) + (" ..." if len(samples) > 8 else "")
+            values = sorted({str(rewards[i, column].item()) for i in samples})
+            accelerator.print(
+                f"gen-rl: reward {name!r} returned {'/'.join(values)} for sample(s) {shown} of this step; "
+                "dropped (reward.nan_policy: drop), counted in dropped_samples"
+            )
 
 
 def _reward_stats(rewards, weights, output: AdvantageOutput, valid, num_groups: int) -> dict[str, float]:

@@ -448,3 +448,22 @@ def test_cli_reward_spec_and_token(tmp_path) -> None:
     assert read_token(parse_args([]), environ={}) is None
     with pytest.raises(ValueError, match=r"\$MY_TOKEN is not set"):
         read_token(parse_args(["--token-env", "MY_TOKEN"]), environ={})
+
+
+def test_trainer_scores_through_a_remote_reward(tmp_path):
+    """The generation trainer with ``name: remote`` gets the served reward's scores for its own samples."""
+    from trainer_helpers import small_config
+
+    from gen_rl.trainer import GenerationTrainer
+
+    with RewardServer(ColourReward(), port=0) as server:
+        terms = f"reward.terms=[{{name: remote, kwargs: {{url: '{server.url}', on_failure: abort}}}}]"
+        trainer = GenerationTrainer(small_config(tmp_path, terms, "train.num_steps=1", "eval.every_steps=0"))
+        batch, _ = trainer.sample(0)
+        remote_scores = trainer.score(batch.rollout)["remote"]
+        local = ColourReward()(batch.rollout.pixels, batch.rollout.prompts).scores
+        assert torch.allclose(remote_scores, local, atol=1e-3)  # float16 pixels on the wire
+        assert remote_scores.std() > 0
+        record = trainer.run_step(0)
+        assert record["reward_remote_nan"] == 0 and record["dropped_samples"] == 0
+        assert server.requests_scored >= 2

@@ -94,7 +94,7 @@ def test_resume_after_a_stop_matches_an_uninterrupted_run(tmp_path):
         torch.testing.assert_close(lora_weights(resumed)[name], value, rtol=0, atol=1e-6)
 
 
-def test_nan_reward_is_dropped_and_counted(tmp_path):
+def test_nan_reward_is_dropped_and_counted(tmp_path, capsys):
     config = small_config(
         tmp_path / "run",
         "eval.every_steps=0",
@@ -109,7 +109,10 @@ def test_nan_reward_is_dropped_and_counted(tmp_path):
     prompts = trainer.sample(0)[0].rollout.prompts
     expected = sum(1 for index, p in enumerate(prompts) if "red" in p.split() and prompts.index(p) == index)
     assert expected > 0 and record["dropped_samples"] == expected
+    assert record["reward_SometimesNaN_nan"] == expected
     assert np.isfinite(record["loss"])
+    first_bad = next(i for i, p in enumerate(prompts) if "red" in p.split())
+    assert f"reward 'SometimesNaN' returned nan for sample(s) {first_bad}" in capsys.readouterr().out
 
 
 def test_nan_reward_aborts_when_asked_and_keeps_the_last_checkpoint(tmp_path):
