@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers import AutoImageProcessor, CLIPConfig, CLIPVisionModelWithProjection
+from transformers import CLIPConfig, CLIPVisionModelWithProjection
 
 from gen_rl.dtypes import resolve_device, resolve_dtype
 from rewards.base import Reward, RewardOutput, register_reward
@@ -81,13 +81,9 @@ class AestheticReward(Reward):
         )
         self.clip = load_clip_vision(clip_model)
         self.clip.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
-        image_processor = load_pretrained(
-            AutoImageProcessor.from_pretrained,
-            clip_model,
-            what=f"CLIP image processor {clip_model!r}",
-            published=CLIP_PUBLISHED,
+        self.preprocess = ImagePreprocess.from_pretrained(
+            clip_model, what=f"CLIP {clip_model!r}", published=CLIP_PUBLISHED
         )
-        self.preprocess = ImagePreprocess.from_image_processor(image_processor)
         self.mlp = load_aesthetic_head(head_path, self.clip.config.projection_dim)
         self.mlp.to(device=self.device).eval().requires_grad_(False)
 

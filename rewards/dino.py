@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
-from transformers import AutoImageProcessor, Dinov2Model
+from transformers import Dinov2Model
 
 from gen_rl.dtypes import resolve_device, resolve_dtype
 from rewards.base import Reward, RewardOutput, register_reward
@@ -35,13 +35,7 @@ class DinoEmbedder:
         what = f"DINOv2 model {model!r}"
         self.model = load_pretrained(Dinov2Model.from_pretrained, model, what=what, published=DINO_PUBLISHED)
         self.model.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
-        processor = load_pretrained(
-            AutoImageProcessor.from_pretrained,
-            model,
-            what=f"{what} image processor",
-            published=DINO_PUBLISHED,
-        )
-        self.preprocess = ImagePreprocess.from_image_processor(processor)
+        self.preprocess = ImagePreprocess.from_pretrained(model, what=what, published=DINO_PUBLISHED)
 
     def embed(self, pixels: Tensor, batch_size: int = 64) -> Tensor:
         """Unit-norm features ``[N, D]`` float32 of ``pixels`` ``[N, 3, H, W]`` in [0, 1]."""

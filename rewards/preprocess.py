@@ -57,6 +57,18 @@ class ImagePreprocess:
         return normalize(images, self.mean, self.std)
 
     @classmethod
+    def from_pretrained(cls, source: str, *, what: str, published: str) -> ImagePreprocess:
+        """The recipe of the image processor saved with a model (folder or hub id), via ``AutoImageProcessor``."""
+        from transformers import AutoImageProcessor
+
+        from rewards.weights import load_pretrained
+
+        processor = load_pretrained(
+            AutoImageProcessor.from_pretrained, source, what=f"{what} image processor", published=published
+        )
+        return cls.from_image_processor(processor)
+
+    @classmethod
     def from_image_processor(cls, processor: Any) -> ImagePreprocess:
         """The recipe of a transformers image processor (reads its size, crop, resample, mean and std)."""
         size = _size_dict(getattr(processor, "size", None))
