@@ -137,6 +137,30 @@ def build_reward(name: str, **kwargs: Any) -> Reward:
     return reward_class(**kwargs)
 
 
+def build_inner_reward(
+    reward: str | Reward, kwargs: dict[str, Any] | None, owner: str, modality: str | None = None
+) -> Reward:
+    """The reward a wrapper (``owner``) applies: ``reward`` itself, or built by name / dotted path with ``kwargs``.
+
+    With ``modality``, a reward of another modality is refused before anything is built (no model loads).
+    """
+    if isinstance(reward, Reward):
+        if kwargs:
+            raise ValueError(f"{owner}: give kwargs only with a reward name, not a built Reward")
+        reward_class: type = type(reward)
+    elif isinstance(reward, str):
+        reward_class = resolve(REWARDS, reward, "reward")
+    else:
+        raise TypeError(f"{owner}: reward must be a reward name or a Reward; got {type(reward).__name__}")
+    inner_modality = getattr(reward, "modality", getattr(reward_class, "modality", None))
+    if modality is not None and inner_modality != modality:
+        raise ValueError(
+            f"{owner} applies {modality} rewards only; {reward_class.__name__} is a {inner_modality} reward "
+            f"(pixels {MODALITY_LAYOUTS.get(inner_modality, '?')}); use it directly instead"
+        )
+    return reward if isinstance(reward, Reward) else build_reward(reward, **(kwargs or {}))
+
+
 def _check_arguments(reward_class: type[Reward], name: str, kwargs: dict[str, Any]) -> None:
     """TypeError naming the reward and its accepted arguments when ``kwargs`` do not fit ``__init__``."""
     signature = inspect.signature(reward_class.__init__)

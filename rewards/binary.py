@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rewards.base import Reward, RewardOutput, build_reward, register_reward
+from rewards.base import Reward, RewardOutput, build_inner_reward, register_reward
 
 
 @register_reward("binary")
@@ -49,16 +49,10 @@ class BinaryReward(Reward):
 
 def _inner_reward(reward: str | Reward, kwargs: dict[str, Any] | None) -> tuple[Reward, str]:
     """The inner reward and the name its raw score is logged under."""
+    inner = build_inner_reward(reward, kwargs, "binary")
     if isinstance(reward, Reward):
-        if kwargs:
-            raise ValueError(
-                "binary: kwargs build the inner reward from its name; drop them for a built Reward"
-            )
-        return reward, type(reward).__name__
-    if not isinstance(reward, str):
-        raise TypeError(f"binary: reward must be a reward name or a Reward; got {type(reward).__name__}")
-    inner = build_reward(reward, **(kwargs or {}))
-    return inner, reward.rpartition(":")[2] if ":" in reward else reward
+        return inner, type(reward).__name__
+    return inner, reward.rpartition(":")[2]
 
 
 def _finite(value: float, what: str) -> float:

@@ -21,8 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gen_rl.registry import resolve
-from rewards.base import REWARDS, Reward, RewardOutput, build_reward, register_reward
+from rewards.base import Reward, RewardOutput, build_inner_reward, register_reward
 from rewards.dino import DinoEmbedder
 from rewards.preprocess import frames_as_images
 
@@ -163,7 +162,7 @@ class SegmentalVideoReward(Reward):
         self.attenuation = float(attenuation)
         self.normalize_weights = normalize_weights
         self.generator = torch.Generator().manual_seed(seed)
-        self.reward = _image_reward(reward, kwargs)
+        self.reward = build_inner_reward(reward, kwargs, "segmental reward", modality="image")
 
     def frame_indices(self, batch: int, num_frames: int) -> Tensor:
         """Selected frames ``[B, S, k]``: one draw per video for ``"random"``, shared otherwise."""
@@ -200,30 +199,6 @@ class SegmentalVideoReward(Reward):
         if self.normalize_weights:
             return weighted.sum(dim=1) / coefficients.flatten(1).sum(dim=1)
         return weighted.mean(dim=1)
-
-
-def _image_reward(reward: str | Reward, kwargs: dict[str, Any] | None) -> Reward:
-    """The inner image reward: ``reward`` itself, or built by name with ``kwargs``; video rewards refused."""
-    if isinstance(reward, Reward):
-        if kwargs:
-            raise ValueError("segmental reward: give kwargs only with a reward name, not a built Reward")
-        reward_class: type = type(reward)
-    elif isinstance(reward, str):
-        reward_class = resolve(REWARDS, reward, "reward")
-    else:
-        raise TypeError(f"segmental reward: reward must be a name or a Reward; got {type(reward).__name__}")
-    if (
-        isinstance(reward_class, type)
-        and issubclass(reward_class, Reward)
-        and reward_class.modality != "image"
-    ):
-        raise ValueError(
-            f"segmental reward scores single frames with an image reward; {reward_class.__name__} is a "
-            f"{reward_class.modality} reward (pixels [B, C, T, H, W]); use it directly instead"
-        )
-    if isinstance(reward, Reward):
-        return reward
-    return build_reward(reward, **(kwargs or {}))
 
 
 def _gather_frames(pixels: Tensor, indices: Tensor) -> Tensor:
