@@ -17,13 +17,13 @@ from transformers import CLIPConfig, CLIPVisionModelWithProjection
 
 from gen_rl.dtypes import resolve_device, resolve_dtype
 from rewards.base import Reward, RewardOutput, register_reward
+from rewards.clip_similarity import CLIP_PUBLISHED
 from rewards.preprocess import ImagePreprocess
 from rewards.weights import load_pretrained, resolve_file
 
 AESTHETIC_PUBLISHED = "https://github.com/christophschuhmann/improved-aesthetic-predictor"
 AESTHETIC_HEAD_REPO = "camenduru/improved-aesthetic-predictor"
 AESTHETIC_HEAD_FILE = "sac+logos+ava1-l14-linearMSE.pth"
-CLIP_PUBLISHED = "https://huggingface.co/openai/clip-vit-large-patch14"
 
 
 class AestheticMLP(nn.Module):

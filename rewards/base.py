@@ -110,6 +110,13 @@ def _as_batch_vector(values: Any, batch: int, what: str) -> Tensor:
     return values.to(device="cpu", dtype=torch.float32)
 
 
+def deduplicate(prompts: Sequence[str]) -> tuple[list[str], list[int]]:
+    """The distinct prompts in first-seen order, and each prompt's row among them (a group shares one)."""
+    row_of: dict[str, int] = {}
+    rows = [row_of.setdefault(prompt, len(row_of)) for prompt in prompts]
+    return list(row_of), rows
+
+
 # ----- registry ----------------------------------------------------------------------------------------------
 REWARDS: dict[str, type[Reward]] = {}
 RewardClass = TypeVar("RewardClass", bound=type[Reward])

@@ -22,7 +22,7 @@ from torch import Tensor
 from transformers import AutoProcessor, CLIPModel
 
 from gen_rl.dtypes import resolve_device, resolve_dtype
-from rewards.base import Reward, RewardOutput, register_reward
+from rewards.base import Reward, RewardOutput, deduplicate, register_reward
 from rewards.preprocess import ImagePreprocess
 from rewards.weights import load_pretrained
 
@@ -94,7 +94,7 @@ class CLIPSimilarity(Reward):
 
     def embed_texts(self, prompts: list[str]) -> Tensor:
         """Unit-norm projected text embeddings ``[N, D]`` float32, one per prompt (repeats encoded once)."""
-        unique_prompts = list(dict.fromkeys(prompts))
+        unique_prompts, rows = deduplicate(prompts)
         embeds = []
         for start in range(0, len(unique_prompts), self.batch_size):
             tokens = self.processor.tokenizer(
@@ -110,9 +110,7 @@ class CLIPSimilarity(Reward):
             embeds.append(F.normalize(_projected(features).float(), dim=-1))
         if not embeds:
             return self._empty_embeds()
-        row_of_prompt = {prompt: row for row, prompt in enumerate(unique_prompts)}
-        rows = torch.tensor([row_of_prompt[prompt] for prompt in prompts], device=self.device)
-        return torch.cat(embeds)[rows]
+        return torch.cat(embeds)[torch.tensor(rows, device=self.device)]
 
     def _empty_embeds(self) -> Tensor:
         return torch.empty(0, self.model.config.projection_dim, device=self.device)

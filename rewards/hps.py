@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from gen_rl.dtypes import resolve_device, resolve_dtype
-from rewards.base import Reward, RewardOutput, register_reward
+from rewards.base import Reward, RewardOutput, deduplicate, register_reward
 from rewards.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImagePreprocess
 from rewards.weights import resolve_file
 
@@ -228,9 +228,9 @@ class HPSReward(Reward):
 
     def score(self, pixels: Tensor, prompts: list[str], metadata: list[dict]) -> RewardOutput:
         """HPS per sample: ``<f_img(x_i), f_txt(p_i)>`` of unit-norm features (no logit scale)."""
-        position = {prompt: i for i, prompt in enumerate(dict.fromkeys(prompts))}  # a group shares its prompt
-        text_features = self.embed_texts(list(position))
-        index = torch.tensor([position[prompt] for prompt in prompts], device=text_features.device)
+        unique_prompts, rows = deduplicate(prompts)  # a group shares its prompt: encode it once
+        text_features = self.embed_texts(unique_prompts)
+        index = torch.tensor(rows, device=text_features.device)
         image_features = self.embed_images(pixels)
         return RewardOutput(scores=(image_features * text_features[index]).sum(dim=-1))
 

@@ -156,3 +156,11 @@ def test_registry_errors_name_the_fix():
         build_reward("colour", colors={"red": [1, 0, 0]})
     with pytest.raises(TypeError, match="not a Reward subclass"):
         build_reward("gen_rl.images:to_uint8")
+
+
+def test_deduplicate_keeps_first_seen_order_and_maps_every_prompt():
+    from rewards.base import deduplicate
+
+    unique, rows = deduplicate(["b", "a", "b", "c", "a"])
+    assert unique == ["b", "a", "c"] and rows == [0, 1, 0, 2, 1]
+    assert deduplicate([]) == ([], [])
