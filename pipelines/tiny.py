@@ -241,14 +241,14 @@ def tiny_flux_pipeline(
     return _eval_mode(pipeline)
 
 
-def tiny_sd3_pipeline(seed: int = 0) -> StableDiffusion3Pipeline:
-    """An SD3-architecture pipeline (joint transformer, two CLIPs + T5) at ~40k transformer params."""
+def tiny_sd3_pipeline(seed: int = 0, num_layers: int = 1) -> StableDiffusion3Pipeline:
+    """An SD3-architecture pipeline (joint transformer, two CLIPs + T5) at ~40k params per transformer block."""
     torch.manual_seed(seed)
     transformer = SD3Transformer2DModel(
         sample_size=32,
         patch_size=1,
         in_channels=4,
-        num_layers=1,
+        num_layers=num_layers,
         attention_head_dim=8,
         num_attention_heads=4,
         caption_projection_dim=32,

@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from diffusers import SD3Transformer2DModel
 from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 from safetensors import safe_open
@@ -90,18 +89,7 @@ def test_default_targets_exist_in_the_architecture(family):
     if family == "flux":
         transformer = tiny_flux_pipeline(seed=0).transformer
     else:  # two blocks: only blocks before the last (context-pre-only) one have to_add_out
-        transformer = SD3Transformer2DModel(
-            sample_size=32,
-            patch_size=1,
-            in_channels=4,
-            num_layers=2,
-            attention_head_dim=8,
-            num_attention_heads=4,
-            caption_projection_dim=32,
-            joint_attention_dim=32,
-            pooled_projection_dim=64,
-            out_channels=4,
-        )
+        transformer = tiny_sd3_pipeline(seed=0, num_layers=2).transformer
     names = [name for name, _ in transformer.named_modules()]
     for target in lora_target_modules(family):
         matches = [name for name in names if name.endswith("." + target)]
