@@ -51,17 +51,25 @@ class Reward(ABC):
         """
         check_pixels(pixels, self.modality, type(self).__name__)
         batch = pixels.shape[0]
-        prompts = list(prompts)
-        metadata = [{} for _ in range(batch)] if not metadata else [dict(record) for record in metadata]
-        if len(prompts) != batch or len(metadata) != batch:
-            raise ValueError(
-                f"{type(self).__name__} got {batch} samples, {len(prompts)} prompts and {len(metadata)} "
-                "metadata records; give one prompt and one metadata record per sample"
-            )
+        prompts, metadata = per_sample_text(prompts, metadata, batch, type(self).__name__)
         finite = torch.isfinite(pixels).flatten(1).all(dim=1).cpu()
         cleaned = torch.nan_to_num(pixels, nan=0.0, posinf=1.0, neginf=0.0).clamp(0.0, 1.0)
         output = self.score(cleaned, prompts, metadata)
         return _checked_output(output, batch, finite, type(self).__name__)
+
+
+def per_sample_text(
+    prompts: Sequence[str], metadata: Sequence[dict] | None, batch: int, owner: str
+) -> tuple[list[str], list[dict]]:
+    """Prompts and metadata records as lists of ``batch`` (None / empty metadata: one empty record each)."""
+    prompts = list(prompts)
+    records = [{} for _ in range(batch)] if not metadata else [dict(record) for record in metadata]
+    if len(prompts) != batch or len(records) != batch:
+        raise ValueError(
+            f"{owner} got {batch} samples, {len(prompts)} prompts and {len(records)} metadata records; give "
+            "one prompt and one metadata record per sample"
+        )
+    return prompts, records
 
 
 def check_pixels(pixels: Tensor, modality: str, reward_name: str) -> None:

@@ -43,7 +43,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
-from rewards.base import PIXEL_TOLERANCE, RewardOutput
+from rewards.base import PIXEL_TOLERANCE, RewardOutput, per_sample_text
 
 MIB = 1024 * 1024
 SAFETENSORS_TYPE = "application/x-safetensors"
@@ -144,13 +144,7 @@ def _checked_text(
     prompts: Sequence[str], metadata: Sequence[dict] | None, batch: int
 ) -> tuple[list[str], list[dict]]:
     """Prompts and metadata records as lists of length ``batch`` (None / empty metadata: empty records)."""
-    prompts = list(prompts)
-    records = [{} for _ in range(batch)] if not metadata else [dict(record) for record in metadata]
-    if len(prompts) != batch or len(records) != batch:
-        raise ValueError(
-            f"got {batch} samples, {len(prompts)} prompts and {len(records)} metadata records; give one "
-            "prompt and one metadata record per sample"
-        )
+    prompts, records = per_sample_text(prompts, metadata, batch, "encode_request")
     if not all(isinstance(prompt, str) for prompt in prompts):
         raise ValueError("prompts must be strings")
     return prompts, records

@@ -164,3 +164,12 @@ def test_deduplicate_keeps_first_seen_order_and_maps_every_prompt():
     unique, rows = deduplicate(["b", "a", "b", "c", "a"])
     assert unique == ["b", "a", "c"] and rows == [0, 1, 0, 2, 1]
     assert deduplicate([]) == ([], [])
+
+
+def test_per_sample_text_fills_empty_metadata_and_names_the_owner_of_a_mismatch():
+    from rewards.base import per_sample_text
+
+    prompts, records = per_sample_text(("a", "b"), None, 2, "owner")
+    assert prompts == ["a", "b"] and records == [{}, {}]
+    with pytest.raises(ValueError, match="owner got 2 samples, 1 prompts and 2 metadata records"):
+        per_sample_text(["a"], [{}, {}], 2, "owner")
