@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rewards.monitors import group_diversity, image_statistics, pixel_features
+from rewards.monitors import STATISTICS, group_diversity, image_statistics, pixel_features
 
 
 class HackingMonitor:
@@ -34,7 +34,8 @@ class HackingMonitor:
     @torch.no_grad()
     def local(self, pixels: Tensor, group_ids: Tensor) -> tuple[Tensor, Tensor]:
         """This process's per-sample statistics ``[n, 4]`` and per-group diversity ``[g]`` (whole groups)."""
-        statistics = torch.stack(list(image_statistics(pixels).values()), dim=1)
+        per_sample = image_statistics(pixels)
+        statistics = torch.stack([per_sample[name] for name in STATISTICS], dim=1)
         features, metric = self.features(pixels)
         _, diversity = group_diversity(features, group_ids.to(features.device), metric)
         return statistics, diversity
@@ -42,9 +43,8 @@ class HackingMonitor:
     @staticmethod
     def record(statistics: Tensor, diversity: Tensor, prefix: str = "monitor_") -> dict[str, float]:
         """Metrics from gathered per-sample statistics ``[N, 4]`` and per-group diversity ``[G]``."""
-        names = ("brightness", "contrast", "saturation", "colourfulness")
         record: dict[str, Any] = {
-            f"{prefix}{name}": float(statistics[:, column].mean()) for column, name in enumerate(names)
+            f"{prefix}{name}": float(statistics[:, column].mean()) for column, name in enumerate(STATISTICS)
         }
         finite = diversity[torch.isfinite(diversity)]
         if finite.numel():  # groups of one sample (e.g. one eval sample per prompt) have no diversity

@@ -15,6 +15,7 @@ from torch import Tensor
 from rewards.preprocess import frames_as_images
 
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R BT.601
+STATISTICS = ("brightness", "contrast", "saturation", "colourfulness")  # the keys of image_statistics
 
 
 def image_statistics(pixels: Tensor) -> dict[str, Tensor]:
