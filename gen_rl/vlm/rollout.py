@@ -257,21 +257,33 @@ def generate_completions(
 
 
 def token_log_probs(
-    logits: Tensor, token_ids: Tensor, temperature: float = 1.0, suppress_token_ids: Sequence[int] = ()
-) -> Tensor:
+    logits: Tensor,
+    token_ids: Tensor,
+    temperature: float = 1.0,
+    suppress_token_ids: Sequence[int] = (),
+    with_entropy: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """``log softmax(logits / T)[token]`` per position with the suppressed tokens' logits at -inf, i.e. the
     sampling distribution of ``generate`` (temperature warper + ``suppress_tokens``), ``[N, C, V] -> [N, C]``.
 
-    Computed one completion at a time in float32, so the float32 copy of the logits is one row, not the batch.
+    With ``with_entropy``, also that distribution's entropy ``-sum_v p_v log p_v`` per position ``[N, C]``
+    (no gradient). Computed one completion at a time in float32, so the float32 copy of the logits is one row.
     """
     suppressed = torch.tensor(list(suppress_token_ids), dtype=torch.long, device=logits.device)
-    rows = []
+    rows, entropies = [], []
     for row_logits, row_ids in zip(logits, token_ids, strict=True):
         row_logits = row_logits.float() / temperature
         if suppressed.numel():
             row_logits = row_logits.index_fill(-1, suppressed, float("-inf"))
         picked = row_logits.gather(-1, row_ids[:, None]).squeeze(-1)
-        rows.append(picked - torch.logsumexp(row_logits, dim=-1))
+        normaliser = torch.logsumexp(row_logits, dim=-1)
+        rows.append(picked - normaliser)
+        if with_entropy:
+            with torch.no_grad():
+                probs = torch.exp(row_logits - normaliser[:, None])
+                entropies.append(-torch.special.xlogy(probs, probs).sum(dim=-1))
+    if with_entropy:
+        return torch.stack(rows), torch.stack(entropies)
     return torch.stack(rows)
 
 
@@ -299,10 +311,12 @@ def completion_log_probs(
     completion_ids: Tensor,
     temperature: float,
     suppress_token_ids: Sequence[int],
-) -> Tensor:
+    with_entropy: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """Log-probs ``[N, C]`` of ``completion_ids`` under ``model`` with the sampling temperature and suppression.
 
-    ``batch`` comes from :func:`sequence_inputs` (prompt + completion); gradients flow when enabled.
+    ``batch`` comes from :func:`sequence_inputs` (prompt + completion); gradients flow when enabled. With
+    ``with_entropy``, also the per-position entropy of that sampling distribution (see ``token_log_probs``).
     """
     device = completion_ids.device
     inputs = {name: value.to(device) for name, value in batch.items()}
@@ -311,7 +325,9 @@ def completion_log_probs(
         inputs["position_ids"] = positions.clamp_min(0)
     completion_length = completion_ids.shape[1]
     outputs = model(**inputs, use_cache=False, logits_to_keep=completion_length + 1)
-    return token_log_probs(outputs.logits[:, :-1, :], completion_ids, temperature, suppress_token_ids)
+    return token_log_probs(
+        outputs.logits[:, :-1, :], completion_ids, temperature, suppress_token_ids, with_entropy
+    )
 
 
 def vision_token_ids(model_config, processor=None) -> list[int]:
