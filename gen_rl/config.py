@@ -3,12 +3,18 @@
 Any dataclass tree works (the generation trainer's tree is in ``gen_rl/trainer_config.py``); every field is
 declared with ``option(default, "one-line doc with its unit")`` so that ``describe`` can print the reference.
 Unknown keys fail with the closest valid name; values are checked against the field's type.
+
+Relative paths in a YAML (prompt files, data files, output folders, weights) resolve against the working
+directory, not the YAML's folder; ``resolve_path`` does it and every file error shows the resolved path.
+Importing this module imports PyYAML only (no torch), so a bad config is reported in well under a second.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import os
 import types
 import typing
 from collections.abc import Sequence
@@ -22,6 +28,11 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A config that cannot be used; the message names the key, the problem and the fix."""
+
+
+def resolve_path(value: str | Path) -> Path:
+    """Absolute form of a path from a config: ``~`` expanded, relative paths taken from the working directory."""
+    return Path(os.path.abspath(Path(value).expanduser()))
 
 
 def option(default: Any, doc: str) -> Any:
@@ -129,6 +140,8 @@ def _coerce_scalar(annotation: Any, value: Any, where: str) -> Any:
         return value
     if annotation is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if annotation is float and isinstance(value, str) and _looks_like_float(value):
+        return float(value)  # YAML 1.1 reads 1e-5 (no dot) as a string
     if annotation is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     if annotation in (str, bool) and isinstance(value, annotation):
@@ -143,15 +156,24 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
     nested: dict[str, Any] = {}
     for override in overrides:
         key, sep, raw = override.partition("=")
-        if not sep or not key:
+        parts = key.split(".")
+        if not sep or not all(parts):
             raise ConfigError(f"override {override!r} must look like section.key=value (e.g. train.lr=1e-5)")
-        value = yaml.safe_load(raw) if raw else ""
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError as error:
+            problem = getattr(error, "problem", None) or "not valid YAML"
+            raise ConfigError(
+                f"override {override!r}: the value is not valid YAML ({problem}); quote it or fix the brackets"
+            ) from error
         if isinstance(value, str) and _looks_like_float(value):
             value = float(value)  # YAML 1.1 reads 1e-5 as a string
         node = nested
-        parts = key.split(".")
-        for part in parts[:-1]:
+        for depth, part in enumerate(parts[:-1]):
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                earlier = ".".join(parts[: depth + 1])
+                raise ConfigError(f"override {override!r} conflicts with an earlier override of {earlier!r}")
         node[parts[-1]] = value
     return nested
 
@@ -176,21 +198,63 @@ def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping; a missing file or a non-mapping gives a ConfigError naming the path."""
-    path = Path(path)
-    if not path.is_file():
+    """Read a YAML mapping; a missing, unreadable or malformed file gives a one-line ConfigError.
+
+    Syntax errors (tab indentation included) name the file, line and column; duplicate keys are errors.
+    """
+    shown = resolve_path(path)
+    if not shown.exists():
+        raise ConfigError(f"config file {shown} does not exist; pass --config with a YAML under configs/")
+    if not shown.is_file():
+        raise ConfigError(f"config file {shown} is not a file; pass --config with a YAML file")
+    try:
+        text = shown.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
         raise ConfigError(
-            f"config file {str(path)!r} does not exist; pass --config with a YAML under configs/"
-        )
-    with path.open() as handle:
-        data = yaml.safe_load(handle)
+            f"config file {shown} is not UTF-8 text (bad byte at offset {error.start}); save it as UTF-8"
+        ) from error
+    except OSError as error:
+        raise ConfigError(f"cannot read config file {shown} ({error.strerror}); check its permissions") from error
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as error:
+        raise ConfigError(_yaml_error_message(shown, text, error)) from error
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(
-            f"config file {str(path)!r} must hold a mapping of sections, got {type(data).__name__}"
-        )
+        raise ConfigError(f"config file {shown} must hold a mapping of sections, got {type(data).__name__}")
     return data
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error (not last-one-wins)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (YAML keeps only the last one)", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_error_message(path: Path, text: str, error: yaml.YAMLError) -> str:
+    """``file:line:column: problem; fix`` for a PyYAML error (its own message spans several lines)."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    if mark is None:
+        return f"{path}: YAML syntax error: {problem}; fix the file"
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}"
+    lines = text.splitlines()
+    line = lines[mark.line] if mark.line < len(lines) else ""
+    if "\t" in line[: mark.column + 1]:
+        return f"{where}: a tab character in the indentation; YAML indents with spaces only: replace the tab"
+    if problem.startswith("duplicate key"):
+        return f"{where}: {problem}; remove one of them"
+    return f"{where}: YAML syntax error: {problem}; check the indentation, quotes and brackets there"
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
@@ -201,6 +265,21 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
     if hasattr(config, "validate"):
         config.validate()
     return config
+
+
+def check_finite(config: Any, where: str = "") -> None:
+    """Raise a ConfigError naming the first float value (nested dataclasses, lists, dicts) that is NaN or inf."""
+    if dataclasses.is_dataclass(config):
+        for f in dataclasses.fields(config):
+            check_finite(getattr(config, f.name), _join(where, f.name))
+    elif isinstance(config, (list, tuple)):
+        for index, item in enumerate(config):
+            check_finite(item, f"{where}[{index}]")
+    elif isinstance(config, dict):
+        for key, item in config.items():
+            check_finite(item, _join(where, str(key)))
+    elif isinstance(config, float) and not math.isfinite(config):
+        raise ConfigError(f"{where} is {config}; give a finite number")
 
 
 def to_dict(config: Any) -> dict[str, Any]:

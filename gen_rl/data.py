@@ -1,15 +1,28 @@
-"""Prompt sets: a text file (one prompt per line) or JSONL (``prompt`` plus metadata passed to rewards)."""
+"""Prompt sets: a text file (one prompt per line) or JSONL (``prompt`` plus metadata passed to rewards).
+
+``load_prompts`` checks the whole file before training starts: a missing, empty or non-UTF-8 file fails with
+its resolved path, and every bad JSONL record is reported with its line number; ``bad_records`` then decides
+whether the run stops (``abort``) or trains on the good records (``skip``). Importing this module does not
+import torch, so ``gen_rl/train.py`` checks the data before any model library loads.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-import torch
+from gen_rl.config import ConfigError, resolve_path
 
-from gen_rl.seeding import derive_seed
+logger = logging.getLogger(__name__)
+
+BadRecords = Literal["abort", "skip"]
+
+
+class DataError(ConfigError):
+    """A data file that cannot be used; the message names the file (resolved path), the line and the fix."""
 
 
 @dataclass(frozen=True)
@@ -24,34 +37,84 @@ class PromptSet:
         return len(self.prompts)
 
 
-def load_prompts(path: str | Path) -> PromptSet:
-    """Read ``.txt`` (one prompt per non-blank line) or ``.jsonl`` (``{"prompt": ..., **metadata}``)."""
-    path = Path(path)
+def load_prompts(
+    path: str | Path, bad_records: BadRecords = "abort", key: str = "data.train_prompts"
+) -> PromptSet:
+    """Read ``.txt`` (one prompt per non-blank line) or ``.jsonl`` (``{"prompt": ..., **metadata}``).
+
+    Every record is checked. ``bad_records="abort"`` raises a ``DataError`` naming each bad line;
+    ``"skip"`` logs one warning line per bad record and keeps the rest. ``key`` names the config key in errors.
+    """
+    shown = resolve_path(path)
+    lines = read_text_lines(shown, "prompt file", key)
+    numbered = [(number, line.strip()) for number, line in enumerate(lines, start=1) if line.strip()]
+    if not numbered:
+        raise DataError(f"prompt file {shown} ({key}) is empty; put one prompt per line (or JSONL records)")
+    if shown.suffix == ".jsonl":
+        prompts, metadata, problems = _parse_jsonl(numbered)
+    else:
+        prompts, metadata, problems = [line for _, line in numbered], [{} for _ in numbered], []
+    report_bad_records(shown, problems, bad_records, total=len(numbered))
+    return PromptSet(prompts=prompts, metadata=metadata, source=str(shown))
+
+
+def read_text_lines(path: Path, what: str, key: str = "") -> list[str]:
+    """The lines of a UTF-8 text file; a missing, unreadable or non-UTF-8 file raises a ``DataError``.
+
+    Messages read ``<what> <resolved path> (<key>) <problem>; <fix>``.
+    """
+    name = f"{what} {path} ({key})" if key else f"{what} {path}"
+    if not path.exists():
+        raise DataError(f"{name} does not exist; fix the path (relative paths start at the working directory)")
     if not path.is_file():
-        raise FileNotFoundError(
-            f"prompt file {str(path)!r} does not exist; check data.train_prompts / eval_prompts"
+        raise DataError(f"{name} is a folder, not a file; point the config at the file")
+    try:
+        raw = path.read_bytes()
+    except OSError as error:
+        raise DataError(f"cannot read {name}: {error.strerror}; check its permissions") from error
+    try:
+        return raw.decode("utf-8-sig").splitlines()
+    except UnicodeDecodeError as error:
+        line = raw[: error.start].count(b"\n") + 1
+        raise DataError(
+            f"{name} is not UTF-8 text (line {line}, byte {error.start}); re-save it as UTF-8, e.g. with "
+            "iconv -f latin1 -t utf-8"
+        ) from error
+
+
+def report_bad_records(path: Path, problems: list[tuple[int, str]], bad_records: BadRecords, total: int) -> None:
+    """Abort with every bad record in the message, or log one line per record and go on (``skip``).
+
+    ``problems`` holds ``(line number, what is wrong)``; ``total`` is the number of records in the file.
+    """
+    if not problems:
+        return
+    listed = "; ".join(f"{path}:{number}: {problem}" for number, problem in problems)
+    if bad_records == "abort":
+        count = f"{len(problems)} bad records" if len(problems) > 1 else "a bad record"
+        raise DataError(
+            f"{listed} ({count} of {total}); fix them, or set data.bad_records: skip to train on the rest"
         )
-    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
-    lines = [line for line in lines if line]
-    if not lines:
-        raise ValueError(f"prompt file {str(path)!r} is empty; put one prompt per line (or JSONL records)")
-    if path.suffix == ".jsonl":
-        return _from_jsonl(path, lines)
-    return PromptSet(prompts=lines, metadata=[{} for _ in lines], source=str(path))
+    if len(problems) == total:
+        raise DataError(f"{listed}; every record of {path} is bad, nothing is left to train on")
+    for number, problem in problems:
+        logger.warning("skipping %s:%d: %s", path, number, problem)
 
 
-def _from_jsonl(path: Path, lines: list[str]) -> PromptSet:
-    prompts, metadata = [], []
-    for number, line in enumerate(lines, start=1):
+def _parse_jsonl(numbered: list[tuple[int, str]]) -> tuple[list[str], list[dict[str, Any]], list[tuple[int, str]]]:
+    prompts, metadata, problems = [], [], []
+    for number, line in numbered:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as error:
-            raise ValueError(f"{path}:{number}: not valid JSON ({error.msg})") from error
+            problems.append((number, f"not valid JSON ({error.msg} at column {error.colno})"))
+            continue
         if not isinstance(record, dict) or not isinstance(record.get("prompt"), str) or not record["prompt"]:
-            raise ValueError(f"{path}:{number}: each JSONL record needs a non-empty string 'prompt' key")
+            problems.append((number, "each JSONL record needs a non-empty string 'prompt' key"))
+            continue
         prompts.append(record.pop("prompt"))
         metadata.append(record)
-    return PromptSet(prompts=prompts, metadata=metadata, source=str(path))
+    return prompts, metadata, problems
 
 
 def prompt_indices_for_step(num_prompts: int, step: int, groups_per_step: int, seed: int) -> list[int]:
@@ -61,6 +124,10 @@ def prompt_indices_for_step(num_prompts: int, step: int, groups_per_step: int, s
     ``t`` takes positions ``[t * G, (t + 1) * G)`` of that endless sequence, so every prompt is used once per
     epoch and the choice depends only on the seed and the step (which makes resume and multi-process exact).
     """
+    import torch  # here, not at the top: the entry point checks prompt files before torch is imported
+
+    from gen_rl.seeding import derive_seed
+
     permutations: dict[int, list[int]] = {}
     indices = []
     for position in range(step * groups_per_step, (step + 1) * groups_per_step):

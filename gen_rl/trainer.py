@@ -64,9 +64,10 @@ class GenerationTrainer:
             project_dir=str(self.output_dir),
         )
         config.validate(num_processes=self.accelerator.num_processes)
-        self.train_set = load_prompts(config.data.train_prompts)
+        data = config.data
+        self.train_set = load_prompts(data.train_prompts, data.bad_records, "data.train_prompts")
         self.eval_set: PromptSet | None = (
-            load_prompts(config.data.eval_prompts) if config.data.eval_prompts else None
+            load_prompts(data.eval_prompts, data.bad_records, "data.eval_prompts") if data.eval_prompts else None
         )
         self.reward_models = {
             _reward_key(i, term.name): build_reward(term.name, **term.kwargs)

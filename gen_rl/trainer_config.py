@@ -1,8 +1,11 @@
 """The generation trainer's config: one dataclass per YAML section, every field documented with its unit.
 
 ``python gen_rl/train.py --describe`` prints this reference. Log-probs are means over latent elements
-(``pipelines/sde.py``), so ``clip_range`` and ``kl_coef`` are on the per-element scale of the Flow-GRPO and
-DanceGRPO reference code, whose published values carry over unchanged.
+(``pipelines/sde.py``), the reduction of the Flow-GRPO and DanceGRPO reference code, so their clip ranges apply
+to the flow SDE steps as published. Their other conventions are explicit settings (``gen_rl/objective.py``):
+``train.kl_estimator: flow_grpo`` for Flow-GRPO's KL coefficient (the exact transition KL is ``1/|ds|`` times
+larger), ``train.log_prob_convention: flow_grpo_cps`` for Flow-GRPO's CPS clip range, ``reward.std_ddof`` /
+``reward.std_eps`` for DanceGRPO's advantage std; ``tests/test_recipes.py`` checks each recipe against them.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from gen_rl.config import ConfigError, option, section
+from gen_rl.config import ConfigError, check_finite, option, section
 
 STEP_SELECTIONS = ("all", "random_fraction", "first", "random_window", "sliding_window")
 
@@ -88,6 +91,20 @@ class TrainConfig:
     ema: bool = option(False, "keep an EMA of the trained weights (used for eval and the exported LoRA)")
     ema_decay: float = option(0.9, "EMA decay per optimizer update")
     check_log_probs: bool = option(True, "verify ratio == 1 on the first rollout (fails loudly otherwise)")
+    ratio_check_fraction: float = option(
+        0.1, "the ratio check fails when max |log-prob mismatch| > this x min(clip_range, clip_range_high)"
+    )
+    optimizer: Literal["adamw", "sgd"] = option("adamw", "AdamW, or plain SGD (no momentum)")
+    kl_estimator: Literal["gaussian", "flow_grpo"] = option(
+        "gaussian",
+        "gaussian: exact step KL |mu-mu_ref|^2/(2 std^2); flow_grpo: Flow-GRPO's /(2 g^2) = exact x |ds|",
+    )
+    log_prob_convention: Literal["gaussian", "flow_grpo_cps"] = option(
+        "gaussian", "gaussian: exact mean log-density; flow_grpo_cps: Flow-GRPO's CPS -mean((x-mu)^2)"
+    )
+    trainable_steps: tuple[int, int] | None = option(
+        None, "[lo, hi) denoising steps that may be trained; null: all (DanceGRPO: [0, S-1))"
+    )
 
 
 @dataclass
@@ -111,6 +128,8 @@ class RewardConfig:
         "sum_then_normalize", "weighted sum then group-normalise, or normalise each then sum"
     )
     std_mode: Literal["group", "global", "none"] = option("group", "advantage std: group, batch, or none")
+    std_ddof: int = option(0, "advantage std: 0 population (GRPO, Flow-GRPO), 1 sample std (DanceGRPO)")
+    std_eps: float = option(1e-4, "added to the advantage std (Flow-GRPO 1e-4, DanceGRPO 1e-8)")
     per_prompt_tracker: bool = option(False, "DDPO per-prompt history statistics instead of groups")
     tracker_buffer: int = option(32, "per-prompt history length (tracker)")
     tracker_min_count: int = option(16, "history length before a prompt uses its own statistics (tracker)")
@@ -123,6 +142,9 @@ class DataConfig:
 
     train_prompts: str = option("", "text file (one prompt per line) or JSONL with a 'prompt' key")
     eval_prompts: str = option("", "held-out prompts (same formats); empty: no evaluation")
+    bad_records: Literal["abort", "skip"] = option(
+        "abort", "a bad JSONL record in a prompt file: stop at start-up listing every one, or skip it (warned)"
+    )
 
 
 @dataclass
@@ -182,6 +204,8 @@ class GenerationConfig:
         """Check the invariants between fields; each error states the invariant and a fix."""
         if self.task != "generation":
             raise ConfigError(f"task is {self.task!r}; this config class runs task: generation")
+        _check_combinations(self)
+        _check_values(self)
         sample, train = self.sample, self.train
         _positive(
             {
@@ -257,3 +281,136 @@ def _positive(values: dict[str, int]) -> None:
     for name, value in values.items():
         if value < 1:
             raise ConfigError(f"{name} must be >= 1, got {value}")
+
+
+def _check_values(config: GenerationConfig) -> None:
+    """Single-field value checks: finite numbers, learning rate and betas in range, groups that can train."""
+    check_finite(config)
+    train, sample, reward = config.train, config.sample, config.reward
+    if train.lr <= 0:
+        raise ConfigError(f"train.lr must be > 0 (the AdamW learning rate), got {train.lr}; e.g. train.lr=1e-5")
+    if sample.group_size < 2 and not reward.per_prompt_tracker:
+        raise ConfigError(
+            f"sample.group_size is {sample.group_size}: each sample's advantage is its reward minus its group's "
+            "mean, so groups of one give 0 everywhere and nothing trains; use >= 2 (Flow-GRPO: 24, DanceGRPO: 12) "
+            "or reward.per_prompt_tracker: true"
+        )
+    _at_least(
+        {
+            "train.weight_decay": (train.weight_decay, 0.0),
+            "train.warmup_updates": (train.warmup_updates, 0),
+            "train.kl_coef": (train.kl_coef, 0.0),
+            "sample.noise_level": (sample.noise_level, 0.0),
+            "eval.noise_level": (config.eval.noise_level, 0.0),
+            "eval.samples_per_prompt": (config.eval.samples_per_prompt, 1),
+            "eval.max_prompts": (config.eval.max_prompts, 1),
+            "reward.tracker_buffer": (reward.tracker_buffer, 1),
+            "reward.tracker_min_count": (reward.tracker_min_count, 1),
+        }
+    )
+    _open_unit_interval({"train.adam_betas[0]": train.adam_betas[0], "train.adam_betas[1]": train.adam_betas[1]})
+    _open_unit_interval({"train.ema_decay": train.ema_decay} if train.ema else {})
+    for key, value in {
+        "train.adam_eps": train.adam_eps,
+        "model.lora_alpha": config.model.lora_alpha,
+        "train.advantage_clip": train.advantage_clip,
+        "sample.height": sample.height,
+        "sample.width": sample.width,
+        "sample.shift": sample.shift,
+    }.items():
+        if value is not None and value <= 0:
+            raise ConfigError(f"{key} must be > 0, got {value}")
+    if reward.per_prompt_tracker and reward.tracker_min_count > reward.tracker_buffer:
+        raise ConfigError(
+            f"reward.tracker_min_count ({reward.tracker_min_count}) exceeds reward.tracker_buffer "
+            f"({reward.tracker_buffer}), so no prompt ever uses its own statistics; lower the count"
+        )
+    if reward.terms and all(term.weight == 0 for term in reward.terms):
+        raise ConfigError("every reward.terms weight is 0, so every reward is 0; give one a non-zero weight")
+    if not config.log.output_dir:
+        raise ConfigError("log.output_dir is empty; give the run folder, e.g. outputs/my_run")
+
+
+def _at_least(values: dict[str, tuple[float, float]]) -> None:
+    for name, (value, low) in values.items():
+        if value < low:
+            raise ConfigError(f"{name} must be >= {low}, got {value}")
+
+
+def _open_unit_interval(values: dict[str, float]) -> None:
+    for name, value in values.items():
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"{name} must be in [0, 1), got {value}")
+
+
+def _check_combinations(config: GenerationConfig) -> None:
+    """Settings that cannot work together, refused before any model loads (each message names the fix)."""
+    model, sample, train, reward = config.model, config.sample, config.train, config.reward
+    if train.kl_coef > 0 and not model.lora:
+        raise ConfigError(
+            "train.kl_coef > 0 needs the frozen reference, which is the model with its LoRA disabled; with "
+            "model.lora: false (full fine-tuning) there is none. Set model.lora: true or train.kl_coef: 0"
+        )
+    if train.log_prob_convention == "flow_grpo_cps" and sample.sde_type != "cps":
+        raise ConfigError(
+            f"train.log_prob_convention: flow_grpo_cps is Flow-GRPO's CPS log-prob, but sample.sde_type is "
+            f"{sample.sde_type!r}; set sample.sde_type: cps or train.log_prob_convention: gaussian"
+        )
+    if sample.noise_level == 0:
+        raise ConfigError(
+            "sample.noise_level is 0: every step is the deterministic ODE and has no log-prob, so nothing can be "
+            "trained; use e.g. 0.7 (Flow-GRPO a) or 0.3 (DanceGRPO eta)"
+        )
+    if reward.std_ddof not in (0, 1):
+        raise ConfigError(f"reward.std_ddof must be 0 (population std) or 1 (sample std), got {reward.std_ddof}")
+    if reward.std_eps < 0:
+        raise ConfigError(f"reward.std_eps must be >= 0, got {reward.std_eps}")
+    if reward.per_prompt_tracker and (reward.std_mode != "group" or reward.combine != "sum_then_normalize"):
+        raise ConfigError(
+            "reward.per_prompt_tracker normalises the weighted reward sum by each prompt's history, so "
+            "reward.std_mode and reward.combine would be ignored; leave them at group / sum_then_normalize, or "
+            "turn the tracker off (Flow-GRPO's per-prompt mean with a batch std is std_mode: global)"
+        )
+    if not 0 < train.ratio_check_fraction <= 1:
+        raise ConfigError(
+            f"train.ratio_check_fraction must be in (0, 1] (a share of the clip range), got "
+            f"{train.ratio_check_fraction}"
+        )
+    if _trainable_candidates(config) == 0:
+        raise ConfigError(
+            f"this step selection trains no denoising step: train.trainable_steps {train.trainable_steps} holds no "
+            f"stochastic step of the {sample.num_steps}-step schedule (SDE window {_sde_range(config)}; CPS's last "
+            "step is deterministic). Widen train.trainable_steps or move the window"
+        )
+
+
+def _sde_range(config: GenerationConfig) -> tuple[int, int]:
+    """The widest range of steps the SDE may cover (a window strategy's range, else the whole schedule)."""
+    train, steps = config.train, config.sample.num_steps
+    if train.step_selection in ("random_window", "sliding_window"):
+        return tuple(train.window_range or (0, steps))  # type: ignore[return-value]
+    return 0, steps
+
+
+def _trainable_candidates(config: GenerationConfig) -> int:
+    """How many steps can be trained: stochastic (inside the SDE range; CPS's last step has std 0) and trainable."""
+    steps = config.sample.num_steps
+    low, high = _sde_range(config)
+    if config.sample.sde_type == "cps":
+        high = min(high, steps - 1)
+    if config.train.trainable_steps is not None:
+        trainable_low, trainable_high = config.train.trainable_steps
+        if not 0 <= trainable_low < trainable_high <= steps:
+            raise ConfigError(
+                f"train.trainable_steps {config.train.trainable_steps} must satisfy 0 <= lo < hi <= "
+                f"sample.num_steps ({steps}) (hi exclusive)"
+            )
+        if config.train.step_selection in ("random_window", "sliding_window") and not (
+            trainable_low <= low and high <= trainable_high
+        ):
+            raise ConfigError(
+                f"train.trainable_steps {config.train.trainable_steps} must contain the window range [{low}, {high}) "
+                "(a window outside it would train nothing); widen it or set it to null"
+            )
+        low, high = max(low, trainable_low), min(high, trainable_high)
+    return max(0, high - low)

@@ -9,7 +9,7 @@ import pytest
 from trainer_helpers import small_config
 
 from gen_rl.config import ConfigError, describe, load_config
-from gen_rl.data import load_prompts, prompt_indices_for_step
+from gen_rl.data import DataError, load_prompts, prompt_indices_for_step
 from gen_rl.train import main, task_of
 from gen_rl.trainer_config import GenerationConfig
 
@@ -127,14 +127,14 @@ def test_prompt_files(tmp_path):
     empty.write_text("\n  \n")
     with pytest.raises(ValueError, match="is empty"):
         load_prompts(empty)
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(DataError, match=f"prompt file {tmp_path / 'nope.txt'} .* does not exist"):
         load_prompts(tmp_path / "nope.txt")
     records = tmp_path / "p.jsonl"
     records.write_text('{"prompt": "a red cat", "colour": "blue"}\n\n{"prompt": "a dog"}\n')
     prompts = load_prompts(records)
     assert prompts.prompts == ["a red cat", "a dog"] and prompts.metadata == [{"colour": "blue"}, {}]
     records.write_text('{"text": "a red cat"}\n')
-    with pytest.raises(ValueError, match=r"p.jsonl:1: each JSONL record needs a non-empty string 'prompt'"):
+    with pytest.raises(DataError, match=r"p.jsonl:1: each JSONL record needs a non-empty string 'prompt'"):
         load_prompts(records)
 
 
