@@ -21,24 +21,31 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from gen_rl import run_state
-from gen_rl.advantages import AdvantageOutput, PerPromptStatTracker, combine_rewards
+from gen_rl.advantages import AdvantageOutput, PerPromptStatTracker
 from gen_rl.checkpoint import CheckpointManager
 from gen_rl.config import to_dict
 from gen_rl.data import PromptSet, load_prompts, prompt_indices_for_step
 from gen_rl.ema import ParameterEMA
-from gen_rl.losses import clipped_surrogate, gaussian_kl
 from gen_rl.metrics import MetricsLog, plot_reward_curve
 from gen_rl.monitoring import HackingMonitor
+from gen_rl.objective import compute_advantages, log_probs_in_convention, step_loss, transition_kl
 from gen_rl.policy import load_sampler, make_trainable
+from gen_rl.run_folder import GENERATION_TUNABLES
 from gen_rl.seeding import derive_seed
 from gen_rl.step_selection import sde_window, train_step_indices
 from gen_rl.trainer_config import GenerationConfig
 from pipelines import Rollout, RolloutOptions
 from rewards import build_reward
 
+ALL_NAN_STEP_LIMIT = 3  # consecutive steps with no finite reward at all before the run stops
+
 
 class RewardError(RuntimeError):
     """A reward returned NaN / inf under ``reward.nan_policy: abort``."""
+
+
+class RatioCheckError(RuntimeError):
+    """Before the first update, recomputed log-probs differ from the rollout's by more than the tolerance."""
 
 
 @dataclass
@@ -53,7 +60,7 @@ class StepBatch:
 class GenerationTrainer:
     """Online RL of a rectified-flow generator against rewards; ``train()`` runs the whole schedule."""
 
-    def __init__(self, config: GenerationConfig, *, resume: bool = False) -> None:
+    def __init__(self, config: GenerationConfig, *, resume: bool = False, overwrite: bool = False) -> None:
         self.config = config
         log = config.log
         self.output_dir = Path(log.output_dir)
@@ -64,6 +71,15 @@ class GenerationTrainer:
             project_dir=str(self.output_dir),
         )
         config.validate(num_processes=self.accelerator.num_processes)
+        # claim the run folder, pick and check the checkpoint to resume: before any model loads
+        self.run = run_state.open_run(
+            self.accelerator,
+            config,
+            resume=resume,
+            overwrite=overwrite,
+            keep_last=config.checkpoint.keep_last,
+            tunables=GENERATION_TUNABLES,
+        )
         data = config.data
         self.train_set = load_prompts(data.train_prompts, data.bad_records, "data.train_prompts")
         self.eval_set: PromptSet | None = (
@@ -83,13 +99,7 @@ class GenerationTrainer:
         self.monitor = HackingMonitor(log.diversity_model, self.accelerator.device) if log.monitors else None
         self.sampler = load_sampler(config.model, self.accelerator.device)
         self.parameters = make_trainable(self.sampler, config.model)
-        self.optimizer = torch.optim.AdamW(
-            self.parameters,
-            lr=config.train.lr,
-            betas=config.train.adam_betas,
-            eps=config.train.adam_eps,
-            weight_decay=config.train.weight_decay,
-        )
+        self.optimizer = _build_optimizer(self.parameters, config.train)
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         model, self.optimizer = self.accelerator.prepare(self.sampler.transformer, self.optimizer)
         self.sampler.forward_module = model
@@ -104,7 +114,9 @@ class GenerationTrainer:
         self.metrics = MetricsLog(self.output_dir / "metrics.jsonl")
         run_state.install_hooks(self.accelerator)
         self.start_step = 0
+        self.all_nan_steps = 0  # consecutive steps in which every sample's reward was NaN / inf
         self.log_probs_checked = not config.train.check_log_probs
+        self.ratio_check_record: dict[str, float] = {}
         if resume:
             self._resume()
         elif self.accelerator.is_main_process and self.metrics.path.exists():
@@ -183,6 +195,8 @@ class GenerationTrainer:
         update_seconds = time.perf_counter() - update_started
         total = time.perf_counter() - started
         record.update(reward_stats)
+        record.update(self.ratio_check_record)
+        self.ratio_check_record = {}
         record.update(
             sample_seconds=sample_seconds,
             reward_seconds=reward_seconds,
@@ -193,7 +207,8 @@ class GenerationTrainer:
             peak_memory_mb=_peak_memory_mb(self.accelerator.device),
         )
         self.log(record)
-        if config.checkpoint.every_steps and (step + 1) % config.checkpoint.every_steps == 0:
+        every = config.checkpoint.every_steps
+        if every and (step + 1) % every == 0 and step + 1 < config.train.num_steps:  # train() saves the last
             self.save(step + 1)
         return record
 
@@ -266,8 +281,7 @@ class GenerationTrainer:
         group_ids = torch.tensor(positions).repeat_interleave(config.sample.group_size)
         seconds = time.perf_counter() - started
         if not self.log_probs_checked:
-            with accelerator.autocast():
-                self.sampler.check_log_probs(rollout)
+            self.ratio_check_record = self.check_ratio(rollout)
             self.log_probs_checked = True
         return StepBatch(rollout=rollout, group_ids=group_ids, rewards={}), seconds
 
@@ -311,6 +325,12 @@ class GenerationTrainer:
             )
         if invalid.any():
             _report_dropped(names, rewards, invalid, accelerator)
+        self.all_nan_steps = self.all_nan_steps + 1 if bool(invalid.any(dim=1).all()) else 0
+        if self.all_nan_steps >= ALL_NAN_STEP_LIMIT:
+            raise RewardError(
+                f"every sample's reward was NaN / inf for {self.all_nan_steps} consecutive steps, so nothing "
+                "trains; fix the reward (score a few images with it by hand). The last checkpoint is intact."
+            )
         rewards = torch.where(invalid, torch.full_like(rewards, float("nan")), rewards)
         by_name = {name: rewards[:, column] for column, name in enumerate(names)}
         output = self._advantages(by_name, group_ids, batch)
@@ -325,24 +345,79 @@ class GenerationTrainer:
         )
 
     def _advantages(self, rewards: dict[str, torch.Tensor], group_ids: torch.Tensor, batch: StepBatch):
-        reward = self.config.reward
-        clip = self.config.train.advantage_clip
-        if self.stat_tracker is None:
-            return combine_rewards(
-                rewards,
-                self.reward_weights,
-                group_ids,
-                mode=reward.combine,
-                std_mode=reward.std_mode,
-                clip=clip,
+        prompts = gather_object(batch.rollout.prompts) if self.stat_tracker is not None else []
+        return compute_advantages(
+            self.config.reward,
+            self.config.train,
+            rewards,
+            self.reward_weights,
+            group_ids,
+            prompts,
+            self.stat_tracker,
+        )
+
+    @torch.no_grad()
+    def check_ratio(self, rollout: Rollout) -> dict[str, float]:
+        """The ratio == 1 check before the first update, recomputed exactly as training recomputes.
+
+        Log-probs are recomputed at the training microbatch size, through the prepared model and autocast, in
+        the loss's log-prob convention. Their largest difference from the stored ones (the *floor*) is
+        returned as ``log_prob_floor``; above ``train.ratio_check_fraction x min(clip_low, clip_high)`` the run
+        stops with :class:`RatioCheckError`, since the first update would then clip on numerical noise.
+        """
+        train = self.config.train
+        with self.accelerator.autocast():
+            recomputed, stds = self.sampler.recompute_log_probs(rollout, train.microbatch_size)
+        convention = train.log_prob_convention
+        stored = log_probs_in_convention(rollout.log_probs.float().to(stds.device), stds, convention)
+        difference = (log_probs_in_convention(recomputed, stds, convention) - stored).abs()
+        difference = torch.where(rollout.stochastic.to(stds.device), difference, torch.zeros_like(difference))
+        per_step = difference.amax(dim=0)
+        worst_step = int(per_step.argmax())
+        floor = float(per_step[worst_step])
+        clip = min(train.clip_range, train.clip_range_high or train.clip_range)
+        tolerance = train.ratio_check_fraction * clip
+        if not floor <= tolerance:
+            raise RatioCheckError(
+                f"ratio check failed before the first update: recomputed log-probs differ from the rollout's by "
+                f"{floor:.3g} at denoising step {worst_step} (model dtype {self.sampler.dtype}, mixed precision "
+                f"{train.mixed_precision}, microbatch {train.microbatch_size}), above the tolerance {tolerance:.3g} = "
+                f"train.ratio_check_fraction {train.ratio_check_fraction} x clip range {clip:g}, so the first update "
+                "would clip on numerical noise. Fix: run the denoiser in float32 (model.dtype: float32, "
+                "train.mixed_precision: no), raise train.clip_range, or use a deterministic attention backend"
             )
-        combined = sum(self.reward_weights[name] * value for name, value in rewards.items())
-        prompts = gather_object(batch.rollout.prompts)
-        values = self.stat_tracker.update(prompts, combined)
-        if clip is not None:
-            values = values.clamp(-clip, clip)
-        invalid = int((~torch.isfinite(combined)).sum())
-        return AdvantageOutput(values, len(set(group_ids.tolist())), 0, invalid)
+        return {"log_prob_floor": floor, "log_prob_tolerance": tolerance}
+
+    def trained_steps(self, rollout: Rollout, step: int) -> torch.Tensor:
+        """``[B, K]`` denoising steps trained at training step ``step`` (drawn afresh from ``(seed, step)``)."""
+        train = self.config.train
+        return train_step_indices(
+            rollout.stochastic,
+            train.step_selection,
+            fraction=train.step_fraction,
+            seed=train.seed,
+            step=step,
+            trainable=train.trainable_steps,
+        ).to(rollout.log_probs.device)
+
+    def reference_kl(self, part: Rollout, column: torch.Tensor, means: torch.Tensor, stds: torch.Tensor):
+        """KL ``[b]`` of the policy's step (``means`` [b, ...] with grad, ``stds`` [b]) to the frozen reference's.
+
+        The reference is the same model with its LoRA disabled, run without the distributed wrapper and
+        without gradients; the KL keeps the gradient of ``means``.
+        """
+        with torch.no_grad(), _adapters_disabled(self.sampler.transformer), _plain_forward(self.sampler):
+            reference = self.sampler.log_prob(part, column)
+        rows = torch.arange(len(part), device=column.device)
+        return transition_kl(
+            means,
+            reference.means[:, 0],
+            stds,
+            part.sigmas[rows, column[:, 0]],
+            part.sigmas[rows, column[:, 0] + 1],
+            sde_type=part.sde_type,
+            estimator=self.config.train.kl_estimator,
+        )
 
     def update(
         self, rollout: Rollout, advantages: torch.Tensor, valid: torch.Tensor, step: int
@@ -355,12 +430,10 @@ class GenerationTrainer:
         """
         config, accelerator = self.config, self.accelerator
         train = config.train
-        step_indices = train_step_indices(
-            rollout.stochastic, train.step_selection, fraction=train.step_fraction, seed=train.seed, step=step
-        ).to(rollout.log_probs.device)
+        step_indices = self.trained_steps(rollout, step)
         old_log_probs = rollout.log_probs.gather(1, step_indices)
         num_trained = step_indices.shape[1]
-        totals: dict[str, float] = {}
+        totals: dict[str, torch.Tensor] = {}
         calls, grad_norms = 0, []
         for inner in range(train.inner_epochs):
             generator = torch.Generator().manual_seed(
@@ -389,7 +462,7 @@ class GenerationTrainer:
                         calls += 1
                 grad_norms.append(self._optimizer_step())
         record = {
-            key: value if key == "ratio_max_abs_dev" else value / calls for key, value in totals.items()
+            key: float(value) if key == "ratio_max_abs_dev" else float(value) / calls for key, value in totals.items()
         }
         record["grad_norm"] = sum(grad_norms) / len(grad_norms)
         record["trained_steps"] = num_trained
@@ -402,36 +475,18 @@ class GenerationTrainer:
         context = nullcontext() if sync else self.accelerator.no_sync(self.model)
         with context, self.accelerator.autocast():
             out = self.sampler.log_prob(part, column)
-            surrogate = clipped_surrogate(
-                out.log_probs,
-                old_log_probs,
+            stds = out.stds.detach()
+            kl = self.reference_kl(part, column, out.means[:, 0], stds[:, 0]) if train.kl_coef > 0 else None
+            loss, stats = step_loss(
+                train,
+                log_probs_in_convention(out.log_probs, stds, train.log_prob_convention),
+                log_probs_in_convention(old_log_probs, stds, train.log_prob_convention),
                 advantages,
-                clip_low=train.clip_range,
-                clip_high=train.clip_range_high,
+                weight,
+                kl,
             )
-            policy_loss = (surrogate.loss[:, 0] * weight).mean()
-            loss = policy_loss
-            kl = torch.zeros((), device=policy_loss.device)
-            if train.kl_coef > 0:
-                with (
-                    torch.no_grad(),
-                    _adapters_disabled(self.sampler.transformer),
-                    _plain_forward(self.sampler),
-                ):
-                    reference = self.sampler.log_prob(part, column)
-                kl = (gaussian_kl(out.means[:, 0], reference.means[:, 0], out.stds[:, 0]) * weight).mean()
-                loss = loss + train.kl_coef * kl
             self.accelerator.backward(loss * scale)
-        log_ratio = (out.log_probs - old_log_probs).detach()
-        return {
-            "loss": float(loss.detach()),
-            "policy_loss": float(policy_loss.detach()),
-            "kl": float(kl.detach()),
-            "clip_fraction": float(surrogate.clipped.float().mean()),
-            "approx_kl": float(0.5 * log_ratio.square().mean()),
-            "ratio_mean": float(surrogate.ratio.detach().mean()),
-            "ratio_max_abs_dev": float((surrogate.ratio.detach() - 1).abs().max()),
-        }
+        return stats
 
     def _optimizer_step(self) -> float:
         train = self.config.train
@@ -587,12 +642,24 @@ def _reward_stats(rewards, weights, output: AdvantageOutput, valid, num_groups: 
     return stats
 
 
-def _accumulate(totals: dict[str, float], stats: dict[str, float]) -> None:
+def _accumulate(totals: dict[str, torch.Tensor], stats: dict[str, torch.Tensor]) -> None:
+    """Sum statistics over calls (the max for ``ratio_max_abs_dev``), on device: no host sync per backward."""
     for key, value in stats.items():
-        if key == "ratio_max_abs_dev":
-            totals[key] = max(totals.get(key, 0.0), value)
+        if key not in totals:
+            totals[key] = value.detach().float()
+        elif key == "ratio_max_abs_dev":
+            totals[key] = torch.maximum(totals[key], value.detach().float())
         else:
-            totals[key] = totals.get(key, 0.0) + value
+            totals[key] = totals[key] + value.detach().float()
+
+
+def _build_optimizer(parameters: list[torch.nn.Parameter], train) -> torch.optim.Optimizer:
+    """AdamW (the default) or plain SGD without momentum (``train.optimizer``)."""
+    if train.optimizer == "sgd":
+        return torch.optim.SGD(parameters, lr=train.lr, weight_decay=train.weight_decay)
+    return torch.optim.AdamW(
+        parameters, lr=train.lr, betas=train.adam_betas, eps=train.adam_eps, weight_decay=train.weight_decay
+    )
 
 
 def _peak_memory_mb(device: torch.device) -> float:

@@ -363,31 +363,51 @@ class FlowMatchSampler(ABC):
         return StepLogProbs(torch.stack(log_probs, 1), torch.stack(means, 1), torch.stack(stds, 1))
 
     @torch.no_grad()
-    def check_log_probs(self, rollout: Rollout, atol: float | None = None) -> float:
-        """Ratio-1 check: recomputed log-probs of every stochastic step equal the stored ones.
+    def recompute_log_probs(self, rollout: Rollout, microbatch_size: int | None = None) -> tuple[Tensor, Tensor]:
+        """Every stochastic step's log-prob recomputed as training recomputes it, and the step stds.
 
-        Returns the largest absolute difference; raises ``RuntimeError`` naming the step and dtype otherwise.
-        ``atol`` defaults to 1e-4 in float32 and 5e-2 in half precision (in units of the per-element mean
-        log-density).
+        Rows are recomputed ``microbatch_size`` at a time (default: all at once), one step per call, so the
+        denoiser sees the batch shapes of the training forward (GPU kernels may differ with the batch size).
+        Returns ``log_probs`` and ``stds``, both ``[B, S]`` float32, NaN on deterministic steps.
         """
-        if atol is None:
-            atol = 1e-4 if self.dtype == torch.float32 else 5e-2
-        worst = 0.0
+        size = microbatch_size or len(rollout)
+        log_probs = torch.full(rollout.log_probs.shape, float("nan"), device=rollout.log_probs.device)
+        stds = log_probs.clone()
         for index in range(rollout.num_steps):
             rows = rollout.stochastic[:, index].nonzero().flatten()
             if rows.numel() == 0:
                 continue
-            part = rollout.select(rows.cpu())
-            recomputed = self.log_prob(part, [index]).log_probs[:, 0]
-            difference = (recomputed - part.log_probs[:, index]).abs().max().item()
-            worst = max(worst, difference)
-            if not difference <= atol:
-                raise RuntimeError(
-                    f"log-prob mismatch at denoising step {index}: recomputed differs from stored by "
-                    f"{difference:.3g} (> {atol:g}) with model dtype {self.dtype}, so the policy ratio is not 1 "
-                    "before any update. The model call is not reproducible: check dropout/eval mode, "
-                    "non-deterministic attention kernels, or conditioning changed since sampling."
-                )
+            for chunk in rows.split(size):
+                out = self.log_prob(rollout.select(chunk.cpu()), [index])
+                log_probs[chunk, index] = out.log_probs[:, 0].float().to(log_probs.device)
+                stds[chunk, index] = out.stds[:, 0].float().to(stds.device)
+        return log_probs, stds
+
+    @torch.no_grad()
+    def check_log_probs(
+        self, rollout: Rollout, atol: float | None = None, microbatch_size: int | None = None
+    ) -> float:
+        """Ratio-1 check: recomputed log-probs of every stochastic step equal the stored ones.
+
+        Returns the largest absolute difference; raises ``RuntimeError`` naming the step and dtype otherwise.
+        ``atol`` defaults to 1e-4 in float32 and 5e-2 in half precision (in units of the per-element mean
+        log-density); a trainer derives its tolerance from its clip range instead (``train.ratio_check_fraction``).
+        """
+        if atol is None:
+            atol = 1e-4 if self.dtype == torch.float32 else 5e-2
+        recomputed, _ = self.recompute_log_probs(rollout, microbatch_size)
+        difference = (recomputed - rollout.log_probs.float()).abs()
+        difference = torch.where(rollout.stochastic, difference, torch.zeros_like(difference))
+        worst_per_step = difference.amax(dim=0)
+        index = int(worst_per_step.argmax())
+        worst = float(worst_per_step[index])
+        if not worst <= atol:
+            raise RuntimeError(
+                f"log-prob mismatch at denoising step {index}: recomputed differs from stored by "
+                f"{worst:.3g} (> {atol:g}) with model dtype {self.dtype}, so the policy ratio is not 1 "
+                "before any update. The model call is not reproducible: check dropout/eval mode, "
+                "non-deterministic attention kernels, or conditioning changed since sampling."
+            )
         return worst
 
     # ----- helpers -------------------------------------------------------------------------------------------

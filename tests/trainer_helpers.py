@@ -14,6 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo" / "tiny_flux_cpu.yaml"
 TIMING_KEYS = {"sample_seconds", "reward_seconds", "update_seconds", "step_seconds", "samples_per_second"}
 TIMING_KEYS |= {"peak_memory_mb"}
+# The ratio check runs at the start of every run and resume: its floor is logged on the first step of each.
+TIMING_KEYS |= {"log_prob_floor", "log_prob_tolerance"}
 
 
 def small_config(output_dir: Path, *overrides: str) -> GenerationConfig:
