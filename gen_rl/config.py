@@ -80,7 +80,12 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
 
 
 def _unknown_key_message(key: str, known: list[str], where: str) -> str:
-    close = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
+    if isinstance(key, str) and ":" in key and key.partition(":")[0].strip() in known:
+        name, _, value = key.partition(":")
+        return (
+            f"config key {_join(where, key)!r}: YAML needs a space after the colon; write '{name}: {value}'"
+        )
+    close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.5)
     hint = f" Did you mean {_join(where, close[0])!r}?" if close else ""
     return f"unknown config key {_join(where, key)!r}.{hint} Valid keys here: {', '.join(known)}."
 

@@ -1,0 +1,276 @@
+"""Start-up checks of everything a run reads or writes, each failing with one line that names the fix.
+
+``gen_rl/train.py`` runs them right after the config validates, in two stages, both before any model loads:
+
+1. ``check_generation_inputs`` / ``check_vlm_inputs`` import neither torch nor a model library: the output
+   folder is writable, the tracker is installed, every data file is read whole (every bad record named with its
+   line), the model weights exist locally or in the hub cache when the hub cannot be used, and the image size
+   fits the model (from its config files only).
+2. ``check_registered_names`` imports the reward and sampler registries (and so torch) and checks every reward
+   and family name and the reward's keyword arguments against its constructor.
+
+Paths resolve against the working directory (``gen_rl.config.resolve_path``); messages show the resolved path.
+When ``HF_HUB_OFFLINE=1`` is set, or the hub cannot be reached, hub ids resolve from the local cache only:
+``hub_unusable_reason`` then sets ``HF_HUB_OFFLINE=1`` for the rest of the process so that no loader retries a
+network that is not there.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import os
+import socket
+import tempfile
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from gen_rl.config import ConfigError, resolve_path
+from gen_rl.data import DataError, load_prompts
+
+# tiny models built in code (gen_rl.policy.TINY_MODELS): family and the multiple their image size must be
+TINY_GENERATORS = {"tiny:flux": ("flux", 2), "tiny:flux-pixel": ("flux", 2), "tiny:sd3": ("sd3", 1)}
+# FLUX and SD3 checkpoints: 8x VAE and 2x2 patches, so sides are multiples of 16 (used without a model config)
+FAMILY_IMAGE_MULTIPLE = {"flux": 16, "sd3": 16}
+TRACKER_MODULES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}
+HUB_PROBE_SECONDS = 2.0
+
+
+class MissingWeightsError(ConfigError, FileNotFoundError):
+    """Model weights are not where the config points (nor in the hub cache when the hub cannot be used)."""
+
+
+# ----- environment ---------------------------------------------------------------------------------------------
+def hub_offline() -> bool:
+    """Whether ``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) asks for cache-only hub access."""
+    names = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    return any(os.environ.get(name, "").lower() in ("1", "true", "yes", "on") for name in names)
+
+
+@functools.cache
+def hub_reachable(timeout: float = HUB_PROBE_SECONDS) -> bool:
+    """Whether a TCP connection to the hub (or the HTTPS proxy in the environment) opens within ``timeout`` s."""
+    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
+    url = urlparse(proxy or os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname or "huggingface.co", port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def hub_unusable_reason() -> str | None:
+    """Why hub ids must resolve from the local cache only (offline by setting, or no connection), or None.
+
+    An unreachable hub sets ``HF_HUB_OFFLINE=1`` for this process (huggingface_hub reads it when first
+    imported), so that later loaders fail at once instead of retrying a network that is not there.
+    """
+    if os.environ.get(_PROBE_MARK) == "1":
+        return "the hub cannot be reached"
+    if hub_offline():
+        return "HF_HUB_OFFLINE=1 is set"
+    if hub_reachable():
+        return None
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ[_PROBE_MARK] = "1"
+    return "the hub cannot be reached"
+
+
+_PROBE_MARK = "GEN_RL_HUB_UNREACHABLE"  # set with HF_HUB_OFFLINE=1 when the probe failed (for the message)
+
+
+def check_output_dir(path: str, key: str = "log.output_dir") -> Path:
+    """The resolved run folder; ConfigError when it (or the folder it would be made in) cannot be written."""
+    folder = resolve_path(path)
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{key} {folder} cannot be made: {existing} is a file; choose another folder")
+    try:
+        probe = tempfile.mkdtemp(prefix=".gen_rl_write_check_", dir=existing)
+    except OSError as error:
+        raise ConfigError(
+            f"{key} {folder} is not writable ({existing}: {error.strerror}); choose another folder or fix its "
+            "permissions"
+        ) from error
+    os.rmdir(probe)
+    return folder
+
+
+def check_tracker(tracker: str, key: str = "log.tracker") -> None:
+    """ConfigError when the tracker's package is not installed (``none`` needs nothing)."""
+    modules = TRACKER_MODULES.get(tracker, ())
+    if modules and not any(importlib.util.find_spec(module) for module in modules):
+        raise ConfigError(
+            f"{key} is {tracker!r} but {modules[0]} is not installed; pip install {modules[0]}, or set "
+            f"{key}: {'tensorboard' if tracker != 'tensorboard' else 'none'}"
+        )
+
+
+# ----- weights -------------------------------------------------------------------------------------------------
+def looks_like_local_path(source: str) -> bool:
+    """A path rather than a hub id ``owner/name``: absolute, relative with ./, ~, or more than one slash."""
+    return source.startswith((".", "/", "~")) or source.count("/") > 1 or "\\" in source
+
+
+def check_weights(source: str, key: str, marker: str) -> None:
+    """Weights at ``source`` (local folder or hub id) exist, or can be downloaded; ``marker`` is a file they hold.
+
+    Offline or without a reachable hub, a hub id must already be in the local cache (checked by ``marker``,
+    e.g. ``model_index.json`` of a diffusers pipeline). Raises ``MissingWeightsError`` naming the fix.
+    """
+    path = resolve_path(source)
+    if path.exists() or looks_like_local_path(source):
+        if not path.is_dir():
+            raise MissingWeightsError(
+                f"{key}: {path} does not exist; give a local folder holding {marker} or a hub id (owner/name)"
+                if not path.exists()
+                else f"{key}: {path} is a file; give the folder that holds {marker}"
+            )
+        if not (path / marker).is_file():
+            raise MissingWeightsError(f"{key}: {path} has no {marker}; give the folder of a full checkpoint")
+        return
+    reason = hub_unusable_reason()
+    if reason and cached_hub_file(source, marker) is None:
+        raise MissingWeightsError(
+            f"{key}: {source!r} is not in the local hub cache and {reason}; run "
+            f"`huggingface-cli download {source}` where the hub is reachable, or give a local folder"
+        )
+
+
+def cached_hub_file(repo_id: str, filename: str) -> Path | None:
+    """The cached copy of ``filename`` of hub repo ``repo_id``, or None (never touches the network)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(repo_id, filename)
+    except ValueError:  # not a valid repo id
+        return None
+    return Path(found) if isinstance(found, str) else None
+
+
+# ----- image size ----------------------------------------------------------------------------------------------
+def image_multiple(family: str, pretrained: str) -> int | None:
+    """The number image height and width must be multiples of, from the model's config files only.
+
+    FLUX: VAE scale x 2 (2x2 latent packing); SD3: VAE scale x transformer patch size. None when unknown
+    (a user family). Where the config files are not at hand, FLUX and SD3 checkpoints' 16.
+    """
+    if pretrained in TINY_GENERATORS:
+        return TINY_GENERATORS[pretrained][1]
+    if family not in FAMILY_IMAGE_MULTIPLE:
+        return None
+    vae = _model_config(pretrained, "vae/config.json")
+    transformer = _model_config(pretrained, "transformer/config.json")
+    if vae is None or "block_out_channels" not in vae:
+        return FAMILY_IMAGE_MULTIPLE[family]
+    vae_scale = 2 ** (len(vae["block_out_channels"]) - 1)
+    patch = 2 if family == "flux" else int((transformer or {}).get("patch_size", 2))
+    return vae_scale * patch
+
+
+def _model_config(pretrained: str, filename: str) -> dict[str, Any] | None:
+    path = resolve_path(pretrained)
+    if path.is_dir():
+        found: Path | None = path / filename
+    elif looks_like_local_path(pretrained):
+        found = None
+    else:
+        found = cached_hub_file(pretrained, filename)
+    if found is None or not found.is_file():
+        return None
+    try:
+        return json.loads(found.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def check_image_size(family: str, pretrained: str, height: int | None, width: int | None) -> None:
+    """ConfigError when ``sample.height`` / ``sample.width`` is not a multiple the model can generate."""
+    multiple = image_multiple(family, pretrained)
+    if multiple is None:
+        return
+    for key, value in (("sample.height", height), ("sample.width", width)):
+        if value is not None and value % multiple:
+            low, high = value // multiple * multiple, (value // multiple + 1) * multiple
+            choices = f"{low} or {high}" if low else str(high)
+            raise ConfigError(
+                f"{key} is {value}, but {pretrained!r} ({family}) generates sides that are multiples of "
+                f"{multiple} (VAE scale x patch size); use {choices}"
+            )
+
+
+# ----- the checks of one run -----------------------------------------------------------------------------------
+def check_generation_inputs(config: Any) -> None:
+    """Stage 1 for a ``GenerationConfig``: run folder, tracker, prompt files, weights, image size (no torch)."""
+    check_output_dir(config.log.output_dir)
+    check_tracker(config.log.tracker)
+    data = config.data
+    load_prompts(data.train_prompts, data.bad_records, "data.train_prompts")
+    if data.eval_prompts:
+        load_prompts(data.eval_prompts, data.bad_records, "data.eval_prompts")
+    model = config.model
+    if model.pretrained.startswith("tiny:"):
+        _check_tiny(model.pretrained, model.family)
+    else:
+        check_weights(model.pretrained, "model.pretrained", "model_index.json")
+    if config.log.monitors and config.log.diversity_model:
+        check_weights(config.log.diversity_model, "log.diversity_model", "config.json")
+    check_image_size(model.family, model.pretrained, config.sample.height, config.sample.width)
+
+
+def _check_tiny(name: str, family: str) -> None:
+    if name not in TINY_GENERATORS:
+        raise ConfigError(
+            f"model.pretrained {name!r} is not a tiny model; use one of {', '.join(TINY_GENERATORS)}"
+        )
+    expected = TINY_GENERATORS[name][0]
+    if expected != family:
+        raise ConfigError(
+            f"model.pretrained {name!r} is a {expected} model but model.family is {family!r}; "
+            f"set model.family: {expected}"
+        )
+
+
+def check_vlm_inputs(config: Any) -> None:
+    """Stage 1 for a ``VLMConfig``: run folder, image root, every JSONL record and image, weights (no torch)."""
+    from gen_rl.vlm.data import read_checked_records
+
+    check_output_dir(config.log.output_dir)
+    data = config.data
+    if data.image_root and not resolve_path(data.image_root).is_dir():
+        raise DataError(
+            f"data.image_root {resolve_path(data.image_root)} is not a folder; fix the path (relative paths "
+            "start at the working directory)"
+        )
+    for index, stage in enumerate(data.stages):
+        for file_index, path in enumerate(stage.files):
+            read_checked_records(path, data.image_root, data.bad_records, f"data.stages[{index}].files[{file_index}]")
+    if not config.model.name_or_path.startswith("builtin:"):
+        check_weights(config.model.name_or_path, "model.name_or_path", "config.json")
+
+
+def check_registered_names(config: Any) -> None:
+    """Stage 2 for a ``GenerationConfig`` (imports torch, loads nothing): family, reward names and kwargs."""
+    from gen_rl.registry import resolve
+    from pipelines import SAMPLERS
+    from rewards.base import REWARDS, Reward, _check_arguments
+
+    try:
+        resolve(SAMPLERS, config.model.family, "model family")
+    except ValueError as error:
+        raise ConfigError(f"model.family: {error}") from error
+    terms = [(f"reward.terms[{i}]", term) for i, term in enumerate(config.reward.terms)]
+    terms += [(f"eval.gold[{i}]", term) for i, term in enumerate(config.eval.gold)]
+    for key, term in terms:
+        try:
+            reward_class = resolve(REWARDS, term.name, "reward")
+            if not (isinstance(reward_class, type) and issubclass(reward_class, Reward)):
+                raise TypeError(f"{term.name!r} resolves to {reward_class!r}, which is not a Reward subclass")
+            _check_arguments(reward_class, term.name, term.kwargs)
+        except (TypeError, ValueError) as error:
+            raise ConfigError(f"{key}: {error}") from error
