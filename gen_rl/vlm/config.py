@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gen_rl.config import ConfigError, option, section
-from gen_rl.dtypes import DTYPES as DTYPE_MAP
+from gen_rl.config import ConfigError, check_finite, option, section
 
 __all__ = [
     "LOSS_NAMES",
@@ -29,7 +28,7 @@ __all__ = [
 
 LOSS_NAMES = ("grpo", "dr_grpo", "dapo", "gspo", "gspo_token")
 REFERENCE_MODES = ("auto", "disable_adapter", "frozen_copy")
-DTYPES = tuple(DTYPE_MAP)
+DTYPES = ("float32", "bfloat16", "float16")  # gen_rl.dtypes.DTYPES's names, without importing torch here
 
 
 @dataclass
@@ -102,6 +101,9 @@ class DataSection:
         0, "prompt token budget; longer problems are cut (image tokens never are); 0 = no limit"
     )
     shuffle: bool = option(True, "draw records in a seeded shuffled order (else file order)")
+    bad_records: str = option(
+        "abort", "a bad JSONL record or missing image: abort at start-up listing every one, or skip (warned)"
+    )
 
 
 @dataclass
@@ -217,9 +219,50 @@ class VLMConfig:
     def validate(self) -> None:
         """Check the invariants between keys; each error names the key and the fix."""
         self._validate_names()
+        self._validate_values()
         self._validate_batches()
         self._validate_stages()
         self._validate_rewards()
+
+    def _validate_values(self) -> None:
+        """Single-key value checks: finite numbers, a positive learning rate, counts and fractions in range."""
+        check_finite(self)
+        train, model, data = self.train, self.model, self.data
+        if train.lr <= 0:
+            raise ConfigError(f"train.lr must be > 0 (the AdamW learning rate), got {train.lr}; e.g. train.lr=1e-6")
+        if len(train.adam_betas) != 2 or not all(0 <= beta < 1 for beta in train.adam_betas):
+            raise ConfigError(f"train.adam_betas must be two numbers in [0, 1), got {train.adam_betas}")
+        if data.bad_records not in ("abort", "skip"):
+            raise ConfigError(f"data.bad_records must be 'abort' or 'skip', got {data.bad_records!r}")
+        if not 0 <= model.lora.dropout < 1:
+            raise ConfigError(f"model.lora.dropout must be in [0, 1), got {model.lora.dropout}")
+        if model.lora.enabled and not (model.lora.r >= 1 and model.lora.alpha > 0):
+            raise ConfigError(
+                f"model.lora.r must be >= 1 and alpha > 0, got r={model.lora.r}, alpha={model.lora.alpha}"
+            )
+        if model.min_pixels and model.max_pixels and model.min_pixels > model.max_pixels:
+            raise ConfigError(
+                f"model.min_pixels ({model.min_pixels}) exceeds model.max_pixels ({model.max_pixels}); swap them"
+            )
+        non_negative = {
+            "train.weight_decay": train.weight_decay,
+            "train.warmup_steps": train.warmup_steps,
+            "train.mini_batch_size": train.mini_batch_size,
+            "train.micro_batch_size": train.micro_batch_size,
+            "sample.generation_batch_size": self.sample.generation_batch_size,
+            "model.min_pixels": model.min_pixels,
+            "model.max_pixels": model.max_pixels,
+            "data.max_prompt_length": data.max_prompt_length,
+            "reward.advantage_eps": self.reward.advantage_eps,
+            "reward.advantage_clip": self.reward.advantage_clip,
+            "log.log_completions": self.log.log_completions,
+            "log.checkpoint_every": self.log.checkpoint_every,
+        }
+        for key, value in non_negative.items():
+            if value < 0:
+                raise ConfigError(f"{key} must be >= 0, got {value}")
+        if not self.log.output_dir:
+            raise ConfigError("log.output_dir is empty; give the run folder, e.g. outputs/my_vlm_run")
 
     def _validate_names(self) -> None:
         if self.task != "vlm":

@@ -89,6 +89,42 @@ def read_records(path: str | Path, image_root: str | Path = "") -> list[VLMRecor
     return records
 
 
+def read_checked_records(
+    path: str | Path, image_root: str | Path = "", bad_records: str = "abort", key: str = ""
+) -> list[VLMRecord]:
+    """All records of a JSONL file, each checked at start-up: JSON, keys, and that every image / video exists.
+
+    Every bad record is named with its line (and ``id``); ``bad_records="abort"`` raises one ``DataError``
+    listing them, ``"skip"`` logs one warning per bad record and returns the others. Paths show resolved.
+    """
+    from gen_rl.config import resolve_path
+    from gen_rl.data import read_text_lines, report_bad_records
+
+    shown = resolve_path(path)
+    lines = read_text_lines(shown, "data file", key)
+    records, problems, total = [], [], 0
+    for line_number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        total += 1
+        where = f"{shown.name}:{line_number}"
+        try:
+            raw = json.loads(line)
+            record = parse_record(raw, image_root, where)
+        except ValueError as error:  # JSONDecodeError included
+            problems.append((line_number, str(error).removeprefix(f"{where}: ")))
+            continue
+        media = [*record.images, *getattr(record, "videos", [])]
+        missing = [item for item in media if not Path(item).exists()]
+        if missing:
+            named = f" (record {raw['id']!r})" if "id" in raw else ""
+            problems.append((line_number, f"{resolve_path(missing[0])} does not exist{named}"))
+            continue
+        records.append(record)
+    report_bad_records(shown, problems, bad_records, total=total)
+    return records
+
+
 def load_images(record: VLMRecord) -> list[Image.Image]:
     """The record's images as RGB PIL images, in order."""
     images = []

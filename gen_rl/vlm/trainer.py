@@ -38,7 +38,7 @@ from gen_rl.metrics import MetricsLog
 from gen_rl.run_state import install_hooks
 from gen_rl.seeding import derive_seed
 from gen_rl.vlm.config import VLMConfig
-from gen_rl.vlm.data import Curriculum, PromptStream, Stage, load_images, read_records
+from gen_rl.vlm.data import Curriculum, PromptStream, Stage, load_images, read_checked_records, read_records
 from gen_rl.vlm.objectives import LOSS_MODES, MiniBatchNorms, policy_loss
 from gen_rl.vlm.policy import (
     ReferencePolicy,
@@ -261,7 +261,9 @@ class VLMTrainer:
                 records = [
                     record
                     for path in section.files
-                    for record in read_records(path, self.config.data.image_root)
+                    for record in read_checked_records(
+                        path, self.config.data.image_root, self.config.data.bad_records
+                    )
                 ]
             if section.tasks:
                 records = [record for record in records if record.task in section.tasks]
