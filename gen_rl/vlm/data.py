@@ -3,9 +3,12 @@
 A record is one JSON object per line::
 
     {"image": "coco/0001.jpg" | ["a.png", "b.png"] | null, "problem": "...", "solution": ...,
-     "task": "grounding", "metadata": {...}}
+     "task": "grounding", "metadata": {...},
+     "video": "clips/0001" | "clips/0001.mp4" | [...], "video_fps": 2.0}
 
-(``images`` is accepted for ``image``; ``id`` is optional). Relative image paths are resolved against the
+(``images`` / ``videos`` are accepted for ``image`` / ``video``; ``id`` is optional). A video is a folder of
+frame images (``video_fps``: their frame rate, else ``data.video.frames_fps``) or a video file (PyAV, the
+``video`` extra); see :mod:`gen_rl.vlm.video`. Relative image and video paths are resolved against the
 image root. The curriculum (RewardMap-style: perception stages first, then reasoning) is a list of stages,
 each with its files, an optional task filter and a number of steps; prompts are drawn from the current stage
 in a seeded shuffled order, epoch after epoch, through a cursor that checkpoints can save and restore.
@@ -23,13 +26,24 @@ import numpy as np
 from PIL import Image
 
 from gen_rl.seeding import derive_seed
+from gen_rl.vlm.video import VideoClip, VideoSampling, read_video
 
-__all__ = ["VLMRecord", "Stage", "Curriculum", "PromptStream", "parse_record", "read_records", "load_images"]
+__all__ = [
+    "VLMRecord",
+    "Stage",
+    "Curriculum",
+    "PromptStream",
+    "parse_record",
+    "read_records",
+    "load_images",
+    "load_videos",
+]
 
 
 @dataclass
 class VLMRecord:
-    """One prompt: its images (absolute paths), problem text, ground truth, task and reward metadata."""
+    """One prompt: its images and videos (absolute paths), problem text, ground truth, task and reward
+    metadata; ``video_fps`` is the frame rate of frame-folder videos (0 = the config's)."""
 
     images: list[str]
     problem: str
@@ -37,6 +51,8 @@ class VLMRecord:
     task: str = ""
     metadata: dict[str, Any] = field(default_factory=dict)
     key: str = ""
+    videos: list[str] = field(default_factory=list)
+    video_fps: float = 0.0
 
 
 def parse_record(raw: dict[str, Any], image_root: str | Path = "", where: str = "record") -> VLMRecord:
@@ -46,28 +62,35 @@ def parse_record(raw: dict[str, Any], image_root: str | Path = "", where: str = 
     missing = [key for key in ("problem", "solution") if key not in raw]
     if missing:
         raise ValueError(f"{where}: missing {missing}; every record needs 'problem' and 'solution'")
-    image_field = raw.get("image", raw.get("images"))
-    if image_field is None:
-        paths: list[str] = []
-    elif isinstance(image_field, str):
-        paths = [image_field]
-    elif isinstance(image_field, list) and all(isinstance(item, str) for item in image_field):
-        paths = list(image_field)
-    else:
-        raise ValueError(f"{where}: 'image' must be a path, a list of paths or null, got {image_field!r}")
+    paths = _paths(raw.get("image", raw.get("images")), "image", where)
+    video_paths = _paths(raw.get("video", raw.get("videos")), "video", where)
+    video_fps = raw.get("video_fps", 0.0)
+    if isinstance(video_fps, bool) or not isinstance(video_fps, int | float) or video_fps < 0:
+        raise ValueError(f"{where}: 'video_fps' must be a number >= 0 (frames per second), got {video_fps!r}")
     metadata = raw.get("metadata") or {}
     if not isinstance(metadata, dict):
         raise ValueError(f"{where}: 'metadata' must be an object, got {type(metadata).__name__}")
     root = Path(image_root)
-    resolved = [str(path if Path(path).is_absolute() else root / path) for path in paths]
     return VLMRecord(
-        images=resolved,
+        images=[str(path if Path(path).is_absolute() else root / path) for path in paths],
         problem=str(raw["problem"]),
         solution=raw["solution"],
         task=str(raw.get("task", "")),
         metadata=dict(metadata),
         key=str(raw.get("id", where)),
+        videos=[str(path if Path(path).is_absolute() else root / path) for path in video_paths],
+        video_fps=float(video_fps),
     )
+
+
+def _paths(value: Any, name: str, where: str) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and all(isinstance(item, str) for item in value):
+        return list(value)
+    raise ValueError(f"{where}: '{name}' must be a path, a list of paths or null, got {value!r}")
 
 
 def read_records(path: str | Path, image_root: str | Path = "") -> list[VLMRecord]:
@@ -132,6 +155,11 @@ def load_images(record: VLMRecord) -> list[Image.Image]:
         with Image.open(path) as image:
             images.append(image.convert("RGB"))
     return images
+
+
+def load_videos(record: VLMRecord, sampling: VideoSampling) -> list[VideoClip]:
+    """The record's videos, each with its frames sampled per ``sampling``, in order."""
+    return [read_video(path, sampling, record.video_fps) for path in record.videos]
 
 
 @dataclass

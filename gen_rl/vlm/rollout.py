@@ -1,10 +1,14 @@
 """Rollouts of a vision-language policy: prompt encoding, batched sampling, completion masks, token log-probs.
 
-* Prompts are encoded one by one with the processor (chat template, images), so each prompt owns its visual
-  tensors; a batch of any subset of completions concatenates them along dim 0 in completion order (Qwen's
+* Prompts are encoded one by one with the processor (chat template, images, videos), so each prompt owns its
+  visual tensors; a batch of any subset of completions concatenates them along dim 0 in completion order (Qwen's
   flattened patches + ``image_grid_thw`` rows, or one row per image elsewhere) and left-pads the tokens. Pixel
   values therefore stay aligned with their prompts however prompts with several images are batched.
 * Prompts longer than the budget lose words of the problem text only: image tokens are never truncated.
+* Videos (sampled frames, :mod:`gen_rl.vlm.video`) go to the processor as video inputs with their frame
+  times; a prompt with a video whose encoding carries no video tensor is an error, never a text-only prompt.
+* :func:`processed_image_sizes` gives each image's size as the model sees it for any processor (the frame
+  box rewards convert coordinates from).
 * Sampling is plain temperature sampling (no top-k / top-p / penalties); the vision special tokens are
   suppressed (never generated). Token log-probs are recomputed with the same temperature and the same
   suppressed tokens, so they equal the sampling distribution's (policy ratio 1 before any update).
@@ -21,6 +25,9 @@ from typing import Any
 import torch
 from torch import Tensor
 from transformers import GenerationConfig
+from transformers.video_processing_utils import VideoProcessorMixin
+
+from gen_rl.vlm.video import VideoClip
 
 __all__ = [
     "EncodedPrompt",
@@ -38,6 +45,10 @@ __all__ = [
     "sample_rollout",
     "vision_token_ids",
     "uses_mrope",
+    "processed_image_sizes",
+    "check_video_support",
+    "greedy_generation_config",
+    "decode_texts",
 ]
 
 # per-token fields of processor outputs (padded like input_ids, zeros for completion tokens)
@@ -64,32 +75,59 @@ class EncodedPrompt:
         token_fields: per-token fields such as ``mm_token_type_ids`` (``[L]`` each).
         visual: processor tensors for the prompt's images (``pixel_values``, ``image_grid_thw``, ...), whose dim 0
             runs over patches or images and concatenates across prompts.
-        processed_sizes: ``(height, width)`` of each image as the model saw it, where the processor tells.
+        processed_sizes: ``(height, width)`` of each image as the model saw it (:func:`processed_image_sizes`).
+        num_videos: videos encoded in the prompt.
     """
 
     input_ids: Tensor
     token_fields: dict[str, Tensor] = field(default_factory=dict)
     visual: dict[str, Tensor] = field(default_factory=dict)
     processed_sizes: list[tuple[int, int]] = field(default_factory=list)
+    num_videos: int = 0
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
 
 
-def build_messages(problem: str, num_images: int, system_prompt: str = "") -> list[dict[str, Any]]:
-    """Chat messages: optional system message, then one user turn with the images before the text."""
+def build_messages(
+    problem: str, num_images: int, system_prompt: str = "", num_videos: int = 0
+) -> list[dict[str, Any]]:
+    """Chat messages: optional system message, then one user turn with the images, then the videos, then the
+    text."""
     messages: list[dict[str, Any]] = []
     if system_prompt:
         messages.append({"role": "system", "content": [{"type": "text", "text": system_prompt}]})
-    content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": problem}]
-    messages.append({"role": "user", "content": content})
+    content = [{"type": "image"} for _ in range(num_images)] + [{"type": "video"} for _ in range(num_videos)]
+    messages.append({"role": "user", "content": [*content, {"type": "text", "text": problem}]})
     return messages
 
 
-def _encode_once(processor, text: str, images: Sequence, system_prompt: str) -> dict[str, Tensor]:
-    messages = build_messages(text, len(images), system_prompt)
+def check_video_support(processor) -> None:
+    """Raise unless ``processor`` has a working video processor (a video must never train as text only)."""
+    video_processor = getattr(processor, "video_processor", None)
+    if video_processor is None or type(video_processor) is VideoProcessorMixin:
+        reason = (
+            "a placeholder video processor (torchvision is not installed: pip install torchvision)"
+            if video_processor is not None
+            else "no video processor (the model takes images only)"
+        )
+        raise ValueError(
+            f"a record has a video but the model's {type(processor).__name__} has {reason}; use a video model "
+            "(Qwen2-VL / Qwen2.5-VL) or drop the record's 'video'"
+        )
+
+
+def _encode_once(
+    processor, text: str, images: Sequence, system_prompt: str, videos: Sequence[VideoClip] = ()
+) -> dict[str, Tensor]:
+    messages = build_messages(text, len(images), system_prompt, num_videos=len(videos))
     chat = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return processor(text=[chat], images=list(images) or None, return_tensors="pt")
+    kwargs: dict[str, Any] = {}
+    if videos:  # frames are sampled already: the processor keeps them all and reads their times
+        kwargs["videos"] = [list(clip.frames) for clip in videos]
+        kwargs["video_metadata"] = [clip.metadata() for clip in videos]
+        kwargs["do_sample_frames"] = False
+    return processor(text=[chat], images=list(images) or None, return_tensors="pt", **kwargs)
 
 
 def _first_tokens(tokenizer, text: str, count: int) -> str:
@@ -104,25 +142,27 @@ def encode_prompt(
     system_prompt: str = "",
     max_prompt_length: int = 0,
     question_template: str = "{problem}",
+    videos: Sequence[VideoClip] = (),
 ) -> EncodedPrompt:
-    """Encode one prompt (``question_template`` with ``{problem}`` filled in, after the images).
+    """Encode one prompt (``question_template`` with ``{problem}`` filled in, after the images and videos).
 
     With ``max_prompt_length > 0`` a prompt that is too long loses tokens from the end of the problem text only:
-    the template, the system prompt and the image tokens are never cut.
+    the template, the system prompt and the image / video tokens are never cut.
     """
-    encoded = _encode_once(processor, question_template.replace("{problem}", problem), images, system_prompt)
+    if videos:
+        check_video_support(processor)
+    template = question_template
+    encoded = _encode_once(processor, template.replace("{problem}", problem), images, system_prompt, videos)
     for _ in range(4):  # decoding and re-encoding can shift a token or two: re-check
         length = encoded["input_ids"].shape[1]
         if not max_prompt_length or length <= max_prompt_length:
-            return _to_encoded_prompt(processor, encoded)
+            return _to_encoded_prompt(processor, encoded, len(images), len(videos))
         problem_tokens = len(processor.tokenizer(problem, add_special_tokens=False)["input_ids"])
         keep = problem_tokens - (length - max_prompt_length)
         if keep <= 0:
             break
         problem = _first_tokens(processor.tokenizer, problem, keep)
-        encoded = _encode_once(
-            processor, question_template.replace("{problem}", problem), images, system_prompt
-        )
+        encoded = _encode_once(processor, template.replace("{problem}", problem), images, system_prompt, videos)
     raise ValueError(
         f"a prompt is {encoded['input_ids'].shape[1]} tokens and cutting its problem text cannot bring it within "
         f"data.max_prompt_length={max_prompt_length} (template, system prompt and image tokens are never cut); "
@@ -130,7 +170,7 @@ def encode_prompt(
     )
 
 
-def _to_encoded_prompt(processor, encoded) -> EncodedPrompt:
+def _to_encoded_prompt(processor, encoded, num_images: int, num_videos: int) -> EncodedPrompt:
     input_ids = encoded["input_ids"][0]
     token_fields, visual = {}, {}
     for name, value in encoded.items():
@@ -140,12 +180,35 @@ def _to_encoded_prompt(processor, encoded) -> EncodedPrompt:
             token_fields[name] = value[0]
         else:
             visual[name] = value
-    processed_sizes = []
+    if num_videos and not any("video" in name for name in visual):
+        raise ValueError(
+            f"the {type(processor).__name__} returned no video tensor for a prompt with {num_videos} video(s) "
+            f"(got {sorted(visual)}); the model cannot see the video: use a video model or drop the video"
+        )
+    sizes = processed_image_sizes(processor, visual, num_images)
+    return EncodedPrompt(input_ids, token_fields, visual, sizes, num_videos)
+
+
+def processed_image_sizes(processor, visual: dict[str, Tensor], num_images: int) -> list[tuple[int, int]]:
+    """``(height, width)`` of each image in the pixel frame the model sees, for any processor.
+
+    Grid processors (Qwen2-VL family: ``image_grid_thw`` rows, in patches) give ``grid x patch_size``; processors
+    that return one pixel tensor per image (``pixel_values [num_images, C, H, W]``: LLaVA, PaliGemma, Gemma 3,
+    ...) give its ``(H, W)``. Tiling processors (several crops per image: Idefics3, InternVL, LLaVA-NeXT) have
+    no single frame: ``[]``, and box rewards then need the record's ``box_format``.
+    """
+    if not num_images:
+        return []
     patch_size = getattr(getattr(processor, "image_processor", None), "patch_size", None)
     if "image_grid_thw" in visual and patch_size:
-        for _, grid_h, grid_w in visual["image_grid_thw"].tolist():
-            processed_sizes.append((int(grid_h * patch_size), int(grid_w * patch_size)))
-    return EncodedPrompt(input_ids, token_fields, visual, processed_sizes)
+        return [
+            (int(grid_h * patch_size), int(grid_w * patch_size))
+            for _, grid_h, grid_w in visual["image_grid_thw"].tolist()
+        ]
+    pixels = visual.get("pixel_values")
+    if pixels is not None and pixels.dim() == 4 and pixels.shape[0] == num_images:
+        return [(int(pixels.shape[-2]), int(pixels.shape[-1]))] * num_images
+    return []
 
 
 def collate_prompts(prompts: Sequence[EncodedPrompt], pad_token_id: int) -> dict[str, Tensor]:
@@ -225,6 +288,20 @@ def sampling_generation_config(settings: SamplingSettings, return_scores: bool =
     )
 
 
+def greedy_generation_config(settings: SamplingSettings) -> GenerationConfig:
+    """Greedy decoding (argmax after suppressing the vision tokens) with the rollout's budget and EOS ids."""
+    return GenerationConfig(
+        do_sample=False,
+        num_beams=1,
+        max_new_tokens=settings.max_new_tokens,
+        eos_token_id=list(settings.eos_token_ids),
+        pad_token_id=settings.pad_token_id,
+        suppress_tokens=list(settings.suppress_token_ids) or None,
+        use_cache=True,
+        return_dict_in_generate=True,
+    )
+
+
 def completion_mask(completion_ids: Tensor, eos_token_ids: Sequence[int]) -> tuple[Tensor, Tensor]:
     """``[N, C]`` bool mask of each completion's tokens up to and including its first EOS, and ``[N]`` truncated.
 
@@ -243,13 +320,23 @@ def completion_mask(completion_ids: Tensor, eos_token_ids: Sequence[int]) -> tup
 
 @torch.no_grad()
 def generate_completions(
-    model, prompt_batch: dict[str, Tensor], settings: SamplingSettings, return_scores: bool = False
+    model,
+    prompt_batch: dict[str, Tensor],
+    settings: SamplingSettings,
+    return_scores: bool = False,
+    greedy: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
-    """Sample one completion per prompt row; returns ``completion_ids [N, C]`` and, if asked, the processed
-    scores ``[N, C, V]`` the tokens were sampled from (temperature and suppression applied)."""
+    """Sample (or, with ``greedy``, decode greedily) one completion per prompt row; returns
+    ``completion_ids [N, C]`` and, if asked, the processed scores ``[N, C, V]`` the tokens were sampled from
+    (temperature and suppression applied)."""
     device = next(model.parameters()).device
     inputs = {name: value.to(device) for name, value in prompt_batch.items()}
-    output = model.generate(**inputs, generation_config=sampling_generation_config(settings, return_scores))
+    if greedy:
+        generation_config = greedy_generation_config(settings)
+        generation_config.output_scores = return_scores
+    else:
+        generation_config = sampling_generation_config(settings, return_scores)
+    output = model.generate(**inputs, generation_config=generation_config)
     prompt_length = inputs["input_ids"].shape[1]
     completion_ids = output.sequences[:, prompt_length:]
     scores = torch.stack(output.scores, dim=1) if return_scores else None
@@ -390,6 +477,14 @@ def _pad_columns(tensor: Tensor, length: int, value: int | bool) -> Tensor:
     return torch.cat([tensor, tensor.new_full((tensor.shape[0], missing), value)], dim=1)
 
 
+def decode_texts(processor, completion_ids: Tensor, mask: Tensor) -> list[str]:
+    """Each completion's masked tokens as text (special tokens removed, whitespace stripped)."""
+    return [
+        processor.tokenizer.decode(ids[row_mask].tolist(), skip_special_tokens=True).strip()
+        for ids, row_mask in zip(completion_ids, mask, strict=True)
+    ]
+
+
 def sample_rollout(
     model,
     processor,
@@ -419,10 +514,7 @@ def sample_rollout(
     )
     mask = torch.cat([_pad_columns(part, length, False)[:, :length] for part in mask_parts])
     completion_ids = completion_ids.masked_fill(~mask, settings.pad_token_id)
-    texts = [
-        processor.tokenizer.decode(ids[row_mask].tolist(), skip_special_tokens=True).strip()
-        for ids, row_mask in zip(completion_ids, mask, strict=True)
-    ]
+    texts = decode_texts(processor, completion_ids, mask)
     repeat = [index for index in range(len(prompts)) for _ in range(group_size)]
     return Rollout(
         prompts=[prompts[index] for index in repeat],
