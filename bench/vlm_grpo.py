@@ -82,6 +82,7 @@ def _gen_rl_config(model_dir: Path, data_jsonl: Path, output_dir: Path, args) ->
                 "group_size": args.group,
                 "max_new_tokens": args.max_new_tokens,
                 "temperature": 1.0,
+                "mask_truncated": False,  # TRL's default (mask_truncated_completions=False)
             },
             "train": {
                 "steps": args.steps,

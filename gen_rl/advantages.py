@@ -361,3 +361,80 @@ def combine_rewards(
         num_zero_std_groups=int(zero_std_all.sum().item()),
         num_invalid=int((~is_valid).sum().item()),
     )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Leave-one-out and batch-normalised estimators (VLM side; same validity rules as group_advantages)
+# ----------------------------------------------------------------------------------------------------
+
+ADVANTAGE_ESTIMATORS = ("grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
+__all__ += ["ADVANTAGE_ESTIMATORS", "rloo_advantages", "reinforce_pp_advantages"]
+
+
+def _valid_group_counts(stats: _GroupStatistics) -> Tensor:
+    """``[N]`` number of finite rewards in each sample's group."""
+    valid = stats.is_valid.to(stats.rewards_clean.dtype)
+    counts = torch.zeros_like(stats.group_mean).index_add_(0, stats.group_index, valid)
+    return counts[stats.group_index]
+
+
+def _advantage_output(advantages: Tensor, stats: _GroupStatistics, clip: float | None) -> AdvantageOutput:
+    advantages = torch.where(stats.is_valid, advantages, torch.zeros_like(advantages))
+    if clip is not None:
+        advantages = advantages.clamp(-clip, clip)
+    return AdvantageOutput(
+        advantages=advantages.to(torch.float32),
+        num_groups=int(stats.group_mean.shape[0]),
+        num_zero_std_groups=int(stats.group_is_zero_std.sum().item()),
+        num_invalid=int((~stats.is_valid).sum().item()),
+    )
+
+
+def rloo_advantages(rewards: Tensor, group_ids: Tensor, *, clip: float | None = None) -> AdvantageOutput:
+    """RLOO (Kool et al. 2019; Ahmadian et al. 2024, eq. 6): ``A_i = r_i - 1/(n-1) sum_{j != i} r_j``.
+
+    The baseline of each sample is the mean of the *other* finite rewards of its group, which equals
+    ``n / (n - 1) * (r_i - mean_g)``. A group with fewer than two finite rewards has no baseline and gets 0;
+    samples with a non-finite reward get 0 and are left out of their group's baseline. No std division.
+    """
+    rewards, group_ids = torch.as_tensor(rewards), torch.as_tensor(group_ids)
+    _check_1d_pair(rewards, group_ids)
+    _validate_advantage_args("none", 0.0, clip)
+    stats = _group_statistics(rewards, group_ids)
+    counts = _valid_group_counts(stats)
+    centered = stats.rewards_clean - stats.group_mean[stats.group_index]
+    has_baseline = counts > 1
+    scale = torch.where(has_baseline, counts / (counts - 1).clamp_min(1), torch.zeros_like(counts))
+    return _advantage_output(scale * centered, stats, clip)
+
+
+def reinforce_pp_advantages(
+    rewards: Tensor,
+    group_ids: Tensor,
+    *,
+    baseline: bool = False,
+    eps: float = 1e-4,
+    clip: float | None = None,
+) -> AdvantageOutput:
+    """REINFORCE++ (Hu et al. 2025) global batch normalisation of outcome rewards.
+
+    ``baseline=False`` (REINFORCE++, eq. 6 with one outcome reward): ``A = (r - mean_B(r)) / (std_B(r) + eps)``
+    over every finite reward of the batch ``B`` (all processes). ``baseline=True`` (REINFORCE++-Baseline):
+    subtract the group mean first, ``A~ = r - mean_g``, then normalise by the batch's std of ``A~``:
+    ``A = A~ / (std_B(A~) + eps)`` (the batch mean of ``A~`` is 0 already). Population stds (ddof 0);
+    non-finite rewards get 0 and count in no statistic. Unlike GRPO, the plain variant gives equal-reward
+    groups a non-zero advantage (they are compared with the batch, not the group).
+    """
+    rewards, group_ids = torch.as_tensor(rewards), torch.as_tensor(group_ids)
+    _check_1d_pair(rewards, group_ids)
+    _validate_advantage_args("global", eps, clip)
+    stats = _group_statistics(rewards, group_ids)
+    valid = stats.rewards_clean[stats.is_valid]
+    if baseline:
+        centered = stats.rewards_clean - stats.group_mean[stats.group_index]
+        scale = centered[stats.is_valid].std(correction=0) if valid.numel() else centered.new_zeros(())
+    else:
+        batch_mean = valid.mean() if valid.numel() else stats.rewards_clean.new_zeros(())
+        centered = stats.rewards_clean - batch_mean
+        scale = valid.std(correction=0) if valid.numel() else centered.new_zeros(())
+    return _advantage_output(centered / (scale + eps), stats, clip)

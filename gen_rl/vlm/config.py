@@ -26,7 +26,9 @@ __all__ = [
     "VLMConfig",
 ]
 
-LOSS_NAMES = ("grpo", "dr_grpo", "dapo", "gspo", "gspo_token")
+LOSS_NAMES = ("grpo", "dr_grpo", "dapo", "gspo", "gspo_token", "cispo", "sapo")
+LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "constant")
+ADVANTAGE_ESTIMATORS = ("grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
 REFERENCE_MODES = ("auto", "disable_adapter", "frozen_copy")
 DTYPES = ("float32", "bfloat16", "float16")  # gen_rl.dtypes.DTYPES's names, without importing torch here
 
@@ -115,7 +117,9 @@ class SampleSection:
     max_new_tokens: int = option(256, "completion token budget")
     temperature: float = option(1.0, "sampling temperature; log-probs are recomputed at the same one")
     generation_batch_size: int = option(0, "completions per generate call on a process; 0 = all at once")
-    mask_truncated: bool = option(False, "give zero loss to completions that hit max_new_tokens (DAPO)")
+    mask_truncated: bool = option(
+        True, "completions that hit max_new_tokens without EOS contribute no loss (DAPO overlong filtering)"
+    )
 
 
 @dataclass
@@ -123,7 +127,18 @@ class TrainSection:
     """Policy-gradient updates on the shared core (gen_rl.advantages / gen_rl.losses)."""
 
     steps: int = option(100, "rollout batches (each followed by num_iterations x mini-batch updates)")
-    loss: str = option("grpo", "objective: grpo | dr_grpo | dapo | gspo | gspo_token")
+    loss: str = option("grpo", "objective: grpo | dr_grpo | dapo | gspo | gspo_token | cispo | sapo")
+    loss_aggregation: str = option(
+        "",
+        "per-token losses to one number: token_mean (DAPO) | seq_mean_token_mean (GRPO) | seq_mean_token_sum "
+        "| constant (Dr.GRPO: sum / (completions x max_new_tokens)); empty = the loss's default",
+    )
+    advantage_estimator: str = option(
+        "grpo",
+        "grpo (group mean, std per std_mode) | rloo (leave-one-out mean) | reinforce_pp (batch mean and std) | "
+        "reinforce_pp_baseline (group mean, then batch std); non-grpo ones need reward.combine "
+        "sum_then_normalize",
+    )
     std_mode: str = option("", "advantage std: group | global | none; empty = the loss's default")
     lr: float = option(1e-6, "AdamW learning rate")
     weight_decay: float = option(0.0, "AdamW weight decay")
@@ -138,6 +153,16 @@ class TrainSection:
     clip_low: float = option(0.2, "ratio lower bound is 1 - clip_low (GSPO: ~3e-4)")
     clip_high: float = option(0.0, "ratio upper bound is 1 + clip_high; 0 = clip_low (DAPO: 0.28)")
     beta: float = option(0.0, "KL(policy || reference) coefficient (k3 per token); 0 builds no reference")
+    dual_clip: float = option(
+        0.0, "dual-clip c > 1 (Ye et al. 2020; 3 there): loss of A < 0 tokens capped at -c*A; 0 disables"
+    )
+    sapo_tau_pos: float = option(1.0, "SAPO gate temperature for positive advantages (paper: 1.0)")
+    sapo_tau_neg: float = option(1.05, "SAPO gate temperature for negative advantages (paper: 1.05)")
+    top_entropy_fraction: float = option(
+        1.0,
+        "policy gradient only on this top fraction of loss tokens by the sampling policy's entropy, over "
+        "the whole batch (Wang et al. 2025, 80/20 rule: 0.2); 1 trains every token",
+    )
     kl_estimator: str = option("k3", "KL estimator: k1 | k2 | k3")
     drop_zero_std_groups: bool = option(False, "leave groups whose rewards are all equal out of the loss")
     dynamic_sampling_rounds: int = option(
@@ -223,6 +248,7 @@ class VLMConfig:
         self._validate_batches()
         self._validate_stages()
         self._validate_rewards()
+        self._validate_objective()
 
     def _validate_values(self) -> None:
         """Single-key value checks: finite numbers, a positive learning rate, counts and fractions in range."""
@@ -270,6 +296,8 @@ class VLMConfig:
         choices = {
             "train.loss": (self.train.loss, LOSS_NAMES),
             "train.std_mode": (self.train.std_mode, ("", "group", "global", "none")),
+            "train.loss_aggregation": (self.train.loss_aggregation, ("", *LOSS_AGGREGATIONS)),
+            "train.advantage_estimator": (self.train.advantage_estimator, ADVANTAGE_ESTIMATORS),
             "train.kl_estimator": (self.train.kl_estimator, ("k1", "k2", "k3")),
             "model.dtype": (self.model.dtype, DTYPES),
             "model.reference": (self.model.reference, REFERENCE_MODES),
@@ -351,3 +379,26 @@ class VLMConfig:
         names = [spec.name for spec in self.reward.functions]
         if len(set(names)) != len(names):
             raise ConfigError(f"reward.functions names must be unique, got {names}")
+
+    def _validate_objective(self) -> None:
+        train = self.train
+        if train.advantage_estimator != "grpo" and self.reward.combine != "sum_then_normalize":
+            raise ConfigError(
+                f"train.advantage_estimator={train.advantage_estimator} works on the weighted reward sum; set "
+                "reward.combine: sum_then_normalize"
+            )
+        if train.advantage_estimator != "grpo" and train.std_mode:
+            raise ConfigError(
+                f"train.std_mode applies to advantage_estimator grpo only; remove it for "
+                f"{train.advantage_estimator}"
+            )
+        if train.dual_clip and not train.dual_clip > 1:
+            raise ConfigError(f"train.dual_clip must be 0 (off) or > 1 (Ye et al.: 3), got {train.dual_clip}")
+        if train.dual_clip and train.loss in ("cispo", "sapo"):
+            raise ConfigError(f"train.dual_clip bounds the PPO clipped surrogate; train.loss={train.loss} has none")
+        if not (train.sapo_tau_pos > 0 and train.sapo_tau_neg > 0):
+            raise ConfigError("train.sapo_tau_pos and train.sapo_tau_neg must be > 0 (SAPO: 1.0 and 1.05)")
+        if not 0 < train.top_entropy_fraction <= 1:
+            raise ConfigError(
+                f"train.top_entropy_fraction must be in (0, 1] (80/20 rule: 0.2), got {train.top_entropy_fraction}"
+            )

@@ -13,8 +13,10 @@ named phases:
    whose losses are divided by the whole mini-batch's denominators.
 4. ``log`` (``metrics.jsonl``, ``completions.jsonl``, tqdm) and ``checkpoint``.
 
-Groups are whole on each process (each process samples all ``G`` completions of its prompts), so advantages
-need no communication; rewards are gathered only for logging.
+Groups are whole on each process (each process samples all ``G`` completions of its prompts). Rewards are
+gathered from every process, advantages computed over the whole batch (a global std, REINFORCE++ and the
+high-entropy token threshold need it) and each process keeps its own slice; loss denominators are summed over
+processes, so two processes train exactly as one process on the same samples.
 """
 
 from __future__ import annotations
@@ -39,7 +41,13 @@ from gen_rl.run_state import install_hooks
 from gen_rl.seeding import derive_seed
 from gen_rl.vlm.config import VLMConfig
 from gen_rl.vlm.data import Curriculum, PromptStream, Stage, load_images, read_checked_records, read_records
-from gen_rl.vlm.objectives import LOSS_MODES, MiniBatchNorms, policy_loss
+from gen_rl.vlm.objectives import (
+    ADVANTAGE_FUNCTIONS,
+    LOSS_MODES,
+    MiniBatchNorms,
+    entropy_threshold,
+    policy_loss,
+)
 from gen_rl.vlm.policy import (
     ReferencePolicy,
     apply_lora,
@@ -352,6 +360,11 @@ class VLMTrainer:
             eps=config.reward.advantage_eps,
             clip=config.reward.advantage_clip or None,
         )
+        estimator = config.train.advantage_estimator
+        if estimator != "grpo":  # on the weighted reward sum, over the whole batch
+            output = ADVANTAGE_FUNCTIONS[estimator](
+                total, all_group_ids, eps=config.reward.advantage_eps, clip=config.reward.advantage_clip or None
+            )
         start = self.accelerator.process_index * len(rollout)
         local = slice(start, start + len(rollout))
         return total[local], output.advantages[local], output
@@ -423,8 +436,9 @@ class VLMTrainer:
         size = self.config.train.micro_batch_size or len(indices)
         return [indices[start : start + size] for start in range(0, len(indices), size)]
 
-    def _log_probs(self, model, rollout: Rollout, indices: list[int]) -> torch.Tensor:
-        """Token log-probs ``[n, width]`` of completions ``indices``; ``width`` = their longest completion."""
+    def _log_probs(self, model, rollout: Rollout, indices: list[int], with_entropy: bool = False):
+        """Token log-probs ``[n, width]`` of completions ``indices``; ``width`` = their longest completion
+        (with ``with_entropy``, a pair: log-probs and the sampling distribution's entropy per token)."""
         part = rollout.select(indices)
         width = max(int(part.completion_mask.sum(dim=1).max()), 1)
         completion_ids, mask = part.completion_ids[:, :width], part.completion_mask[:, :width]
@@ -436,16 +450,24 @@ class VLMTrainer:
                 completion_ids.to(self.accelerator.device),
                 self.settings.temperature,
                 self.settings.suppress_token_ids,
+                with_entropy,
             )
 
     @torch.no_grad()
-    def _no_grad_log_probs(self, model, rollout: Rollout) -> torch.Tensor:
-        """``[N, C]`` float32 token log-probs of the whole rollout (zeros past each micro-batch's width)."""
-        full = torch.zeros(rollout.completion_ids.shape, dtype=torch.float32, device=self.accelerator.device)
+    def _no_grad_log_probs(self, model, rollout: Rollout, with_entropy: bool = False):
+        """``[N, C]`` float32 token log-probs of the whole rollout (zeros past each micro-batch's width); with
+        ``with_entropy`` a pair (log-probs, entropies)."""
+        shape = rollout.completion_ids.shape
+        full = torch.zeros(shape, dtype=torch.float32, device=self.accelerator.device)
+        entropy = torch.zeros_like(full)
         for indices in self._micro_batches(list(range(len(rollout)))):
-            values = self._log_probs(model, rollout, indices).float()
-            full[torch.tensor(indices, device=full.device), : values.shape[1]] = values
-        return full
+            values = self._log_probs(model, rollout, indices, with_entropy)
+            rows = torch.tensor(indices, device=full.device)
+            if with_entropy:
+                values, entropies = values
+                entropy[rows, : entropies.shape[1]] = entropies.float()
+            full[rows, : values.shape[1]] = values.float()
+        return (full, entropy) if with_entropy else full
 
     def reference_pass(self, rollout: Rollout) -> torch.Tensor | None:
         """Token log-probs of the KL reference (None when ``beta == 0``)."""
@@ -454,46 +476,91 @@ class VLMTrainer:
         with self.reference.active(self.model) as reference_model:
             return self._no_grad_log_probs(reference_model, rollout)
 
-    def old_pass(self, rollout: Rollout) -> torch.Tensor | None:
-        """Sampling-policy log-probs, needed when the batch feeds more than one optimizer step."""
+    def old_pass(self, rollout: Rollout) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Sampling-policy ``(log-probs, entropies)``: log-probs when the batch feeds more than one optimizer
+        step, entropies when only high-entropy tokens train (``train.top_entropy_fraction < 1``)."""
         optimizer_steps = self.config.train.num_iterations * (
             self.config.batch_size // self.config.mini_batch_size
         )
+        if self.config.train.top_entropy_fraction < 1:
+            log_probs, entropies = self._no_grad_log_probs(self.model, rollout, with_entropy=True)
+            return (log_probs if optimizer_steps > 1 else None), entropies
         if optimizer_steps == 1:
-            return None
-        return self._no_grad_log_probs(self.model, rollout)
+            return None, None
+        return self._no_grad_log_probs(self.model, rollout), None
 
     # ------------------------------------------------------------------------------------------------
     # phase 3: update
     # ------------------------------------------------------------------------------------------------
 
-    def update(self, step: int, scored: ScoredRollout, old_log_probs, ref_log_probs) -> dict[str, float]:
-        """``num_iterations`` passes of mini-batch optimizer steps over the rollout."""
+    def loss_mask(self, scored: ScoredRollout) -> torch.Tensor:
+        """``[N, C]`` tokens that count in the loss: completion tokens of kept groups, minus truncated
+        completions (no EOS within ``max_new_tokens``) when ``sample.mask_truncated`` (the default)."""
+        rollout = scored.rollout
+        mask = rollout.completion_mask & scored.keep[:, None]
+        if self.config.sample.mask_truncated:
+            mask &= ~rollout.is_truncated[:, None]
+        return mask.to(self.accelerator.device)
+
+    def _entropy_gate(self, sampling_entropy: torch.Tensor | None, loss_mask: torch.Tensor):
+        """``[N, C]`` float 1 on loss tokens among the top ``train.top_entropy_fraction`` by entropy over the
+        whole batch (every process), else 0; None when every token trains."""
+        if sampling_entropy is None:
+            return None
+        local = sampling_entropy[loss_mask].float()
+        padded = self.accelerator.pad_across_processes(local, dim=0, pad_index=float("nan"))
+        everyone = self.accelerator.gather(padded)
+        threshold = entropy_threshold(everyone[~torch.isnan(everyone)], self.config.train.top_entropy_fraction)
+        return ((sampling_entropy >= threshold) & loss_mask).float()
+
+    def update(
+        self, step: int, scored: ScoredRollout, old_log_probs, ref_log_probs, sampling_entropy=None
+    ) -> dict[str, float]:
+        """``num_iterations`` passes of mini-batch optimizer steps over the rollout; ``sampling_entropy``
+        (from :meth:`old_pass`) restricts the policy gradient to high-entropy tokens."""
         config = self.config
         rollout = scored.rollout
-        loss_mask = rollout.completion_mask & scored.keep[:, None]
-        if config.sample.mask_truncated:
-            loss_mask &= ~rollout.is_truncated[:, None]
-        device = self.accelerator.device
-        loss_mask = loss_mask.to(device)
-        advantages = scored.advantages.to(device)
+        loss_mask = self.loss_mask(scored)
+        token_gate = self._entropy_gate(sampling_entropy, loss_mask)
+        advantages = scored.advantages.to(self.accelerator.device)
         mini_size = config.mini_batch_size // self.world_size
         totals: dict[str, list[float]] = {}
+        entropy_sums = torch.zeros(2, dtype=torch.float64, device=self.accelerator.device)
         for iteration in range(config.train.num_iterations):
             generator = np.random.default_rng(derive_seed(config.seed, "minibatch", step, iteration))
             order = generator.permutation(len(rollout)).tolist()
             for start in range(0, len(order), mini_size):
                 mini = order[start : start + mini_size]
                 stats = self._optimizer_step(
-                    rollout, mini, loss_mask, advantages, old_log_probs, ref_log_probs
-                )
+                    rollout, mini, loss_mask, advantages, old_log_probs, ref_log_probs, token_gate,
+                    entropy_sums if iteration == 0 else None,
+                )  # fmt: skip
                 for key, value in stats.items():
                     totals.setdefault(key, []).append(value)
-        return {key: float(np.mean(values)) for key, values in totals.items()}
+        reducers = {"ratio_min": np.min, "ratio_max": np.max}
+        result = {key: float(reducers.get(key, np.mean)(values)) for key, values in totals.items()}
+        entropy_sums = self.accelerator.gather(entropy_sums[None]).sum(dim=0)
+        result["entropy/mean"] = float(entropy_sums[0] / entropy_sums[1].clamp_min(1))
+        if token_gate is not None:
+            trained = self._gathered(torch.stack([token_gate.sum(), loss_mask.sum()])).view(-1, 2).sum(dim=0)
+            result["entropy/trained_token_fraction"] = float(trained[0] / trained[1].clamp_min(1))
+        return result
 
-    def _optimizer_step(self, rollout, mini, loss_mask, advantages, old_log_probs, ref_log_probs):
+    def _global_norms(self, loss_mask: torch.Tensor) -> MiniBatchNorms:
+        """Mini-batch denominators over every process, divided by the process count (DDP averages the
+        gradients), so that each aggregation means the same with one process or several."""
+        local = torch.stack([(loss_mask.sum(dim=1) > 0).sum(), loss_mask.sum()])
+        total = self._gathered(local).view(-1, 2).sum(dim=0)
+        world = self.world_size
+        return MiniBatchNorms(
+            completions=float(total[0].clamp_min(1)) / world, tokens=float(total[1].clamp_min(1)) / world
+        )
+
+    def _optimizer_step(
+        self, rollout, mini, loss_mask, advantages, old_log_probs, ref_log_probs, token_gate, entropy_sums
+    ):
         config = self.config
-        norms = MiniBatchNorms.of(loss_mask[mini])
+        norms = self._global_norms(loss_mask[mini])
         micro_batches = self._micro_batches(mini)
         sums = {"loss": 0.0, "policy_loss": 0.0, "kl": 0.0}
         surrogate: dict[str, list[float]] = {}
@@ -502,7 +569,7 @@ class VLMTrainer:
             is_last = position == len(micro_batches) - 1
             sync = self.accelerator.no_sync(self.model) if not is_last else contextlib.nullcontext()
             with sync:
-                log_probs = self._log_probs(self.model, rollout, micro)
+                log_probs, entropy = self._log_probs(self.model, rollout, micro, with_entropy=True)
                 width = log_probs.shape[1]
                 old = old_log_probs[index, :width] if old_log_probs is not None else log_probs.detach()
                 ref = ref_log_probs[index, :width] if ref_log_probs is not None else None
@@ -519,8 +586,16 @@ class VLMTrainer:
                     ref_log_probs=ref,
                     beta=config.train.beta,
                     kl_estimator=config.train.kl_estimator,
+                    aggregation=config.train.loss_aggregation,
+                    dual_clip=config.train.dual_clip,
+                    tau_pos=config.train.sapo_tau_pos,
+                    tau_neg=config.train.sapo_tau_neg,
+                    token_weights=token_gate[index, :width] if token_gate is not None else None,
                 )
                 self.accelerator.backward(output.loss)
+            if entropy_sums is not None:  # over every completion token, the first pass over the batch
+                completion = rollout.completion_mask[micro, :width].to(entropy.device)
+                entropy_sums += torch.stack([entropy[completion].double().sum(), completion.sum().double()])
             sums["loss"] += float(output.loss.detach())
             sums["policy_loss"] += float(output.policy_loss)
             sums["kl"] += float(output.kl)
@@ -664,8 +739,8 @@ class VLMTrainer:
             step_start = time.perf_counter()
             scored = self.collect(step)
             ref_log_probs = self.reference_pass(scored.rollout)
-            old_log_probs = self.old_pass(scored.rollout)
-            update_stats = self.update(step, scored, old_log_probs, ref_log_probs)
+            old_log_probs, sampling_entropy = self.old_pass(scored.rollout)
+            update_stats = self.update(step, scored, old_log_probs, ref_log_probs, sampling_entropy)
             metrics = self._step_metrics(step, scored, update_stats, time.perf_counter() - step_start)
             if self.accelerator.is_main_process:
                 self.metrics.append(metrics)

@@ -1,0 +1,65 @@
+"""Run by ``accelerate launch`` from test_vlm_distributed.py (and in-process for the one-process side): one VLM
+training step; each rank saves its samples, advantages and the weights after the update."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from gen_rl.config import load_config
+from gen_rl.vlm.config import VLMConfig
+from gen_rl.vlm.trainer import VLMTrainer
+
+TINY = Path(__file__).resolve().parent.parent / "configs" / "vlm" / "tiny_colour_cpu.yaml"
+# every option whose maths spans processes: batch-wide advantage statistics, token-mean denominators, the
+# high-entropy threshold, micro-batch accumulation and a second pass over the batch (old log-probs)
+OVERRIDES = (
+    "sample.prompts_per_step=4",
+    "sample.group_size=4",
+    "sample.max_new_tokens=3",
+    "sample.mask_truncated=false",
+    "train.steps=1",
+    "train.num_iterations=2",
+    "train.micro_batch_size=4",
+    "train.loss_aggregation=token_mean",
+    "train.advantage_estimator=reinforce_pp_baseline",
+    "train.top_entropy_fraction=0.5",
+    "train.lr=0.01",
+    "reward.functions=[{name: vlm_distributed_worker:character_reward, weight: 1.0}]",
+    "log.progress_bar=false",
+    "log.log_completions=0",
+)
+
+
+def character_reward(completion: str, solution, metadata) -> float:
+    """A reward with spread at initialisation (the colour task pays almost nothing before training)."""
+    return float(sum(map(ord, completion)) % 5) / 4
+
+
+def config(output_dir: Path) -> VLMConfig:
+    """The shared configuration of both sides, writing into ``output_dir``."""
+    return load_config(VLMConfig, TINY, [f"log.output_dir={output_dir}", *OVERRIDES])
+
+
+def one_step(trainer: VLMTrainer) -> dict:
+    """Collect, old / reference passes and the update of step 0; returns what this process computed."""
+    scored = trainer.collect(0)
+    ref_log_probs = trainer.reference_pass(scored.rollout)
+    old_log_probs, sampling_entropy = trainer.old_pass(scored.rollout)
+    stats = trainer.update(0, scored, old_log_probs, ref_log_probs, sampling_entropy)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    return {
+        "rollout": scored.rollout,
+        "scores": scored.scores,
+        "advantages": scored.advantages.cpu(),
+        "stats": stats,
+        "weights": {name: value.detach().cpu().clone() for name, value in model.named_parameters()},
+    }
+
+
+if __name__ == "__main__":
+    output = Path(sys.argv[1])
+    trainer = VLMTrainer(config(output))
+    torch.save(one_step(trainer), output / f"rank{trainer.accelerator.process_index}.pt")
