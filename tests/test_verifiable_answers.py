@@ -154,8 +154,11 @@ def test_yes_no_rejects_unreadable_solution():
         ("1, 2, 3", [1.0, 2.0, 3.0]),
         ("1,2", [1.0, 2.0]),  # not a thousands group
         ("three", [3.0]),
-        ("3 and three", [3.0]),  # words only when there are no digits
-        ("x2 v1.2", []),  # parts of words are no numbers
+        ("3 and three", [3.0, 3.0]),  # number words count beside digits ("3 or four" is two numbers)
+        ("x2 v1.2", [2.0, 1.2]),  # numbers glued to letters count ("3or4" is two numbers)
+        ("1.2.5", [1.2, 5.0]),  # a dotted version is two numbers
+        ("IV", [4.0]),  # upper-case Roman numerals of two or more letters
+        ("I have 3", [3.0]),  # a lone "I" is the pronoun
         ("", []),
     ],
 )

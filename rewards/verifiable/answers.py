@@ -5,8 +5,9 @@ block, or the completion without its reasoning when there is no tag) and unwraps
 ``"<answer>...</answer>"``. An empty answer scores 0 everywhere. A ground truth that cannot be read (no
 number in a numeric solution, say) raises ``ValueError``: that is a data bug, not a bad completion.
 
-Anti-hedging rule shared by the choice, yes/no, numeric and counting rewards: an answer that names more than
-one candidate ("A B C D", "A, B, C or D", "yes or no", "3 or 4") scores 0, whatever the ground truth.
+Every reward here follows the commitment rule of :mod:`rewards.verifiable.commitment`: an answer that lists,
+negates or hedges between candidates ("A B C D", "B or E", "yes or no", "3or4", "3 or ④", "not 3",
+``$3$ $4$``) scores 0, which is no more than committing to its worst candidate.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from rewards.verifiable.commitment import ascii_numerals, hedge, negation, uncommitted
 from rewards.verifiable.format import answer_text, extract_solution
 
 __all__ = [
@@ -25,6 +27,8 @@ __all__ = [
     "single_number",
     "mentioned_labels",
     "choice_letter",
+    "committed_number",
+    "math_candidates",
     "exact_reward",
     "choice_reward",
     "yes_no_reward",
@@ -51,9 +55,10 @@ def normalize_text(text: Any) -> str:
 # ---------------------------------------------------------------------------------------------------------
 
 _NUMBER = r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?|[-+]?\.\d+(?:[eE][-+]?\d+)?"
-# a number must not continue a word or a decimal (``x2``, ``v1.2``): the look-behind rejects those
+# a number may touch letters ("3or4", "3x4" are two numbers: a candidate the reader misses is a hedge that
+# pays); "1.2.5" reads 1.2 and .5, "3..4" 3 and 4
 _NUMBER_TOKEN = re.compile(
-    rf"(?<![A-Za-z_.\d])(?:(?P<num>{_NUMBER})\s*/\s*(?P<den>{_NUMBER})|(?P<single>{_NUMBER}))"
+    rf"(?<!\d)(?:(?P<num>{_NUMBER})\s*/\s*(?P<den>{_NUMBER})|(?P<single>{_NUMBER}))"
 )
 _NUMBER_WORDS = {
     "zero": 0, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8,
@@ -62,6 +67,14 @@ _NUMBER_WORDS = {
     "fifty": 50, "sixty": 60, "seventy": 70, "eighty": 80, "ninety": 90, "hundred": 100,
 }  # fmt: skip
 _NUMBER_WORD = re.compile(r"\b(" + "|".join(_NUMBER_WORDS) + r")\b", re.IGNORECASE)
+# upper-case Roman numerals of two or more letters ("IV", "XII"); a lone "I" is the pronoun
+_ROMAN = re.compile(r"\b(?=[MDCLXVI]{2,}\b)M{0,3}(?:CM|CD|D?C{0,3})(?:XC|XL|L?X{0,3})(?:IX|IV|V?I{0,3})\b")
+_ROMAN_VALUES = {"M": 1000, "D": 500, "C": 100, "L": 50, "X": 10, "V": 5, "I": 1}
+
+
+def _roman_value(numeral: str) -> int:
+    values = [_ROMAN_VALUES[char] for char in numeral]
+    return sum(-v if i + 1 < len(values) and v < values[i + 1] else v for i, v in enumerate(values))
 
 
 def _to_float(token: str) -> float:
@@ -69,30 +82,33 @@ def _to_float(token: str) -> float:
 
 
 def parse_numbers(text: Any) -> list[float]:
-    """All numbers in ``text``, in order.
+    """All numbers in ``text``, in order of appearance.
 
     Understands ``"1,234"`` (thousands separators: groups of exactly three digits), ``"3.5"``, ``"-2"``,
     ``"1e3"``, ``".5"``, fractions ``"3/4"`` (one number, 0.75) and the unicode minus; ``"50%"`` reads 50.
-    Number words (``"three"``, ``"twenty"``) are read only when the text has no digits at all.
+    Reads every candidate an answer could be paid for: numbers glued to letters (``"3or4"`` is 3 and 4),
+    numerals of every script (:func:`rewards.verifiable.commitment.ascii_numerals`: ``"３"``, ``"⁴"``,
+    ``"④"``, ``"Ⅳ"``), English number words (``"three"``) and upper-case Roman numerals of two or more
+    letters (``"IV"``).
     """
     if isinstance(text, bool):
         return [float(text)]
     if isinstance(text, int | float):
         return [float(text)]
-    text = str(text).replace("\u2212", "-")
-    values = []
+    text = ascii_numerals(text)
+    found: list[tuple[int, float]] = []
     for match in _NUMBER_TOKEN.finditer(text):
         if match.group("single") is not None:
-            values.append(_to_float(match.group("single")))
+            found.append((match.start(), _to_float(match.group("single"))))
             continue
         denominator = _to_float(match.group("den"))
-        if denominator == 0:
-            values.extend([_to_float(match.group("num")), denominator])  # "1/0" is two numbers, not inf
+        if denominator == 0:  # "1/0" is two numbers, not inf
+            found.extend([(match.start(), _to_float(match.group("num"))), (match.end(), denominator)])
         else:
-            values.append(_to_float(match.group("num")) / denominator)
-    if not values and not re.search(r"\d", text):
-        values = [float(_NUMBER_WORDS[word.lower()]) for word in _NUMBER_WORD.findall(text)]
-    return [value for value in values if math.isfinite(value)]
+            found.append((match.start(), _to_float(match.group("num")) / denominator))
+    found += [(m.start(), float(_NUMBER_WORDS[m.group(1).lower()])) for m in _NUMBER_WORD.finditer(text)]
+    found += [(m.start(), float(_roman_value(m.group(0)))) for m in _ROMAN.finditer(text)]
+    return [value for _, value in sorted(found, key=lambda item: item[0]) if math.isfinite(value)]
 
 
 def single_number(text: Any) -> float | None:
@@ -102,6 +118,14 @@ def single_number(text: Any) -> float | None:
     """
     distinct = set(parse_numbers(text))
     return distinct.pop() if len(distinct) == 1 else None
+
+
+def committed_number(text: Any, allowed: Sequence[str] = ()) -> float | None:
+    """The one number ``text`` commits to, or ``None`` when it states none or several, negates or hedges
+    (:func:`rewards.verifiable.commitment.uncommitted`; ``allowed``: phrases exempt from that check)."""
+    if uncommitted(str(text), allowed):
+        return None
+    return single_number(text)
 
 
 def _close(value: float, target: float, rel_tol: float, abs_tol: float) -> bool:
@@ -139,33 +163,69 @@ def _strip_option_prefix(choice: str) -> str:
     return _OPTION_PREFIX.sub("", str(choice), count=1)
 
 
+_CAPITAL = re.compile(r"(?<![A-Za-z0-9_])([A-Z])(?![A-Za-z0-9_])")
+
+
+def _named_letters(text: str, count: int) -> list[str]:
+    """Every capital letter standing alone in ``text``, in or beyond the ``count`` options ("B or E" names
+    B and E); "I" only when there are more than 8 options (otherwise it is the pronoun)."""
+    named: list[str] = []
+    for match in _CAPITAL.finditer(text):
+        letter = match.group(1)
+        if (letter != "I" or count > 8) and letter not in named:
+            named.append(letter)
+    return named
+
+
+def _blank_phrases(text: str, phrases: Sequence[str]) -> str:
+    """``text`` with each phrase of two or more characters blanked out as whole words (case-insensitive)."""
+    for phrase in sorted(phrases, key=len, reverse=True):
+        if len(phrase) >= 2:
+            text = re.sub(rf"(?<!\w){re.escape(phrase)}(?!\w)", " ", text, flags=re.IGNORECASE)
+    return text
+
+
+def _options_named(answer: str, letters: Sequence[str], options: Sequence[str]) -> list[str]:
+    """The letters whose option text occurs in the normalised ``answer`` as whole words."""
+    return [
+        letter
+        for letter, option in zip(letters, options, strict=False)
+        if option and re.search(rf"(?<!\w){re.escape(option)}(?!\w)", answer)
+    ]
+
+
 def choice_letter(text: str, letters: Sequence[str], choices: Sequence[str] | None = None) -> str | None:
     """Read which single option ``text`` picks, or ``None`` if it picks none or more than one.
 
     1. A lone letter (``"b"``, ``"(B)"``, ``"B."``) is that option, whatever its case.
-    2. Otherwise the upper-case option letters standing alone in the text are collected ("B", "(B) dog",
-       "The answer is B"); exactly one distinct letter is the pick, several ("A B C D", "A, B, C or D") none.
+    2. Otherwise every capital letter standing alone in the text is collected, beyond the options too
+       ("B", "(B) dog", "The answer is B"; the option texts are blanked first, so "Vitamin C" is no letter).
+       Exactly one distinct letter, among the options, is the pick unless the text also names another
+       option's text; several letters ("A B C D", "B or E" with four options) pick none.
     3. With no letter and the option texts given, an answer equal to one option's text picks it; failing
        that, an answer containing exactly one option text (as whole words) picks it.
     """
     stripped = text.strip(_EDGE_PUNCTUATION)
     if len(stripped) == 1 and stripped.upper() in letters:
         return stripped.upper()
-    found = mentioned_labels(text, letters)
-    if found:
-        return found[0] if len(found) == 1 else None
-    if not choices:
-        return None
-    options = [normalize_text(_strip_option_prefix(choice)) for choice in choices]
+    options = [normalize_text(_strip_option_prefix(choice)) for choice in choices or ()]
     answer = normalize_text(text)
+    named = _named_letters(_blank_phrases(text, options), len(letters))
+    if named:
+        if len(named) > 1 or named[0] not in letters:
+            return None
+        pick = named[0]
+        own = options[letters.index(pick)] if letters.index(pick) < len(options) else ""
+        others = [
+            letter
+            for letter in _options_named(answer, letters, options)
+            if letter != pick and options[letters.index(letter)] not in own
+        ]
+        return None if others else pick
     exact = [letter for letter, option in zip(letters, options, strict=False) if option and option == answer]
     if len(exact) == 1:
         return exact[0]
-    contained = [
-        letter
-        for letter, option in zip(letters, options, strict=False)
-        if option and re.search(rf"(?<!\w){re.escape(option)}(?!\w)", answer)
-    ]
+    contained = _options_named(answer, letters, options)
     return contained[0] if len(contained) == 1 else None
 
 
@@ -214,7 +274,8 @@ def choice_reward(completion: str, solution: Any, metadata: Mapping[str, Any] | 
     ``["A. cat", "B. dog", ...]``); it fixes which letters exist (A.. for its length) and lets a bare option
     text answer. Without it the letters A..max(D, solution letter) are options. The answer is read by
     :func:`choice_letter`: naming several options scores 0. A solution that is no option letter is compared
-    as text, as :func:`exact_reward`.
+    as text, as :func:`exact_reward`. A negation or hedge outside the option texts ("not B", "B, maybe C")
+    scores 0 (:mod:`rewards.verifiable.commitment`).
     """
     metadata = metadata or {}
     choices = metadata.get("choices")
@@ -229,31 +290,42 @@ def choice_reward(completion: str, solution: Any, metadata: Mapping[str, Any] | 
             f"choice solution {solution!r} is not among the {len(choices)} options {list(choices)}"
         )
     count = len(choices) if choices else max(4, ord(gold) - ord("A") + 1)
+    option_texts = [str(choice) for choice in choices or ()]
+    option_texts += [_strip_option_prefix(choice) for choice in option_texts]
+    if uncommitted(answer, option_texts):
+        return 0.0
     return 1.0 if choice_letter(answer, _letters(count), choices) == gold else 0.0
 
 
-_YES_WORDS = {"yes"}
-_NO_WORDS = {"no"}
+_YES_WORDS = {"yes", "yeah", "yep", "да", "oui", "ja", "sí"}
+_NO_WORDS = {"no", "nope", "нет", "non", "nein"}
 _BARE_BOOLEANS = {"true": "yes", "false": "no"}
+_LEADING_ANSWER = re.compile(r"\s*[^\W\d_]+\s*(?:[,.!;:]|$)")  # "No," / "Yes." / "no": a word then a stop
 
 
 def _polarity(text: str) -> str | None:
+    """"yes", "no" or ``None`` (both, neither, a hedge, or a negation that is not a leading answer word)."""
     bare = _BARE_BOOLEANS.get(normalize_text(text))
     if bare is not None:
         return bare
-    words = set(re.findall(r"[a-z]+", str(text).casefold()))
-    said_yes, said_no = bool(words & _YES_WORDS), bool(words & _NO_WORDS)
-    if said_yes == said_no:
+    words = re.findall(r"[^\W\d_]+", str(text).casefold())
+    said_yes, said_no = bool(set(words) & _YES_WORDS), bool(set(words) & _NO_WORDS)
+    if said_yes == said_no or hedge(text):
         return None
-    return "yes" if said_yes else "no"
+    polarity, spoken = ("yes", _YES_WORDS) if said_yes else ("no", _NO_WORDS)
+    if _LEADING_ANSWER.match(str(text)) and words[0] in spoken:
+        return polarity  # "No, there isn't one": a leading "No," commits, the rest explains
+    return None if negation(_blank_phrases(str(text), sorted(spoken))) else polarity
 
 
 def yes_no_reward(completion: str, solution: Any, metadata: Mapping[str, Any] | None = None) -> float:
     """1.0 if the answer says exactly one of yes / no and it is the solution's.
 
-    "yes" / "no" count as whole words in any case ("Yes, there is a cat." is yes); "true" / "false" only as
-    the whole answer (so "not true" is not read as yes). An answer with both ("yes or no") or neither
-    scores 0. ``solution``: "yes" / "no" / "true" / "false" (any case, optionally tagged) or a bool.
+    "yes" / "no" count as whole words in any case ("Yes, there is a cat." is yes; also "yeah", "nope" and
+    "да", "oui", "ja", "sí" / "нет", "non", "nein"); "true" / "false" only as the whole answer. An answer
+    with both ("yes or no", "yes нет") or neither scores 0, so does a hedge ("probably yes") and a negation
+    unless the yes / no word leads the answer ("No, there isn't." is no; "The answer is not no" is 0).
+    ``solution``: "yes" / "no" / "true" / "false" (any case, optionally tagged) or a bool.
     """
     gold_value = extract_solution(solution)
     gold = ("yes" if gold_value else "no") if isinstance(gold_value, bool) else _polarity(gold_value)
@@ -274,7 +346,8 @@ def numeric_reward(
 
     Defaults ``rel_tol = 1e-2`` (1 %), ``abs_tol = 1e-6``; ``metadata["rel_tol"]`` / ``metadata["abs_tol"]``
     override them per sample, keyword arguments override both (ChartQA's relaxed accuracy is rel_tol 0.05).
-    Numbers are read by :func:`parse_numbers`; an answer with several distinct numbers scores 0.
+    Numbers are read by :func:`parse_numbers`; an answer with several distinct numbers, a negation or a
+    hedge ("not 3", "3 or more", "at least 3") scores 0 (:func:`committed_number`).
     """
     metadata = metadata or {}
     rel_tol = rel_tol if rel_tol is not None else float(metadata.get("rel_tol", DEFAULT_REL_TOL))
@@ -282,20 +355,103 @@ def numeric_reward(
     gold = single_number(extract_solution(solution))
     if gold is None:
         raise ValueError(f"numeric solution must state exactly one number, got {solution!r}")
-    value = single_number(answer_text(completion, metadata))
+    value = committed_number(answer_text(completion, metadata), [str(extract_solution(solution))])
     return 1.0 if value is not None and _close(value, gold, rel_tol, abs_tol) else 0.0
 
 
 _LATEX_DELIMITERS = ("$", "\\(", "\\[", "\\boxed")
-_HEDGE = re.compile(r"\bor\b|\beither\b|\\lor\b|\\vee\b", re.IGNORECASE)
 MATH_MAX_ANSWER_CHARS = 2000
+_MATH_SEGMENT = re.compile(r"\$\$(.+?)\$\$|\$(.+?)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]", re.DOTALL)
+_TEXT_COMMAND = re.compile(r"\\(?:text|textrm|textbf|textit|mbox|mathrm)\s*\{[^{}]*\}")
+_LATEX_SPACE = re.compile(r"\\(?:quad|qquad|[ ,;:!])|~")
+_MATH_FUNCTIONS = {
+    "sin", "cos", "tan", "cot", "sec", "csc", "log", "exp", "sqrt", "arcsin", "arccos", "arctan", "sinh",
+    "cosh", "tanh", "lim", "max", "min", "gcd", "lcm", "mod", "deg", "inf", "infty", "det",
+}  # fmt: skip
+_PROSE_WORDS = {"is", "it", "so", "as", "be", "of", "to", "we", "an", "at", "by", "if", "on", "in"}
+_SEPARATOR = "\x00"
+
+
+def _boxed_contents(text: str) -> list[str]:
+    """The brace-balanced contents of every ``\\boxed{...}`` in ``text``."""
+    contents = []
+    for match in re.finditer(r"\\boxed\s*\{", text):
+        depth, start = 1, match.end()
+        for index in range(start, len(text)):
+            depth += {"{": 1, "}": -1}.get(text[index], 0)
+            if depth == 0:
+                contents.append(text[start:index])
+                break
+    return contents
+
+
+def _is_prose(word: str) -> bool:
+    lower = word.lower()
+    if not word.isascii():
+        return not all("\u0370" <= char <= "\u03ff" for char in word)  # Greek letters are maths
+    return (len(word) >= 3 and lower not in _MATH_FUNCTIONS) or lower in _PROSE_WORDS
+
+
+def _split_math(text: str, gold: str) -> list[str]:
+    """Cut ``text`` at everything that separates two candidate expressions: prose words (Latin words of
+    three or more letters, words of non-Greek scripts, "is", "so", ...), ``\\text{...}``, ``;`` / ``|`` /
+    ``\\\\``, whitespace between two numbers, and top-level commas unless ``gold`` has one (a list answer)."""
+    text = _TEXT_COMMAND.sub(_SEPARATOR, text)
+    text = _LATEX_SPACE.sub(" ", text.replace("\\\\", _SEPARATOR))
+    for symbol in (";", "|"):
+        if symbol not in gold:
+            text = text.replace(symbol, _SEPARATOR)
+    text = re.sub(
+        r"(?<!\\)\b[^\W\d_]+\b", lambda m: _SEPARATOR if _is_prose(m.group(0)) else m.group(0), text
+    )
+    text = re.sub(r"(?<=\d)\s+(?=[-+]?\d)", _SEPARATOR, text)
+    if not _has_top_level_comma(gold):
+        text = "".join(_SEPARATOR if char == "," and depth == 0 else char for char, depth in _depths(text))
+    pieces = (piece.strip(" \t\n.,:;=") for piece in text.split(_SEPARATOR))
+    return [piece for piece in pieces if piece]
+
+
+def _depths(text: str):
+    """``(char, bracket depth before it)`` for each character."""
+    depth = 0
+    for char in text:
+        if char in ")]}":
+            depth = max(0, depth - 1)
+        yield char, depth
+        if char in "([{":
+            depth += 1
+
+
+def _has_top_level_comma(text: str) -> bool:
+    return any(char == "," and depth == 0 for char, depth in _depths(text.strip().strip("$")))
+
+
+def math_candidates(answer: str, gold: str = "") -> list[str]:
+    """The separate expressions an answer offers, each a candidate the reward must accept.
+
+    Every ``$...$`` / ``\\(...\\)`` / ``\\[...\\]`` segment and every ``\\boxed{...}`` is read on its own, and
+    so is the text around them; each is cut further by :func:`_split_math`. "The answer is $x = 3$" offers
+    ``x = 3``; ``$3$ $4$``, "3 4", "3 und 4" offer 3 and 4. Non-ASCII numerals are made ASCII first
+    (superscripts as powers: "x²" is ``x^{2}``).
+    """
+    text = ascii_numerals(answer, superscript_as_power=True)
+    segments = [next(group for group in match.groups() if group is not None) for match in
+                _MATH_SEGMENT.finditer(text)]  # fmt: skip
+    parts = []
+    for part in (*segments, _MATH_SEGMENT.sub(_SEPARATOR, text)):
+        boxed = _boxed_contents(part)
+        for content in boxed:  # a boxed expression is a candidate of its own
+            part = part.replace(f"\\boxed{{{content}}}", _SEPARATOR)
+        parts += [*boxed, part]
+    pieces = [piece for part in parts for piece in _split_math(part, gold)]
+    return [piece for piece in pieces if piece.strip("{}() ")]
 
 
 def _math_parse(text: str, timeout: int | None):
     from math_verify import parse
 
     if not any(delimiter in text for delimiter in _LATEX_DELIMITERS):
-        text = f"${text}$"  # a bare final answer is one LaTeX expression: "3 or 4" then reads {3, 4}, not 4
+        text = f"${text}$"  # a bare answer is one LaTeX expression
     return parse(text, parsing_timeout=timeout)
 
 
@@ -307,12 +463,16 @@ def _timeout_seconds(requested: int) -> int | None:
 def math_reward(
     completion: str, solution: Any, metadata: Mapping[str, Any] | None = None, *, timeout: int = 5
 ) -> float:
-    """1.0 if math-verify finds the answer mathematically equal to the solution (``verify(parse(g), parse(a))``).
+    """1.0 if math-verify finds every candidate of the answer equal to the solution (``verify(parse(g), parse(c))``).
 
-    A bare answer or solution (no ``$``, ``\\(``, ``\\[`` or ``\\boxed``) is parsed as one LaTeX expression.
-    Hedged answers (containing "or", "either", ``\\lor``, ``\\vee``) score 0 -- math-verify would otherwise
-    pick one alternative of "The answer is 3 or 4" -- so several solutions must be given as a set or list.
-    Answers over 2000 characters score 0. Any parse or verification error scores 0. On the main thread
+    The candidates are :func:`math_candidates` (each delimited segment, each ``\\boxed``, cut at prose and
+    separators); those math-verify cannot read (prose) are ignored, and at least one must be read. So
+    ``$3$ $4$``, "3 4", ``3 \\\\ 4`` earn no more than their worst candidate. A negation or hedge that the
+    solution does not contain ("not 3", "3 or 4", "3 | 4", "3 или 4", ``\\pm``, ``\\lor``) scores 0
+    (:mod:`rewards.verifiable.commitment`). A bare answer or solution (no ``$``, ``\\(``, ``\\[`` or ``\\boxed``)
+    is parsed as one LaTeX expression; several solutions must be given as a set or list.
+    Answers over 2000 characters score 0. math-verify itself turns an unreadable completion into no parse
+    (score 0); any other exception propagates to the trainer's ``reward.nan_policy``. On the main thread
     parsing and each comparison time out after ``timeout`` seconds (math-verify's ``signal.alarm``); on other
     threads that mechanism is unavailable and math-verify runs without a timeout.
     Needs ``math-verify`` (``pip install math-verify`` or the ``vlm`` extra).
@@ -324,17 +484,15 @@ def math_reward(
             "the 'math' reward needs math-verify: pip install math-verify (or gen-rl[vlm])"
         ) from error
     answer = answer_text(completion, metadata)
-    if not answer or len(answer) > MATH_MAX_ANSWER_CHARS or _HEDGE.search(answer):
+    gold_text = str(extract_solution(solution))
+    if not answer or len(answer) > MATH_MAX_ANSWER_CHARS or uncommitted(answer, [gold_text]):
         return 0.0
     seconds = _timeout_seconds(timeout)
-    try:
-        gold = _math_parse(str(extract_solution(solution)), seconds)
-    except Exception:  # a reward must not crash training; an unreadable solution is reported below
-        gold = []
+    gold = _math_parse(gold_text, seconds)
     if not gold:
-        raise ValueError(f"math-verify cannot parse the math solution {solution!r}")
-    try:
-        predicted = _math_parse(answer, seconds)
-        return 1.0 if predicted and verify(gold, predicted, timeout_seconds=seconds) else 0.0
-    except Exception:  # a parse error or timeout on an odd completion scores 0, it does not stop training
+        raise ValueError(f"math-verify cannot parse the math solution {solution!r}; fix the record")
+    parsed = [_math_parse(candidate, seconds) for candidate in math_candidates(answer, gold_text)]
+    candidates = [candidate for candidate in parsed if candidate]
+    if not candidates:
         return 0.0
+    return 1.0 if all(verify(gold, candidate, timeout_seconds=seconds) for candidate in candidates) else 0.0

@@ -1,11 +1,15 @@
-"""Counting reward: the answer must state exactly one number, equal to the ground-truth count."""
+"""Counting reward: the answer must commit to exactly one number, equal to the ground-truth count.
+
+It follows the commitment rule of :mod:`rewards.verifiable.commitment`: listing ("3 or 4", "3or4", "3 or ④"),
+negating ("not 3") or hedging ("3+", "at least 3") scores 0, no more than the worst candidate.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
 
-from rewards.verifiable.answers import normalize_text, single_number
+from rewards.verifiable.answers import committed_number, normalize_text, single_number
 from rewards.verifiable.format import answer_text, extract_solution
 
 __all__ = ["counting_reward"]
@@ -26,16 +30,15 @@ def _gold_count(solution: Any) -> int:
 def counting_reward(completion: str, solution: Any, metadata: Mapping[str, Any] | None = None) -> float:
     """1.0 if the answer states exactly one number and it equals the count, else 0.
 
-    Numbers are read as :func:`rewards.verifiable.answers.parse_numbers` does (digits, "1,234", number words
-    when there are no digits); several distinct numbers ("3 or 4", "1 2 3 4 5") score 0, the same number
-    repeated does not. "none" / "no" / "nothing" as the whole answer reads 0. ``solution``: an integer, a
+    Numbers are read as :func:`rewards.verifiable.answers.parse_numbers` does (digits of any script, Unicode
+    numerals, number words, "1,234"); several distinct numbers ("3 or 4", "3or4", "1 2 3 4 5"), a negation
+    ("not 3") or a hedge ("3+") score 0, the same number repeated does not. "none" / "no" / "nothing" as
+    the whole answer reads 0. ``solution``: an integer, a
     text stating one, or a list of the counted objects (its length is the count).
     """
     gold = _gold_count(solution)
     answer = answer_text(completion, metadata)
     if not answer:
         return 0.0
-    value = single_number(answer)
-    if value is None and normalize_text(answer) in _ZERO_WORDS:
-        value = 0.0
+    value = 0.0 if normalize_text(answer) in _ZERO_WORDS else committed_number(answer)
     return 1.0 if value is not None and value == gold else 0.0
