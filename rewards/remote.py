@@ -11,9 +11,11 @@ up in config files, logs and checkpoints.
 At construction the reward asks ``GET /health`` for the server's modality and limits (retrying like any
 request), and fails with a message naming the url and how to start a server when it cannot reach it.
 ``score`` splits the batch into requests of at most ``max_batch_per_request`` samples (also capped by the
-server's ``max_batch``) sent concurrently. A request that fails is retried ``retries`` times with
-exponential backoff (``backoff_s``, 2x, 4x, ...) unless the failure cannot improve (a 4xx other than 408 /
-429: wrong token, too large, bad payload). A request that still fails then either:
+server's ``max_batch`` and so that a request stays within its ``max_pixels_per_request``) sent concurrently.
+A request that fails is retried ``retries`` times with exponential backoff (``backoff_s``, 2x, 4x, ...; at
+least the ``Retry-After`` a busy server answers with, up to ``MAX_RETRY_AFTER_S``) unless the failure cannot
+improve (a 4xx other than 408 / 429: wrong token, too large, bad payload). A request that still fails then
+either:
 
 * ``on_failure: "abort"``: raises ``RemoteRewardError`` naming the url, the failure and the fix; or
 * ``on_failure: "drop"``: scores exactly that request's samples NaN (no score; the trainer drops them),
@@ -23,6 +25,7 @@ exponential backoff (``backoff_s``, 2x, 4x, ...) unless the failure cannot impro
 
 from __future__ import annotations
 
+import email.utils
 import http.client
 import json
 import math
@@ -30,6 +33,7 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
 from urllib.parse import urlsplit
 
 import torch
@@ -42,6 +46,7 @@ FAILED_COMPONENT = "remote_failed"
 ON_FAILURE = ("abort", "drop")
 RETRYABLE_4XX = (408, 429)
 MAX_FAILURES_KEPT = 1000  # ``failures`` keeps the most recent reasons only
+MAX_RETRY_AFTER_S = 60.0  # a server's Retry-After is honoured up to this many seconds
 _START_HINT = (
     "start one with `python -m rewards.serve --reward NAME --port {port}` and point url at the URL it prints"
 )
@@ -54,10 +59,11 @@ class RemoteRewardError(RuntimeError):
 class _RequestError(Exception):
     """One failed HTTP exchange: ``reason`` for people, ``retryable`` whether trying again can help."""
 
-    def __init__(self, reason: str, retryable: bool) -> None:
+    def __init__(self, reason: str, retryable: bool, retry_after_s: float | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
         self.retryable = retryable
+        self.retry_after_s = retry_after_s  # the server's Retry-After, when it sent one
         self.attempts = 1
 
 
@@ -90,6 +96,7 @@ class RemoteReward(Reward):
         self.on_failure, self.fmt = on_failure, fmt
         self.max_batch_per_request = max_batch_per_request
         self.max_concurrent_requests = max_concurrent_requests
+        self.max_pixels_per_request: int | None = None  # the server's budget, from /health
         self.dropped_samples = 0
         self.failures: list[str] = []
         self._lock = threading.Lock()
@@ -127,6 +134,9 @@ class RemoteReward(Reward):
         server_max = health.get("max_batch")
         if isinstance(server_max, int) and server_max > 0:
             self.max_batch_per_request = min(self.max_batch_per_request, server_max)
+        budget = health.get("max_pixels_per_request")
+        if isinstance(budget, int) and not isinstance(budget, bool) and budget > 0:
+            self.max_pixels_per_request = budget
 
     def _health_message(self, failure: _RequestError) -> str:
         if failure.retryable:
@@ -141,7 +151,7 @@ class RemoteReward(Reward):
         """Scores from the server, ``max_batch_per_request`` samples per request, requests sent concurrently."""
         batch = pixels.shape[0]
         pixels = pixels.detach().to("cpu")
-        size = self.max_batch_per_request
+        size = self.samples_per_request(pixels.shape[1:])
         chunks = [range(start, min(start + size, batch)) for start in range(0, batch, size)]
         bodies = [
             encode_request(
@@ -160,6 +170,13 @@ class RemoteReward(Reward):
             raise RemoteRewardError(self._abort_message(chunk, failure, len(failed), len(chunks)))
         self._record_drops(failed)
         return _merge(results, chunks, batch)
+
+    def samples_per_request(self, sample_shape: tuple[int, ...]) -> int:
+        """``max_batch_per_request``, lowered so that a request fits the server's ``max_pixels_per_request``."""
+        if self.max_pixels_per_request is None:
+            return self.max_batch_per_request
+        fitting = self.max_pixels_per_request // max(math.prod(sample_shape), 1)
+        return max(1, min(self.max_batch_per_request, fitting))
 
     def _send_all(
         self, bodies: list[tuple[bytes, str]], sizes: list[int]
@@ -214,7 +231,10 @@ class RemoteReward(Reward):
                 failure.attempts = attempt + 1
                 if not failure.retryable or attempt + 1 == attempts:
                     raise
-            time.sleep(self.backoff_s * 2**attempt)
+                wait_s = self.backoff_s * 2**attempt
+                if failure.retry_after_s is not None:
+                    wait_s = max(wait_s, min(failure.retry_after_s, MAX_RETRY_AFTER_S))
+            time.sleep(wait_s)
         raise AssertionError("unreachable")
 
     def _call_once(self, method: str, path: str, body: bytes | None, content_type: str | None) -> bytes:
@@ -229,6 +249,7 @@ class RemoteReward(Reward):
             connection.request(method, self._base_path + path, body=body, headers=headers)
             response = connection.getresponse()
             status, answer = response.status, response.read()
+            retry_after_s = retry_after_seconds(response.getheader("Retry-After"))
         except TimeoutError:
             raise _RequestError(
                 f"no answer within timeout_s={self.timeout_s:g} s; raise timeout_s or lower max_batch_per_request "
@@ -249,7 +270,8 @@ class RemoteReward(Reward):
         finally:
             connection.close()
         if status != 200:
-            raise _RequestError(self._status_reason(status, error_message(answer)), _retryable_status(status))
+            reason = self._status_reason(status, error_message(answer))
+            raise _RequestError(reason, _retryable_status(status), retry_after_s)
         return answer
 
     def _status_reason(self, status: int, message: str) -> str:
@@ -263,6 +285,20 @@ class RemoteReward(Reward):
         if status == 413:
             return f"HTTP 413, request too large ({message}); max_batch_per_request is {self.max_batch_per_request}"
         return f"HTTP {status}: {message}"
+
+
+def retry_after_seconds(header: str | None) -> float | None:
+    """The wait a ``Retry-After`` header asks for (delta-seconds or an HTTP date); None if absent or unreadable."""
+    text = (header or "").strip()
+    if text.isdigit():
+        return float(text)
+    try:
+        when = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
 
 
 def _retryable_status(status: int) -> bool:

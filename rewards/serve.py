@@ -9,11 +9,20 @@ Endpoints (wire format: ``rewards/wire.py``):
 
 * ``POST /score``: one batch of samples in, JSON scores out.
 * ``GET /health``: ``{"reward", "modality", "status": "ok", "max_batch", "max_request_bytes",
-  "max_pixels_per_sample"}``.
+  "max_pixels_per_sample", "max_pixels_per_request"}``.
 
 Both need ``Authorization: Bearer <token>`` when the server has a token (``--token-env VAR``, default
 ``GEN_RL_REWARD_TOKEN`` when that is set, or ``--token-file PATH``); the token is compared in constant time
-and never echoed or logged.
+and never echoed or logged. A token variable that is set but empty is an error (it never turns
+authentication off), and an address other than loopback is refused without a token.
+
+Holding under load: the listen backlog is ``LISTEN_BACKLOG`` (connections queue in the kernel while the
+server is busy); at most ``max_connections`` connections are handled at once, and one beyond that gets
+``503`` with ``Retry-After`` (which ``RemoteReward`` honours). Each connection must deliver its request line
+and headers within ``read_timeout_s`` (a deadline, not an idle timeout: a client sending a byte a second is
+cut off too, with a 408), and once authenticated its body within ``read_timeout_s`` plus one second per
+``MIN_BODY_BYTES_PER_S``; so slow clients cannot hold handler threads. Decoded memory per request is bounded
+by ``RequestLimits`` (checked from headers before decoding, ``rewards/wire.py``).
 
 Batching: HTTP handler threads decode and check each request, then queue it. One worker thread owns the
 reward and merges queued requests whose samples have the same shape into one reward call of at most
@@ -25,6 +34,7 @@ reward rejects) fails only itself with a 500 naming the error, never the request
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hmac
 import inspect
 import ipaddress
@@ -63,6 +73,12 @@ TOKEN_ENV = "GEN_RL_REWARD_TOKEN"
 STARTUP_PREFIX = "gen-rl reward server:"
 DRAIN_SECONDS = 2.0  # how long a rejected request's unread body is read and discarded before closing
 SOCKET_TIMEOUT_S = 120.0  # a client that stalls mid-request for this long is dropped
+LISTEN_BACKLOG = 256  # connections the kernel queues until the server accepts them
+DEFAULT_MAX_CONNECTIONS = 128  # connections handled at once; one more gets 503 + Retry-After
+DEFAULT_READ_TIMEOUT_S = 10.0  # deadline for a request's line and headers (before authentication)
+MIN_BODY_BYTES_PER_S = MIB  # an authenticated body must arrive at least this fast (plus read_timeout_s)
+BUSY_RETRY_AFTER_S = 1
+MAX_LINGERING = 1024  # refused connections drained at once; beyond that they are closed at once
 _POLL_S = 0.05
 
 
@@ -105,11 +121,20 @@ class RewardServer:
         batch_wait_s: float = 0.005,
         name: str | None = None,
         log_requests: bool = False,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        read_timeout_s: float = DEFAULT_READ_TIMEOUT_S,
     ) -> None:
         if batch_wait_s < 0:
             raise ValueError(f"batch_wait_s must be >= 0; got {batch_wait_s}")
-        if token is not None and not token:
+        if token is not None and not token.strip():
             raise ValueError("the token is empty; give a non-empty token or None for no token")
+        check_exposure(host, token)
+        if isinstance(max_connections, bool) or not isinstance(max_connections, int) or max_connections < 1:
+            raise ValueError(f"max_connections must be a positive integer; got {max_connections!r}")
+        if not read_timeout_s > 0:
+            raise ValueError(f"read_timeout_s must be > 0; got {read_timeout_s}")
+        self.max_connections = max_connections
+        self.read_timeout_s = float(read_timeout_s)
         self.reward = reward
         self.name = name or type(reward).__name__
         self.host, self.port = host, port
@@ -135,20 +160,25 @@ class RewardServer:
         host, port = self._httpd.server_address[:2]
         return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
+    def bind(self) -> str:
+        """Bind and listen without serving yet (clients' connections queue in the kernel); the URL."""
+        if self._httpd is None:
+            self._httpd = _make_http_server(self.host, self.port, self)
+        return self.url
+
     def start(self) -> str:
-        """Bind, start the HTTP and worker threads and return the URL (the bound port when ``port`` is 0)."""
-        if self._httpd is not None:
+        """Bind if not bound, start the HTTP, worker and watch threads and return the URL (``port`` 0: any)."""
+        if self._threads:
             raise RuntimeError("the reward server is already started")
-        self._httpd = _make_http_server(self.host, self.port, self)
+        httpd = self._httpd or _make_http_server(self.host, self.port, self)
+        self._httpd = httpd
         self._stopping.clear()
         self._threads = [
             threading.Thread(target=self._work, name="reward-worker", daemon=True),
             threading.Thread(
-                target=self._httpd.serve_forever,
-                kwargs={"poll_interval": _POLL_S},
-                name="reward-http",
-                daemon=True,
+                target=httpd.serve_forever, kwargs={"poll_interval": _POLL_S}, name="reward-http", daemon=True
             ),
+            threading.Thread(target=httpd.watch.run, args=(self._stopping,), name="reward-watch", daemon=True),
         ]
         for thread in self._threads:
             thread.start()
@@ -159,10 +189,12 @@ class RewardServer:
         if self._httpd is None:
             return
         self._stopping.set()
-        self._httpd.shutdown()
+        if self._threads:
+            self._httpd.shutdown()
         self._httpd.server_close()
         for thread in self._threads:
             thread.join(timeout=10)
+        self._threads = []
         self._fail_pending()
         self._httpd = None
 
@@ -195,6 +227,7 @@ class RewardServer:
             "max_batch": self.limits.max_batch,
             "max_request_bytes": self.limits.max_request_bytes,
             "max_pixels_per_sample": self.limits.max_pixels_per_sample,
+            "max_pixels_per_request": self.limits.max_pixels_per_request,
         }
 
     def check_modality(self, pixels: Tensor) -> None:
@@ -315,12 +348,136 @@ class RewardServer:
 
 
 # ----- HTTP ----------------------------------------------------------------------------------------------------
+def _raw_response(status: str, message: str, extra_headers: str = "") -> bytes:
+    """A complete ``Connection: close`` HTTP response with the JSON error body ``message``."""
+    body = encode_error(message)
+    head = (
+        f"HTTP/1.0 {status}\r\nServer: gen-rl-reward\r\nContent-Type: application/json\r\n{extra_headers}"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    )
+    return head.encode("ascii") + body
+
+
+_TIMEOUT_RESPONSE = _raw_response(
+    "408 Request Timeout",
+    "the request did not arrive within the server's read timeout; send it whole and promptly "
+    "(or start the server with a larger --read-timeout-s)",
+)
+
+
+class _ConnectionWatch:
+    """One thread enforcing read deadlines and closing refused connections gently.
+
+    ``arm(connection, seconds)``: unless ``disarm`` comes first, answer 408 and shut the connection after
+    ``seconds``, which wakes its handler thread (a slow client cannot hold it). ``refuse(connection,
+    response)``: send ``response``, stop writing, and drain what the client still sends for up to
+    ``DRAIN_SECONDS`` before closing (closing with unread data would reset the connection and the client
+    could lose the response); nothing here blocks the accepting thread.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._deadlines: dict[socket.socket, float] = {}
+        self._lingering: list[tuple[socket.socket, float]] = []
+
+    def arm(self, connection: socket.socket, seconds: float) -> None:
+        """(Re)set ``connection``'s deadline to ``seconds`` from now."""
+        with self._lock:
+            self._deadlines[connection] = time.monotonic() + seconds
+
+    def disarm(self, connection: socket.socket) -> None:
+        """Drop ``connection``'s deadline (its request has arrived)."""
+        with self._lock:
+            self._deadlines.pop(connection, None)
+
+    def refuse(self, connection: socket.socket, response: bytes) -> None:
+        """Answer ``response`` on a connection nobody will handle, then drain and close it in the background."""
+        try:
+            connection.setblocking(False)
+            connection.send(response)
+            connection.shutdown(socket.SHUT_WR)
+        except OSError:
+            connection.close()
+            return
+        with self._lock:
+            if len(self._lingering) < MAX_LINGERING:
+                self._lingering.append((connection, time.monotonic() + DRAIN_SECONDS))
+                return
+        connection.close()
+
+    def run(self, stopping: threading.Event) -> None:
+        """The watch loop, until ``stopping`` is set; then every lingering connection is closed."""
+        while not stopping.wait(_POLL_S):
+            self._tick(time.monotonic())
+        self._tick(float("inf"))
+
+    def _tick(self, now: float) -> None:
+        with self._lock:
+            expired = [connection for connection, deadline in self._deadlines.items() if deadline <= now]
+            for connection in expired:
+                del self._deadlines[connection]
+            lingering, self._lingering = self._lingering, []
+        for connection in expired:
+            _cut_off(connection)
+        kept = [(connection, until) for connection, until in lingering if not _drained(connection, until, now)]
+        with self._lock:
+            self._lingering.extend(kept)
+
+
+def _cut_off(connection: socket.socket) -> None:
+    """Answer 408 on a connection whose request is late and shut it (its handler thread then ends)."""
+    with contextlib.suppress(OSError):
+        connection.send(_TIMEOUT_RESPONSE, getattr(socket, "MSG_DONTWAIT", 0))
+    with contextlib.suppress(OSError):
+        connection.shutdown(socket.SHUT_RDWR)
+
+
+def _drained(connection: socket.socket, until: float, now: float) -> bool:
+    """Read and drop what a refused client sent; close once it hung up or ``until`` passed (True: closed)."""
+    try:
+        while now < until and connection.recv(1 << 16):  # b"": the client closed its side
+            pass
+    except BlockingIOError:
+        return False  # nothing more to read yet; look again on the next tick
+    except OSError:
+        pass
+    connection.close()
+    return True
+
+
 class _HTTPServer(ThreadingHTTPServer):
-    """A threading HTTP server that knows its ``RewardServer`` (``app``)."""
+    """A threading HTTP server with a bounded number of handler threads and a ``_ConnectionWatch``."""
 
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = LISTEN_BACKLOG
     app: RewardServer
+    watch: _ConnectionWatch
+    slots: threading.BoundedSemaphore
+    busy_response: bytes
+
+    def process_request(self, request: socket.socket, client_address: Any) -> None:
+        """Handle the connection on a new thread if one of ``max_connections`` slots is free, else 503."""
+        if not self.slots.acquire(blocking=False):
+            self.watch.refuse(request, self.busy_response)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request: socket.socket, client_address: Any) -> None:
+        """Handle one connection, then free its slot."""
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Clients that vanish or are cut off are routine; only other errors print a traceback."""
+        if not isinstance(sys.exc_info()[1], OSError):
+            super().handle_error(request, client_address)
 
 
 def _make_http_server(host: str, port: int, app: RewardServer) -> _HTTPServer:
@@ -335,6 +492,14 @@ def _make_http_server(host: str, port: int, app: RewardServer) -> _HTTPServer:
             f"cannot bind the reward server to {host}:{port}: {error}; pick another --port (0 = any free one)"
         ) from error
     httpd.app = app
+    httpd.watch = _ConnectionWatch()
+    httpd.slots = threading.BoundedSemaphore(app.max_connections)
+    httpd.busy_response = _raw_response(
+        "503 Service Unavailable",
+        f"the reward server is handling its limit of {app.max_connections} connections; retry after "
+        f"{BUSY_RETRY_AFTER_S} s (RemoteReward does) or start it with a larger --max-connections",
+        f"Retry-After: {BUSY_RETRY_AFTER_S}\r\n",
+    )
     return httpd
 
 
@@ -349,6 +514,23 @@ class _Handler(BaseHTTPRequestHandler):
     def app(self) -> RewardServer:
         """The reward server this handler serves."""
         return self.server.app
+
+    def setup(self) -> None:
+        """Start the deadline for the request line and headers (before authentication)."""
+        super().setup()
+        self.server.watch.arm(self.connection, self.app.read_timeout_s)
+
+    def handle(self) -> None:
+        """Serve the connection; a client that vanished or was cut off just ends it."""
+        try:
+            super().handle()
+        except OSError:
+            self.close_connection = True
+
+    def finish(self) -> None:
+        """Drop the deadline, flush and close."""
+        self.server.watch.disarm(self.connection)
+        super().finish()
 
     def do_GET(self) -> None:  # noqa: N802 - the name http.server dispatches to
         """``GET /health``."""
@@ -367,16 +549,29 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             self._check_head()
             body = self._read_body()
-            pixels, prompts, metadata = decode_request(
-                body, self.headers.get("Content-Type"), self.app.limits
-            )
+            pixels, prompts, metadata = self._decode(body)
             self.app.check_modality(pixels)
             output = self.app.submit(pixels, prompts, metadata)
         except RequestRejected as rejected:
             self._send_json(rejected.status, encode_error(rejected.message))
             self._discard_unread_body()
             return
+        except Exception as error:  # noqa: BLE001 - a bug must still answer, never drop the connection
+            traceback.print_exc(file=sys.stderr)
+            self._send_json(500, encode_error(f"internal error in the reward server: {type(error).__name__}"))
+            return
         self._send_json(200, encode_response(output, time.perf_counter() - started))
+
+    def _decode(self, body: bytes) -> tuple[Tensor, list[str], list[dict]]:
+        """``decode_request``; anything it did not foresee in a payload is still a 400, never a 500."""
+        try:
+            return decode_request(body, self.headers.get("Content-Type"), self.app.limits)
+        except (RequestRejected, MemoryError):
+            raise
+        except Exception as error:  # noqa: BLE001 - the payload is at fault whatever broke on it
+            raise RequestRejected(
+                400, f"the request does not decode ({type(error).__name__}: {error}); build it with encode_request"
+            ) from error
 
     def _check_head(self) -> None:
         """401 / 404 / 411 / 413 from the request line and headers alone, before any body is read."""
@@ -390,6 +585,7 @@ class _Handler(BaseHTTPRequestHandler):
         if length is None:
             raise RequestRejected(411, "the request has no valid Content-Length; send one with the body")
         self.app.limits.check_body_size(length)
+        self.server.watch.arm(self.connection, self.app.read_timeout_s + length / MIN_BODY_BYTES_PER_S)
 
     def _content_length(self) -> int | None:
         try:
@@ -428,6 +624,7 @@ class _Handler(BaseHTTPRequestHandler):
             pass
 
     def _send_json(self, status: int, body: bytes) -> None:
+        self.server.watch.disarm(self.connection)
         try:
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
@@ -461,14 +658,14 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def exposure_warning(host: str, requires_token: bool) -> str | None:
-    """A warning when the server listens beyond this machine without a token, else None."""
-    if not requires_token and not is_loopback(host):
-        return (
-            f"warning: serving on {host}, reachable from other machines, without a token: anyone who can "
-            f"connect can use this reward; set ${TOKEN_ENV} (or --token-env / --token-file) to require one"
+def check_exposure(host: str, token: str | None) -> None:
+    """ValueError when ``host`` is reachable from other machines and there is no token."""
+    if token is None and not is_loopback(host):
+        raise ValueError(
+            f"refusing to serve on {host or '(all addresses)'} without a token: any machine that can connect "
+            f"could use the reward; set ${TOKEN_ENV} (or --token-env / --token-file) to a non-empty token, or "
+            "bind 127.0.0.1"
         )
-    return None
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -505,6 +702,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="body limit in MiB",
     )
     parser.add_argument(
+        "--max-request-pixels",
+        type=int,
+        default=RequestLimits.max_pixels_per_request,
+        help="decoded pixel values (C*[T*]H*W summed over samples) per request",
+    )
+    parser.add_argument(
+        "--max-connections",
+        type=int,
+        default=DEFAULT_MAX_CONNECTIONS,
+        help="connections handled at once (more get 503 + Retry-After)",
+    )
+    parser.add_argument(
+        "--read-timeout-s",
+        type=float,
+        default=DEFAULT_READ_TIMEOUT_S,
+        help="deadline for a request's line and headers",
+    )
+    parser.add_argument(
         "--batch-wait-ms", type=float, default=5.0, help="how long to wait for requests to merge"
     )
     parser.add_argument(
@@ -537,38 +752,55 @@ def reward_spec(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
 
 
 def read_token(args: argparse.Namespace, environ: dict[str, str] | None = None) -> str | None:
-    """The bearer token from ``--token-file``, ``--token-env`` or ``$GEN_RL_REWARD_TOKEN``; None for none."""
+    """The bearer token from ``--token-file``, ``--token-env`` or ``$GEN_RL_REWARD_TOKEN``; None for none.
+
+    An empty token is an error wherever it comes from: it must never silently turn authentication off.
+    """
     environ = os.environ if environ is None else environ
     if args.token_file:
         token = Path(args.token_file).read_text().strip()
         if not token:
             raise ValueError(f"--token-file {args.token_file} is empty; write the token into it")
         return token
-    if args.token_env:
-        token = environ.get(args.token_env, "").strip()
-        if not token:
-            raise ValueError(
-                f"--token-env {args.token_env}: ${args.token_env} is not set; export the token first"
-            )
-        return token
-    return environ.get(TOKEN_ENV, "").strip() or None
+    if args.token_env and args.token_env not in environ:
+        raise ValueError(f"--token-env {args.token_env}: ${args.token_env} is not set; export the token first")
+    name = args.token_env or TOKEN_ENV
+    if name not in environ:
+        return None
+    token = environ[name].strip()
+    if not token:
+        raise ValueError(
+            f"${name} is set but empty, which would turn authentication off; put the token in it, or unset it "
+            "to serve without a token (loopback only)"
+        )
+    return token
 
 
 def build_server(args: argparse.Namespace) -> RewardServer:
-    """The (unstarted) server described by the command-line arguments."""
+    """The (unstarted) server the command line describes; its settings are checked before the reward loads."""
+    token = read_token(args)
+    check_exposure(args.host, token)
     name, kwargs = reward_spec(args)
     if "device" in kwargs and args.device is not None:
         _check_device_argument(name, kwargs)
-    limits = RequestLimits(max_request_bytes=int(args.max_request_mb * MIB), max_batch=args.max_batch)
+    limits = RequestLimits(
+        max_request_bytes=int(args.max_request_mb * MIB),
+        max_batch=args.max_batch,
+        max_pixels_per_request=args.max_request_pixels,
+    )
+    if args.max_connections < 1 or not args.read_timeout_s > 0:
+        raise ValueError("--max-connections must be >= 1 and --read-timeout-s > 0")
     return RewardServer(
         build_reward(name, **kwargs),
         host=args.host,
         port=args.port,
-        token=read_token(args),
+        token=token,
         limits=limits,
         batch_wait_s=args.batch_wait_ms / 1000,
         name=name,
         log_requests=args.log_requests,
+        max_connections=args.max_connections,
+        read_timeout_s=args.read_timeout_s,
     )
 
 
@@ -592,14 +824,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, TypeError, OSError) as error:
         print(f"{STARTUP_PREFIX} error: {error}", file=sys.stderr, flush=True)
         return 2
-    warning = exposure_warning(args.host, server.requires_token)
-    if warning:
-        print(warning, file=sys.stderr, flush=True)
     print(f"{STARTUP_PREFIX} {server.name} on {url}", flush=True)
     limits = server.limits
     print(
         f"{STARTUP_PREFIX} token {'required' if server.requires_token else 'not required'}; max_batch "
-        f"{limits.max_batch}, max request {limits.max_request_bytes / MIB:g} MiB; stop with Ctrl-C or SIGTERM",
+        f"{limits.max_batch}, max request {limits.max_request_bytes / MIB:g} MiB and "
+        f"{limits.max_pixels_per_request} pixel values, {server.max_connections} connections, read timeout "
+        f"{server.read_timeout_s:g} s; stop with Ctrl-C or SIGTERM",
         file=sys.stderr,
         flush=True,
     )

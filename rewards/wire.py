@@ -19,8 +19,13 @@ Request: ``POST /score`` with one of two bodies.
 
 Response (JSON): ``{"scores": [B floats], "components": {name: [B floats]}, "elapsed_s": seconds}`` where a
 NaN ("no score") is ``null`` and an infinity is the string ``"inf"`` / ``"-inf"``. Errors are
-``{"error": "..."}`` with an HTTP status: 400 bad payload, 401 token, 411 no Content-Length, 413 over a
-limit, 415 a content type other than the two above (pickle is never accepted), 500 the reward failed.
+``{"error": "..."}`` with an HTTP status: 400 bad payload (malformed, empty, JSON nested deeper than
+``MAX_JSON_DEPTH``), 401 token, 411 no Content-Length, 413 over a limit, 415 a content type other than the two
+above (pickle is never accepted), 500 the reward failed.
+
+Size limits (``RequestLimits``) are checked from headers before anything is decoded: the body size from
+Content-Length, the samples and pixels from the safetensors header or each PNG's IHDR chunk, so that a small
+body claiming huge images (a "decompression bomb") is refused with 413 without allocating them.
 """
 
 from __future__ import annotations
@@ -60,6 +65,9 @@ _SAFETENSORS_DTYPES = {"U8": 1, "F16": 2, "F32": 4}  # accepted dtypes and their
 _PNG_MODES = {"L": 1, "RGB": 3, "RGBA": 4}
 _PNG_MODE_OF_CHANNELS = {channels: mode for mode, channels in _PNG_MODES.items()}
 _PICKLE_PROTOCOLS = range(2, 6)
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # IHDR colour type -> channels PIL decodes it to
+MAX_JSON_DEPTH = 32  # nesting levels a JSON body or metadata may have (deeper: 400)
 
 
 class RequestRejected(Exception):  # noqa: N818 - the name the service API uses
@@ -73,18 +81,21 @@ class RequestRejected(Exception):  # noqa: N818 - the name the service API uses
 
 @dataclass(frozen=True)
 class RequestLimits:
-    """What one request may hold; checked before the payload is decoded wherever the size is known.
+    """What one request may hold; checked from headers before the payload is decoded.
 
-    ``max_pixels_per_sample`` counts values per sample, C * [T *] H * W (the default allows a 4096 x 4096
-    RGB image, or 16 RGB frames of 1024 x 1024).
+    Pixels count decoded values, C * [T *] H * W per sample. ``max_pixels_per_sample`` (default: one
+    4096 x 4096 RGB image, or 16 RGB frames of 1024 x 1024) bounds one sample; ``max_pixels_per_request``
+    bounds their sum over the request (default 2**26 values: 256 MiB as float32, e.g. 21 RGB images of
+    1024 x 1024 or 85 of 512 x 512), so a request's decoded memory is bounded whatever its body size.
     """
 
     max_request_bytes: int = 64 * MIB
     max_batch: int = 256
     max_pixels_per_sample: int = 3 * 4096 * 4096
+    max_pixels_per_request: int = 2**26
 
     def __post_init__(self) -> None:
-        for name in ("max_request_bytes", "max_batch", "max_pixels_per_sample"):
+        for name in ("max_request_bytes", "max_batch", "max_pixels_per_sample", "max_pixels_per_request"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"RequestLimits.{name} must be a positive integer; got {value!r}")
@@ -115,6 +126,17 @@ class RequestLimits:
                 413,
                 f"one sample of shape {tuple(shape)} holds {values} values, over the server's limit of "
                 f"{self.max_pixels_per_sample} per sample; downscale the samples before scoring",
+            )
+
+    def check_request_pixels(self, values: int, batch: int) -> None:
+        """413 when a request's ``batch`` samples decode to more than ``max_pixels_per_request`` values."""
+        if values > self.max_pixels_per_request:
+            raise RequestRejected(
+                413,
+                f"request of {batch} samples decodes to {values} pixel values, over the server's budget of "
+                f"{self.max_pixels_per_request} per request; send fewer or smaller samples per request "
+                "(RemoteReward sizes its requests from /health) or start the server with a larger "
+                "--max-request-pixels",
             )
 
 
@@ -221,16 +243,19 @@ def _decode_safetensors(body: bytes, limits: RequestLimits) -> tuple[Tensor, dic
     """The checked header first (shape, dtype, limits), then the pixels as float32 in [0, 1]."""
     header = _safetensors_header(body)
     _check_pixels_entry(header, limits)
+    text = header.get("__metadata__") or {}
+    if not isinstance(text, dict) or not all(isinstance(value, str) for value in text.values()):
+        raise RequestRejected(400, "safetensors __metadata__ must map names to strings; use encode_request")
     try:
         tensors = load_safetensors(body)
     except (SafetensorError, ValueError, RuntimeError) as error:
         raise RequestRejected(400, f"the body is not a valid safetensors file: {error}") from error
-    pixels = tensors[PIXELS_KEY]
+    pixels = tensors.pop(PIXELS_KEY)
     if pixels.dtype == torch.uint8:
-        return pixels.float() / 255, header.get("__metadata__") or {}
+        return pixels.float().div_(255), text
     pixels = pixels.float()
     _check_float_range(pixels)
-    return pixels, header.get("__metadata__") or {}
+    return pixels, text
 
 
 def _safetensors_header(body: bytes) -> dict[str, Any]:
@@ -240,7 +265,7 @@ def _safetensors_header(body: bytes) -> dict[str, Any]:
         if 8 + length <= len(body):
             try:
                 header = json.loads(body[8 : 8 + length])
-            except (UnicodeDecodeError, json.JSONDecodeError):
+            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
                 header = None
             if isinstance(header, dict):
                 return header
@@ -265,6 +290,8 @@ def _check_pixels_entry(header: dict[str, Any], limits: RequestLimits) -> None:
             400, f"the safetensors file must hold exactly one tensor {PIXELS_KEY!r}; got {names}"
         )
     entry = header[PIXELS_KEY]
+    if not isinstance(entry, dict):
+        raise RequestRejected(400, f"the safetensors entry {PIXELS_KEY!r} is not an object; use encode_request")
     dtype, shape = entry.get("dtype"), entry.get("shape")
     if dtype not in _SAFETENSORS_DTYPES:
         raise RequestRejected(
@@ -272,8 +299,13 @@ def _check_pixels_entry(header: dict[str, Any], limits: RequestLimits) -> None:
         )
     if not isinstance(shape, list) or len(shape) not in (4, 5) or not all(isinstance(n, int) for n in shape):
         raise RequestRejected(400, f"pixels must be [B, C, H, W] or [B, C, T, H, W]; got shape {shape}")
+    if min(shape) < 1:
+        raise RequestRejected(
+            400, f"pixels of shape {shape} hold no samples; send at least one sample with every size >= 1"
+        )
     limits.check_batch(shape[0])
     limits.check_sample_size(math.prod(shape[1:]), shape[1:])
+    limits.check_request_pixels(math.prod(shape), shape[0])
 
 
 def _check_float_range(pixels: Tensor) -> None:
@@ -290,30 +322,63 @@ def _header_json(header: dict[str, str], key: str) -> Any:
     text = header.get(key)
     if text is None:
         return [] if key == "metadata" else None
+    return _loads_json(text, f"safetensors metadata {key!r}")
+
+
+def _loads_json(text: str | bytes, what: str) -> Any:
+    """The parsed JSON ``text``, or 400 when it does not parse or nests deeper than ``MAX_JSON_DEPTH``."""
     try:
-        return json.loads(text)
-    except json.JSONDecodeError as error:
-        raise RequestRejected(400, f"safetensors metadata {key!r} must be a JSON list: {error}") from error
+        value = json.loads(text)
+        too_deep = _nests_deeper_than(value, MAX_JSON_DEPTH)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise RequestRejected(400, f"{what} does not parse as JSON: {error}") from error
+    except RecursionError:  # the parser's own limit (about 1000 levels)
+        too_deep = True
+    if too_deep:
+        raise RequestRejected(
+            400, f"{what} nests JSON deeper than {MAX_JSON_DEPTH} levels; send flat prompts and metadata"
+        )
+    return value
+
+
+def _nests_deeper_than(value: Any, limit: int) -> bool:
+    """Whether lists / objects in ``value`` nest more than ``limit`` levels (iterative: no recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (list, dict)):
+            if depth > limit:
+                return True
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return False
 
 
 def _parse_json_body(body: bytes) -> dict[str, Any]:
-    try:
-        payload = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise RequestRejected(400, f"the JSON body does not parse: {error}") from error
+    payload = _loads_json(body, "the body")
     if not isinstance(payload, dict):
         raise RequestRejected(400, 'the JSON body must be an object {"images_png": [...], "prompts": [...]}')
     return payload
 
 
 def _decode_pngs(images: Any, limits: RequestLimits) -> Tensor:
-    """``[B, C, H, W]`` float32 in [0, 1] from base64 PNGs of one size and mode; sizes checked before decoding."""
+    """``[B, C, H, W]`` float32 in [0, 1] from base64 PNGs of one size and mode.
+
+    Every PNG's size is read from its IHDR header and checked against ``limits`` (per sample and summed over
+    the request) before any PNG is decoded.
+    """
     if not isinstance(images, list) or not images:
         raise RequestRejected(400, '"images_png" must be a non-empty list of base64-encoded PNG images')
     limits.check_batch(len(images))
+    blobs = [_base64_bytes(text, index) for index, text in enumerate(images)]
+    values = 0
+    for index, blob in enumerate(blobs):
+        width, height, channels = png_header_size(blob, index)
+        limits.check_sample_size(channels * height * width, (channels, height, width))
+        values += channels * height * width
+    limits.check_request_pixels(values, len(blobs))
     arrays, first = [], None
-    for index, text in enumerate(images):
-        image = _open_png(text, index)
+    for index, blob in enumerate(blobs):
+        image = _open_png(blob, index)
         if image.mode not in _PNG_MODES:
             raise RequestRejected(400, f"PNG {index} has mode {image.mode}; send L, RGB or RGBA images")
         form = (image.mode, image.size)
@@ -322,18 +387,38 @@ def _decode_pngs(images: Any, limits: RequestLimits) -> Tensor:
             raise RequestRejected(
                 400, f"PNG {index} is {form}, PNG 0 is {first}; send samples of one size and mode per request"
             )
-        limits.check_sample_size(_PNG_MODES[image.mode] * image.size[0] * image.size[1], image.size)
         arrays.append(_png_array(image, index))
     stacked = torch.from_numpy(np.stack(arrays))  # [B, H, W, C] uint8
-    return stacked.permute(0, 3, 1, 2).float().div(255).contiguous()
+    del arrays
+    return stacked.permute(0, 3, 1, 2).contiguous().float().div_(255)
 
 
-def _open_png(text: Any, index: int) -> Image.Image:
+def png_header_size(data: bytes, index: int = 0) -> tuple[int, int, int]:
+    """``(width, height, channels)`` of a PNG from its IHDR chunk alone (no decoding); 400 if it is no PNG."""
+    if len(data) < 26 or data[:8] != _PNG_SIGNATURE or data[12:16] != b"IHDR":
+        raise RequestRejected(
+            400, f"images_png[{index}] is not a PNG (no PNG signature and IHDR header); send lossless PNGs"
+        )
+    width, height, _bit_depth, colour_type = struct.unpack(">IIBB", data[16:26])
+    if colour_type not in _PNG_CHANNELS or width < 1 or height < 1:
+        raise RequestRejected(
+            400, f"images_png[{index}] has a bad IHDR header ({width} x {height}, colour type {colour_type})"
+        )
+    return width, height, _PNG_CHANNELS[colour_type]
+
+
+def _base64_bytes(text: Any, index: int) -> bytes:
     try:
-        data = base64.b64decode(text, validate=True)
-        image = Image.open(io.BytesIO(data))
-    except (TypeError, ValueError, binascii.Error, OSError, Image.DecompressionBombError) as error:
+        return base64.b64decode(text, validate=True)
+    except (TypeError, ValueError, binascii.Error) as error:
         raise RequestRejected(400, f"images_png[{index}] is not a base64-encoded PNG: {error}") from error
+
+
+def _open_png(data: bytes, index: int) -> Image.Image:
+    try:
+        image = Image.open(io.BytesIO(data))
+    except (ValueError, OSError, Image.DecompressionBombError) as error:
+        raise RequestRejected(400, f"images_png[{index}] is not a valid PNG: {error}") from error
     if image.format != "PNG":
         raise RequestRejected(400, f"images_png[{index}] is a {image.format}, not a PNG; send lossless PNGs")
     return image

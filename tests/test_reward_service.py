@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import base64
 import http.client
 import json
 import os
 import pickle
+import random
+import select
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
+import tracemalloc
+import zlib
 from contextlib import contextmanager
+from email.utils import formatdate
 from urllib.parse import urlsplit
 
 import pytest
@@ -22,16 +29,17 @@ import rewards.remote  # noqa: F401 - registers "remote"
 from rewards import build_reward
 from rewards.base import Reward, RewardOutput
 from rewards.colour import ColourReward
-from rewards.remote import FAILED_COMPONENT, RemoteReward, RemoteRewardError
+from rewards.remote import FAILED_COMPONENT, RemoteReward, RemoteRewardError, retry_after_seconds
 from rewards.serve import (
     STARTUP_PREFIX,
     RewardServer,
-    exposure_warning,
+    main,
     parse_args,
     read_token,
     reward_spec,
 )
 from rewards.wire import (
+    MAX_JSON_DEPTH,
     MIB,
     RequestLimits,
     RequestRejected,
@@ -39,6 +47,7 @@ from rewards.wire import (
     decode_response,
     encode_request,
     encode_response,
+    png_header_size,
 )
 
 PROMPTS = ["a red apple", "blue sky", "green grass", "no colour named here", "a white wall", "yellow"]
@@ -78,10 +87,11 @@ def raw_request(
     token: str | None = None,
     method: str = "POST",
     path: str = "/score",
+    timeout_s: float = 10,
 ) -> tuple[int, dict]:
     """Send one request with http.client; ``(status, JSON body)``."""
     parts = urlsplit(url)
-    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout_s)
     headers = {"Content-Type": content_type} if content_type else {}
     if token:
         headers["Authorization"] = f"Bearer {token}"
@@ -119,6 +129,14 @@ class PromptFailingReward(ColourReward):
         if any("boom" in prompt for prompt in prompts):
             raise ValueError("cannot score the prompt 'boom'")
         return super().score(pixels, prompts, metadata)
+
+
+class MeanReward(Reward):
+    """The mean pixel value: cheap to score on large images."""
+
+    def score(self, pixels, prompts, metadata):
+        """Mean over channels and pixels."""
+        return RewardOutput(scores=pixels.mean(dim=(1, 2, 3)))
 
 
 class FailsFirstCallsReward(ColourReward):
@@ -422,16 +440,40 @@ def test_unreachable_server_at_init_says_how_to_start_one() -> None:
 
 
 # ----- server settings -----------------------------------------------------------------------------------------
-def test_server_binds_loopback_by_default_and_warns_when_exposed() -> None:
+def test_server_binds_loopback_by_default_and_refuses_to_expose_without_a_token(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     with serving(ColourReward()) as server:
         assert server.url.startswith("http://127.0.0.1:")
         status, health = raw_request(server.url, None, None, method="GET", path="/health")
     assert status == 200 and health["modality"] == "image" and health["status"] == "ok"
     assert parse_args([]).host == "127.0.0.1"
-    assert exposure_warning("0.0.0.0", requires_token=False) is not None
-    assert exposure_warning("0.0.0.0", requires_token=True) is None
-    assert exposure_warning("127.0.0.1", requires_token=False) is None
-    assert exposure_warning("localhost", requires_token=False) is None
+    for host in ("0.0.0.0", "::", "", "10.1.2.3", "example.org"):
+        with pytest.raises(ValueError, match="without a token"):
+            RewardServer(ColourReward(), host=host)
+    for host in ("127.0.0.1", "localhost", "::1", "127.0.0.2"):
+        RewardServer(ColourReward(), host=host)  # loopback: no token needed
+    with pytest.raises(ValueError, match="token is empty"):
+        RewardServer(ColourReward(), host="0.0.0.0", token="  ")
+    with RewardServer(ColourReward(), host="0.0.0.0", token="t0ken", port=0) as exposed:
+        port = urlsplit(exposed.url).port
+        assert raw_request(f"http://127.0.0.1:{port}", None, None, "t0ken", "GET", "/health")[0] == 200
+        assert raw_request(f"http://127.0.0.1:{port}", None, None, None, "GET", "/health")[0] == 401
+
+    # The command line exits non-zero with one line, before the reward is built (an unknown reward name
+    # would otherwise be the error) and without binding the port.
+    monkeypatch.delenv("GEN_RL_REWARD_TOKEN", raising=False)
+    port = free_port()
+    assert main(["--reward", "no_such_reward", "--host", "0.0.0.0", "--port", str(port)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and "refusing to serve on 0.0.0.0 without a token" in err
+    with socket.socket() as probe:
+        probe.bind(("0.0.0.0", port))  # nothing was left bound
+    monkeypatch.setenv("GEN_RL_REWARD_TOKEN", "")  # an empty variable is an error, not "no token"
+    for host in ("0.0.0.0", "127.0.0.1"):
+        assert main(["--reward", "no_such_reward", "--host", host, "--port", str(port)]) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and err.count("\n") == 1 and "$GEN_RL_REWARD_TOKEN is set but empty" in err
 
 
 def test_cli_reward_spec_and_token(tmp_path) -> None:
@@ -448,6 +490,13 @@ def test_cli_reward_spec_and_token(tmp_path) -> None:
     assert read_token(parse_args([]), environ={}) is None
     with pytest.raises(ValueError, match=r"\$MY_TOKEN is not set"):
         read_token(parse_args(["--token-env", "MY_TOKEN"]), environ={})
+    assert read_token(parse_args(["--token-env", "MY_TOKEN"]), environ={"MY_TOKEN": " k "}) == "k"
+    for name, args in (("MY_TOKEN", ["--token-env", "MY_TOKEN"]), ("GEN_RL_REWARD_TOKEN", [])):
+        with pytest.raises(ValueError, match=rf"\${name} is set but empty"):
+            read_token(parse_args(args), environ={name: " \n"})
+    token_file.write_text("\n")
+    with pytest.raises(ValueError, match="is empty"):
+        read_token(parse_args(["--token-file", str(token_file)]), environ={})
 
 
 def test_trainer_scores_through_a_remote_reward(tmp_path):
@@ -467,3 +516,315 @@ def test_trainer_scores_through_a_remote_reward(tmp_path):
         record = trainer.run_step(0)
         assert record["reward_remote_nan"] == 0 and record["dropped_samples"] == 0
         assert server.requests_scored >= 2
+
+
+# ----- holding under load: pixel budget, backlog, connection pool, slow clients, bad payloads ------------------
+def png_claiming(width: int, height: int, rows: int, grey: int = 0) -> bytes:
+    """An RGB PNG whose IHDR says ``width x height`` but whose data holds only ``rows`` rows of ``grey``."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    compressor = zlib.compressobj(9)
+    row = b"\x00" + bytes([grey]) * (3 * width)  # filter byte 0, then grey RGB pixels
+    data = b"".join(compressor.compress(row) for _ in range(rows)) + compressor.flush()
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8 bits, colour type 2 (RGB)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
+
+
+def png_request(pngs: list[bytes]) -> bytes:
+    """A JSON ``POST /score`` body carrying ``pngs``."""
+    images = [base64.b64encode(png).decode("ascii") for png in pngs]
+    return json.dumps({"images_png": images, "prompts": ["a red apple"] * len(pngs)}).encode()
+
+
+def traced_peak_growth(action) -> tuple[object, int]:
+    """``(action(), peak traced bytes above the start)``: numpy's arrays (PNG decoding) are traced, so a
+    decoded 4096 x 4096 RGB image shows as >= 48 MiB."""
+    tracemalloc.start()
+    try:
+        start, _ = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        result = action()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return result, peak - start
+
+
+def test_pixel_budget_refuses_huge_pngs_with_413_before_decoding() -> None:
+    bomb = png_claiming(20000, 20000, rows=1)  # a tiny file that would decode to 1.2 GB
+    assert len(bomb) < 200 and png_header_size(bomb) == (20000, 20000, 3)
+    full = png_claiming(4096, 4096, rows=4096)  # a complete black 4096 x 4096 image, about 50 KB
+    many = png_request([full] * 6)  # 6 x 50 M values: 1.2 GB as float32, in a 0.4 MB request
+    assert len(many) < MIB
+    with serving(ColourReward()) as server:  # the default limits
+        (status, answer), growth = traced_peak_growth(
+            lambda: raw_request(server.url, png_request([bomb]), "application/json")
+        )
+        assert status == 413 and "per sample" in answer["error"] and growth < 2 * MIB
+        (status, answer), growth = traced_peak_growth(
+            lambda: raw_request(server.url, many, "application/json")
+        )
+        assert status == 413 and growth < 4 * MIB  # about the body: 0.4 MB of JSON, 0.3 MB of PNG bytes
+        assert f"decodes to {6 * 3 * 4096 * 4096} pixel values" in answer["error"]
+        assert "--max-request-pixels" in answer["error"]
+        assert server.model_calls == 0
+    # The instrument sees decoding: a 2048 x 2048 image (a quarter of one above) within the budget is decoded
+    # (two uint8 copies of 12 MiB are traced) and scored.
+    grey = png_claiming(2048, 2048, rows=2048, grey=51)
+    with serving(MeanReward()) as server:
+        (status, answer), growth = traced_peak_growth(
+            lambda: raw_request(server.url, png_request([grey]), "application/json", timeout_s=60)
+        )
+    assert status == 200 and answer["scores"][0] == pytest.approx(51 / 255, abs=1e-6)
+    assert growth > 20 * MIB
+
+
+def test_pixel_budget_counts_all_samples_of_a_request_exactly() -> None:
+    """The budget is inclusive and per request, for both wire formats; the client sizes its requests by it."""
+    per_sample = 3 * 8 * 8
+    limits = RequestLimits(max_pixels_per_request=5 * per_sample)
+    for fmt in ("safetensors", "png"):
+        decode_request(
+            *encode_request(pixels_for(5), prompts_for(5), fmt=fmt), limits
+        )  # exactly at the budget
+        with pytest.raises(RequestRejected) as caught:
+            decode_request(*encode_request(pixels_for(6), prompts_for(6), fmt=fmt), limits)
+        assert (
+            caught.value.status == 413 and f"decodes to {6 * per_sample} pixel values" in caught.value.message
+        )
+    # A safetensors header claiming [4, 3, 4096, 4096] over 8 bytes of data: refused from the header alone.
+    header = json.dumps({"pixels": {"dtype": "U8", "shape": [4, 3, 4096, 4096], "data_offsets": [0, 8]}})
+    claim = struct.pack("<Q", len(header)) + header.encode() + bytes(8)
+    with pytest.raises(RequestRejected) as caught:
+        decode_request(claim, "application/x-safetensors")
+    assert caught.value.status == 413 and f"decodes to {4 * 3 * 4096 * 4096}" in caught.value.message
+    local = ColourReward()
+    with serving(local, limits=limits) as server:
+        remote = RemoteReward(server.url, **FAST)
+        assert remote.max_pixels_per_request == 5 * per_sample and remote.samples_per_request((3, 8, 8)) == 5
+        pixels = pixels_for(12)
+        assert_same_scores(remote(pixels, prompts_for(12)), local(pixels, prompts_for(12)), FLOAT16_BOUND)
+        assert server.requests_scored == 3  # 5 + 5 + 2 samples
+
+
+def http_request_bytes(body: bytes, content_type: str) -> bytes:
+    """A raw ``POST /score`` request."""
+    head = f"POST /score HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n"
+    return head.encode("ascii") + body
+
+
+def read_response(connection: socket.socket) -> tuple[int, dict]:
+    """``(status, JSON body)`` of the response on a raw socket."""
+    response = http.client.HTTPResponse(connection)
+    response.begin()
+    return response.status, json.loads(response.read())
+
+
+def test_listen_backlog_holds_128_clients_that_are_all_answered() -> None:
+    """128 clients connect and send while the server is not accepting yet: the kernel must queue all of
+    them (a backlog of 5 holds 6), and once it serves, each gets its own correct scores."""
+    clients = 128
+    local = ColourReward()
+    server = RewardServer(local, limits=RequestLimits(max_batch=512))
+    url = server.bind()
+    address = (urlsplit(url).hostname, urlsplit(url).port)
+    sockets = [socket.socket() for _ in range(clients)]
+    try:
+        for connection in sockets:
+            connection.setblocking(False)
+            assert connection.connect_ex(address) in (0, 115)  # 115: EINPROGRESS
+        pending, deadline = set(sockets), time.monotonic() + 3.0
+        while pending and time.monotonic() < deadline:  # a handshake the kernel completed shows as writable
+            _, writable, _ = select.select([], list(pending), [], 0.1)
+            pending -= {c for c in writable if c.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0}
+        assert not pending, f"{len(pending)} of {clients} connections were not queued by the listen backlog"
+        inputs = [(pixels_for(2, seed=index), prompts_for(2, offset=index)) for index in range(clients)]
+        for connection, (pixels, prompts) in zip(sockets, inputs, strict=True):
+            connection.setblocking(True)
+            connection.sendall(
+                http_request_bytes(*encode_request(pixels, prompts, fmt="safetensors_float32"))
+            )
+        server.start()
+        for connection, (pixels, prompts) in zip(sockets, inputs, strict=True):
+            connection.settimeout(30)
+            status, answer = read_response(connection)
+            assert status == 200, answer
+            assert_same_scores(decode_response(json.dumps(answer).encode(), 2), local(pixels, prompts), 1e-6)
+    finally:
+        for connection in sockets:
+            connection.close()
+        server.stop()
+    assert server.requests_scored == clients
+
+
+def test_full_server_answers_503_with_retry_after_and_the_client_waits_for_it() -> None:
+    local = ColourReward()
+    with serving(local, max_connections=2) as server:
+        remote = RemoteReward(server.url, timeout_s=5.0, retries=3, backoff_s=0.01)
+        address = (urlsplit(server.url).hostname, urlsplit(server.url).port)
+        idle = [socket.create_connection(address) for _ in range(2)]  # accepted first: they hold both slots
+        try:
+            connection = http.client.HTTPConnection(*address, timeout=10)
+            connection.request("GET", "/health")
+            response = connection.getresponse()
+            assert response.status == 503 and response.getheader("Retry-After") == "1"
+            assert "--max-connections" in json.loads(response.read())["error"]
+            connection.close()
+            threading.Timer(0.3, lambda: [client.close() for client in idle]).start()  # slots free at 0.3 s
+            started = time.monotonic()
+            output = remote(pixels_for(3), prompts_for(3))
+            waited = time.monotonic() - started
+        finally:
+            for client in idle:
+                client.close()
+    # Backoff alone (0.01 s, 0.02 s, 0.04 s) would have given up within 0.1 s; Retry-After made it wait 1 s.
+    assert waited >= 1.0
+    assert_same_scores(output, local(pixels_for(3), prompts_for(3)), FLOAT16_BOUND)
+    assert retry_after_seconds("7") == 7.0 and retry_after_seconds(None) is None
+    assert retry_after_seconds("soon") is None
+    assert retry_after_seconds(formatdate(time.time() + 30, usegmt=True)) == pytest.approx(30, abs=2)
+
+
+def test_slow_clients_are_cut_off_and_do_not_block_others() -> None:
+    """Silent clients and one sending a byte every 0.2 s (an idle timeout never fires on it) all get a 408
+    and are closed at the read deadline, while normal clients are answered in the meantime."""
+    read_timeout_s = 1.0
+    local = ColourReward()
+    with serving(local, max_connections=8, read_timeout_s=read_timeout_s) as server:
+        address = (urlsplit(server.url).hostname, urlsplit(server.url).port)
+        remote = RemoteReward(server.url, **FAST)
+        results: dict[str, tuple[float, bytes]] = {}
+
+        def slow_client(name: str, trickle: bytes) -> None:
+            with socket.create_connection(address) as connection:
+                started, received = time.monotonic(), b""
+                for byte in trickle:  # one byte every 0.2 s until the server answers
+                    if select.select([connection], [], [], 0.2)[0]:
+                        break
+                    try:
+                        connection.send(bytes([byte]))
+                    except OSError:
+                        break
+                connection.settimeout(read_timeout_s + 10)
+                while chunk := connection.recv(4096):
+                    received += chunk
+                results[name] = (time.monotonic() - started, received)
+
+        trickled = b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n" * 10
+        clients = [threading.Thread(target=slow_client, args=(f"silent{i}", b"")) for i in range(4)]
+        clients += [threading.Thread(target=slow_client, args=(f"trickle{i}", trickled)) for i in range(2)]
+        for client in clients:
+            client.start()
+        time.sleep(0.1)  # the slow clients are connected and hold 6 of the 8 slots
+        for request in range(3):  # meanwhile normal clients are answered
+            pixels = pixels_for(2, seed=request)
+            assert_same_scores(remote(pixels, prompts_for(2)), local(pixels, prompts_for(2)), FLOAT16_BOUND)
+        answered_while_slow_clients_held_on = not results
+        for client in clients:
+            client.join(timeout=read_timeout_s + 15)
+    assert answered_while_slow_clients_held_on
+    assert sorted(results) == [f"silent{i}" for i in range(4)] + ["trickle0", "trickle1"]
+    for name, (elapsed, received) in results.items():
+        assert received.startswith(b"HTTP/1.0 408"), (name, received[:80])
+        assert read_timeout_s - 0.1 <= elapsed < read_timeout_s + 3.0, (name, elapsed)
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "words"),
+    [
+        (json.dumps({"images_png": [], "prompts": []}).encode(), "application/json", "non-empty"),
+        (b"[" * 100_000 + b"]" * 100_000, "application/json", "nests JSON deeper"),
+        (
+            json.dumps(
+                {"images_png": ["x"], "prompts": ["a"], "metadata": [{"k": [[[[[[[[[[[[[]]]]]]]]]]]] * 3]}]}
+            )
+            .replace("[]", "[" * MAX_JSON_DEPTH + "]" * MAX_JSON_DEPTH)
+            .encode(),
+            "application/json",
+            "nests JSON deeper",
+        ),
+        (
+            json.dumps({"images_png": [base64.b64encode(b"GIF89a....").decode()], "prompts": ["a"]}).encode(),
+            "application/json",
+            "not a PNG",
+        ),
+        (json.dumps([1, 2]).encode(), "application/json", "must be an object"),
+    ],
+)
+def test_empty_malformed_and_deeply_nested_json_get_400(body: bytes, content_type: str, words: str) -> None:
+    with serving(ColourReward()) as server:
+        status, answer = raw_request(server.url, body, content_type)
+        assert status == 400 and words in answer["error"]
+        assert server.model_calls == 0
+
+
+def safetensors_body(header: dict, data: bytes = b"") -> bytes:
+    """A safetensors file with this exact header and data."""
+    text = json.dumps(header).encode()
+    return struct.pack("<Q", len(text)) + text + data
+
+
+def one_pixel_with_metadata(metadata: dict) -> bytes:
+    """A safetensors body of one 1 x 1 grey sample with this ``__metadata__``."""
+    entry = {"dtype": "U8", "shape": [1, 1, 1, 1], "data_offsets": [0, 1]}
+    return safetensors_body({"__metadata__": metadata, "pixels": entry}, b"\x00")
+
+
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        (
+            safetensors_body({"pixels": {"dtype": "U8", "shape": [0, 3, 8, 8], "data_offsets": [0, 0]}}),
+            "no samples",
+        ),
+        (
+            safetensors_body({"pixels": {"dtype": "U8", "shape": [2, 3, 0, 8], "data_offsets": [0, 0]}}),
+            "no samples",
+        ),
+        (safetensors_body({"pixels": [1, 2]}), "not an object"),
+        (
+            one_pixel_with_metadata({"prompts": 5}),
+            "map names to strings",
+        ),
+        (
+            one_pixel_with_metadata({"prompts": "[\"a\", "}),
+            "does not parse",
+        ),
+        (
+            one_pixel_with_metadata({"prompts": "[" * 50_000 + "]" * 50_000}),
+            "nests JSON deeper",
+        ),
+        (b"[" * 100_000, "not a safetensors file"),
+    ],
+)
+def test_empty_and_malformed_safetensors_get_400(body: bytes, words: str) -> None:
+    with serving(ColourReward()) as server:
+        status, answer = raw_request(server.url, body, "application/x-safetensors")
+        assert status == 400 and words in answer["error"]
+        assert server.model_calls == 0
+
+
+def test_corrupted_payloads_are_refused_with_a_4xx_never_a_crash() -> None:
+    """Random truncations and byte flips of valid bodies: decode_request answers or raises RequestRejected 4xx."""
+    rng = random.Random(0)
+    bodies = [
+        encode_request(pixels_for(2), prompts_for(2), [{"k": 1}, {}], fmt=fmt)
+        for fmt in ("safetensors", "safetensors_uint8", "png")
+    ]
+    statuses = set()
+    for body, kind in bodies:
+        for _ in range(300):
+            corrupted = bytearray(body[: rng.randrange(len(body) + 1)] if rng.random() < 0.3 else body)
+            for _ in range(rng.randrange(1, 4)):
+                if corrupted:
+                    position = rng.randrange(min(len(corrupted), 400))  # mostly headers and JSON
+                    corrupted[position] = rng.randrange(256)
+            try:
+                decode_request(bytes(corrupted), kind)
+                statuses.add(200)
+            except RequestRejected as rejected:
+                assert 400 <= rejected.status < 500, rejected.message
+                statuses.add(rejected.status)
+    assert {200, 400} <= statuses
