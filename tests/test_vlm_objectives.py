@@ -487,3 +487,96 @@ def test_impossible_objective_options_are_refused(overrides, message):
     tiny = Path(__file__).resolve().parent.parent / "configs" / "vlm" / "tiny_colour_cpu.yaml"
     with pytest.raises(ConfigError, match=message):
         load_config(VLMConfig, tiny, overrides).validate()
+
+
+# ------------------------------------------------------------------------------------------------------
+# the trainer wires them: truncation masking, entropy logging, the estimators, the entropy gate
+# ------------------------------------------------------------------------------------------------------
+
+TINY = Path(__file__).resolve().parent.parent / "configs" / "vlm" / "tiny_colour_cpu.yaml"
+SMALL = (
+    "sample.prompts_per_step=4", "sample.group_size=4", "train.steps=1", "log.progress_bar=false",
+    "log.log_completions=0", "reward.functions=[{name: vlm_distributed_worker:character_reward, weight: 1.0}]",
+)  # fmt: skip
+
+
+def _trainer(tmp_path, *overrides):
+    from gen_rl.config import load_config
+    from gen_rl.vlm.config import VLMConfig
+    from gen_rl.vlm.trainer import VLMTrainer
+
+    return VLMTrainer(load_config(VLMConfig, TINY, [f"log.output_dir={tmp_path}", *SMALL, *overrides]))
+
+
+def _weights_after_update(trainer, scored):
+    """Weights after one update from the trainer's current weights, which are then restored."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    start = {name: value.detach().clone() for name, value in model.named_parameters()}
+    trainer.update(0, scored, None, None)
+    after = {name: value.detach().clone() for name, value in model.named_parameters()}
+    with torch.no_grad():
+        for name, value in model.named_parameters():
+            value.copy_(start[name])
+    trainer.optimizer.state.clear()  # a fresh AdamW for the next call
+    return after
+
+
+def test_truncated_completions_contribute_no_loss(tmp_path):
+    """mask_truncated (on by default): the advantages of completions without EOS cannot change the update."""
+    trainer = _trainer(tmp_path, "sample.max_new_tokens=8", "sample.mask_truncated=true")
+    scored = trainer.collect(0)
+    truncated = scored.rollout.is_truncated
+    assert truncated.any() and not truncated.all()  # both kinds in the batch
+    assert not trainer.loss_mask(scored)[truncated].any()
+    reference = _weights_after_update(trainer, scored)
+
+    scored.advantages = torch.where(truncated, torch.randn(len(truncated)) * 5, scored.advantages)
+    changed_truncated = _weights_after_update(trainer, scored)
+    for name, value in reference.items():
+        torch.testing.assert_close(changed_truncated[name], value, rtol=0, atol=0)
+
+    scored.advantages = torch.where(~truncated, -scored.advantages, scored.advantages)  # guard: others count
+    changed_kept = _weights_after_update(trainer, scored)
+    assert any(not torch.equal(changed_kept[name], value) for name, value in reference.items())
+
+
+def test_entropy_is_logged_every_step_as_the_sampling_entropy(tmp_path):
+    """entropy/mean: the mean entropy of the sampling distribution over every completion token."""
+    trainer = _trainer(tmp_path, "sample.max_new_tokens=3")
+    scored = trainer.collect(0)
+    _, entropies = trainer._no_grad_log_probs(trainer.model, scored.rollout, with_entropy=True)
+    completion = scored.rollout.completion_mask
+    expected = float(entropies[completion].mean())
+    stats = trainer.update(0, scored, None, None)
+    assert stats["entropy/mean"] == pytest.approx(expected, rel=1e-5)
+    vocabulary = trainer.accelerator.unwrap_model(trainer.model).config.get_text_config().vocab_size
+    assert 0 < expected < math.log(vocabulary)
+
+    assert trainer._step_metrics(0, scored, stats, 0.0)["entropy/mean"] == stats["entropy/mean"]
+
+
+@pytest.mark.parametrize("estimator", ["rloo", "reinforce_pp", "reinforce_pp_baseline"])
+def test_the_configured_advantage_estimator_reaches_the_batch(tmp_path, estimator):
+    from gen_rl.advantages import reinforce_pp_advantages, rloo_advantages
+
+    trainer = _trainer(tmp_path, "sample.max_new_tokens=3", f"train.advantage_estimator={estimator}")
+    scored = trainer.collect(0)
+    rewards, groups = scored.total_reward, scored.rollout.group_ids
+    assert len(set(rewards.tolist())) > 1
+    expected = {
+        "rloo": lambda: rloo_advantages(rewards, groups),
+        "reinforce_pp": lambda: reinforce_pp_advantages(rewards, groups, baseline=False),
+        "reinforce_pp_baseline": lambda: reinforce_pp_advantages(rewards, groups, baseline=True),
+    }[estimator]().advantages
+    torch.testing.assert_close(scored.advantages, expected)
+
+
+def test_entropy_gate_trains_the_top_fraction_of_loss_tokens(tmp_path):
+    trainer = _trainer(tmp_path, "train.top_entropy_fraction=0.2")
+    entropy = torch.rand(6, 5, generator=torch.Generator().manual_seed(3))
+    loss_mask = torch.rand(6, 5, generator=torch.Generator().manual_seed(4)) < 0.7
+    gate = trainer._entropy_gate(entropy, loss_mask)
+    chosen = sorted(entropy[loss_mask].tolist(), reverse=True)[: math.ceil(0.2 * int(loss_mask.sum()))]
+    assert sorted(entropy[gate.bool()].tolist(), reverse=True) == chosen
+    assert not gate[~loss_mask].any()
+    assert trainer._entropy_gate(None, loss_mask) is None
