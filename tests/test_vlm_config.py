@@ -54,6 +54,16 @@ def test_there_is_a_tiny_config_and_a_real_recipe():
         ),
         (["reward.functions=[]"], "reward.functions is empty"),
         (["sample.temperature=0"], "temperature must be > 0"),
+        (["train.lr=-1e-6"], r"train.lr must be > 0 \(the AdamW learning rate\), got -1e-06"),
+        (["train.lr=.nan"], "train.lr is nan; give a finite number"),
+        (["reward.functions=[{name: exact, weight: .inf}]"], r"reward.functions\[0\].weight is inf"),
+        (["train.adam_betas=[0.9, 1.5]"], "train.adam_betas must be two numbers in"),
+        (["data.bad_records=ignore"], "data.bad_records must be 'abort' or 'skip'"),
+        (["model.lora.dropout=1.0"], "model.lora.dropout must be in"),
+        (["model.lora.enabled=true", "model.lora.r=0"], "model.lora.r must be >= 1"),
+        (["model.min_pixels=1000", "model.max_pixels=10"], "exceeds model.max_pixels"),
+        (["train.weight_decay=-0.1"], "train.weight_decay must be >= 0"),
+        (["log.output_dir="], "log.output_dir is empty"),
     ],
 )
 def test_invalid_configs_name_the_key(overrides, message):
@@ -78,3 +88,10 @@ def test_describe_documents_every_key():
     lines = describe(VLMConfig)
     assert any(line.startswith("train.loss = 'grpo'  # objective") for line in lines)
     assert all("#" in line or line.startswith("[") for line in lines)
+
+
+def test_dtype_names_match_the_torch_table_without_importing_torch():
+    from gen_rl.dtypes import DTYPES as TORCH_DTYPES
+    from gen_rl.vlm.config import DTYPES
+
+    assert tuple(TORCH_DTYPES) == DTYPES  # vlm/config.py lists them itself so that it imports no torch
