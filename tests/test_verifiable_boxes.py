@@ -186,11 +186,15 @@ def test_box_in_the_wrong_convention_scores_low():
 def test_giou_reward_hand_worked():
     target = [0, 0, 2, 2]
     meta = {"box_format": "original"}
-    assert giou_reward(tagged("[3, 0, 5, 2]"), target, meta) == pytest.approx((-0.2 + 1) / 2)
     assert giou_reward(tagged("[0, 0, 2, 2]"), target, meta) == 1.0
-    near = giou_reward(tagged("[3, 0, 5, 2]"), target, meta)
-    far = giou_reward(tagged("[30, 0, 32, 2]"), target, meta)
-    assert near > far > 0.0  # GIoU still orders disjoint boxes
+    # disjoint: GIoU -0.2 (test_giou_hand_worked) floors at 0, as does any disjoint box
+    assert giou_reward(tagged("[3, 0, 5, 2]"), target, meta) == 0.0
+    # [0,0,10,10] vs [1,1,11,11]: intersection 81, union 119, enclosing [0,0,11,11] area 121
+    shifted = giou_reward(tagged("[0, 0, 10, 10]"), [1, 1, 11, 11], meta)
+    assert shifted == pytest.approx(81 / 119 - (121 - 119) / 121)
+    assert shifted < iou_reward(tagged("[0, 0, 10, 10]"), [1, 1, 11, 11], meta)  # GIoU <= IoU
+    # [0,0,4,4] vs [2,2,6,6]: GIoU 4/28 - 8/36 < 0 although they overlap: 0
+    assert giou_reward(tagged("[0, 0, 4, 4]"), [2, 2, 6, 6], meta) == 0.0
 
 
 def test_iou_reward_threshold():
@@ -269,23 +273,33 @@ def test_duplicate_box_flood_does_not_beat_the_single_correct_box():
     assert detection_f1_reward(single, target, meta) == 1.0
     assert detection_f1_reward(flood, target, meta) == pytest.approx(2 / (2 + 49))  # 1 TP, 49 FP
     assert detection_weighted_reward(single, target, meta) == 1.0
-    assert detection_weighted_reward(flood, target, meta) == pytest.approx(0.5 * 1 / 50 + 0.5 * 1)
+    # harmonic: (w_p + w_r) / (w_p / P + w_r / R) with P = 1/50, R = 1
+    assert detection_weighted_reward(flood, target, meta) == pytest.approx(1 / (0.5 * 50 + 0.5 * 1))
     assert detection_map_reward(flood, target, meta) <= detection_map_reward(single, target, meta)
+
+
+def weighted_harmonic(precision, recall, w_p=0.5, w_r=0.5):
+    return (w_p + w_r) / (w_p / precision + w_r / recall)
 
 
 def test_weighted_precision_recall_hand_worked():
     targets = [[0, 0, 10, 10], [20, 0, 30, 10], [40, 0, 50, 10], [60, 0, 70, 10]]
     predictions = [[0, 0, 10, 6], [20, 0, 30, 10]]  # IoUs 0.6 and 1.0; P = 2/2, R = 2/4
     counts = detection_counts(predictions, targets)
-    assert weighted_precision_recall(counts) == pytest.approx(0.5 * 1 + 0.5 * 0.5)
-    assert weighted_precision_recall(counts, 0.2, 0.8) == pytest.approx(0.2 * 1 + 0.8 * 0.5)
-    assert weighted_precision_recall(counts, 2, 8) == pytest.approx(0.2 * 1 + 0.8 * 0.5)  # weights normalised
+    assert weighted_precision_recall(counts) == pytest.approx(1 / (0.5 / 1 + 0.5 / 0.5))  # = F1 = 2/3
+    assert weighted_precision_recall(counts) == pytest.approx(f1_score(2, 0, 2))
+    assert weighted_precision_recall(counts, 0.2, 0.8) == pytest.approx(1 / (0.2 / 1 + 0.8 / 0.5))
+    assert weighted_precision_recall(counts, 2, 8) == pytest.approx(1 / (0.2 / 1 + 0.8 / 0.5))  # normalised
+    # recall-heavy weights pay recall more: 1 / 1.8 < 2/3 here because R < P
+    assert weighted_precision_recall(counts, 0.2, 0.8) < weighted_precision_recall(counts, 0.8, 0.2)
     # IoU-weighted: hits = 0.6 + 1.0 = 1.6, P = 1.6 / 2, R = 1.6 / 4
-    assert weighted_precision_recall(counts, iou_weighted=True) == pytest.approx(0.5 * 0.8 + 0.5 * 0.4)
+    assert weighted_precision_recall(counts, iou_weighted=True) == pytest.approx(weighted_harmonic(0.8, 0.4))
     meta = {"box_format": "original", "precision_weight": 0.2, "recall_weight": 0.8}
-    assert detection_weighted_reward(tagged(boxes_text(predictions)), targets, meta) == pytest.approx(0.6)
-    with pytest.raises(ValueError, match="weight"):
-        weighted_precision_recall(counts, 0, 0)
+    reward = detection_weighted_reward(tagged(boxes_text(predictions)), targets, meta)
+    assert reward == pytest.approx(weighted_harmonic(1.0, 0.5, 0.2, 0.8))
+    for weights in ((0, 0), (0, 1), (1, -1)):
+        with pytest.raises(ValueError, match="precision_weight must be > 0"):
+            weighted_precision_recall(counts, *weights)
 
 
 def test_detection_uses_the_coordinate_convention():

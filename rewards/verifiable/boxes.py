@@ -53,6 +53,7 @@ __all__ = [
     "detection_f1_reward",
     "detection_weighted_reward",
     "detection_map_reward",
+    "MAP_EVALUATION_ONLY",
 ]
 
 BOX_FORMATS = ("original", "resized", "norm1000")
@@ -154,8 +155,16 @@ def _is_box(value: Any) -> bool:
     )
 
 
+_UNREADABLE: Box = [float("nan")] * 4  # stands for a box the answer attempted but that cannot be read
+
+
 def _from_json(value: Any) -> list[LabeledBox]:
-    """Boxes inside parsed JSON: a 4-number list, a dict with a box key (and maybe a label), or lists of them."""
+    """Boxes inside parsed JSON: a 4-number list, a dict with a box key (and maybe a label), or lists of them.
+
+    A box attempt that cannot be read -- a number list of another length, a dict whose box key holds no
+    4-number list, a dict with keys but no box key -- yields ``(None, _UNREADABLE)``; strings are labels or
+    prose and are skipped; an empty dict or list is no attempt.
+    """
     if _is_box(value):
         return [(None, [float(item) for item in value])]
     if isinstance(value, dict):
@@ -163,35 +172,36 @@ def _from_json(value: Any) -> list[LabeledBox]:
             if _is_box(value.get(key)):
                 label = next((value[k] for k in _LABEL_KEYS if isinstance(value.get(k), str)), None)
                 return [(label, [float(item) for item in value[key]])]
-        return []
+        return [(None, _UNREADABLE)] if value else []
     if isinstance(value, list | tuple):
+        numbers = [isinstance(item, int | float) and not isinstance(item, bool) for item in value]
+        if value and all(numbers):
+            return [(None, _UNREADABLE)]  # [1, 2, 3] or [1, 2, 3, 4, 5]
         return [item for element in value for item in _from_json(element)]
     return []
 
 
-def parse_labeled_boxes(text: Any) -> list[LabeledBox]:
-    """All ``(label or None, [x1, y1, x2, y2])`` in ``text``, in order of appearance.
+_INNER_BRACKETS = re.compile(r"\[([^\[\]]*)\]")
+_BOX_KEY = re.compile(r"[\"']?(?:" + "|".join(_BOX_KEYS) + r")[\"']?\s*:")
 
-    Reads, in this order of preference: the whole text as JSON (a box, a list of boxes, or objects such as
-    Qwen2.5-VL's ``{"bbox_2d": [...], "label": "cat"}``; a ```json fence is ignored); failing that, every
-    flat ``{...}`` object that parses as such JSON, plus every ``[x1, y1, x2, y2]`` and ``(x1,y1),(x2,y2)``
-    elsewhere in the text; failing all, a text that is exactly four numbers. No coordinate conversion here.
-    """
-    if isinstance(text, list | tuple | dict):
-        return _from_json(text)
-    text = _FENCE.sub(" ", str(text)).strip()
+
+def _scan_boxes(text: str) -> list[LabeledBox]:
+    """Every box attempt in ``text`` in order of appearance, unreadable ones as ``_UNREADABLE``."""
+    text = _FENCE.sub(" ", text).strip()
     if not text:
         return []
     with contextlib.suppress(ValueError, RecursionError):
         return _from_json(json.loads(text))
     found: list[tuple[int, LabeledBox]] = []
     covered: list[tuple[int, int]] = []
+    objects = 0
     for match in _FLAT_OBJECT.finditer(text):
         try:
             parsed = _from_json(json.loads(match.group(0)))
         except (ValueError, RecursionError):
-            continue
+            parsed = [(None, _UNREADABLE)] if _BOX_KEY.search(match.group(0)) else []
         if parsed:
+            objects += 1
             found.extend((match.start(), item) for item in parsed)
             covered.append(match.span())
     for pattern in (_BRACKET_BOX, _POINT_PAIR_BOX):
@@ -200,11 +210,39 @@ def parse_labeled_boxes(text: Any) -> list[LabeledBox]:
                 continue
             found.append((match.start(), (None, [float(group) for group in match.groups()])))
             covered.append(match.span())
+    for match in _INNER_BRACKETS.finditer(text):  # "[1, 2, 3]", "[10, 20, 30, 40, 50]": attempts, unreadable
+        attempt = len(re.findall(_N, match.group(1))) >= 2
+        if attempt and not any(start <= match.start() < end for start, end in covered):
+            found.append((match.start(), (None, _UNREADABLE)))
+    truncated = len(_BOX_KEY.findall(text)) - len(
+        [1 for start, end in covered for _ in _BOX_KEY.finditer(text, start, end)]
+    )
+    found.extend((len(text), (None, _UNREADABLE)) for _ in range(max(0, truncated)))
     if not found:
         bare = _BARE_BOX.match(text)
         if bare:
             found.append((0, (None, [float(group) for group in bare.groups()])))
     return [item for _, item in sorted(found, key=lambda pair: pair[0])]
+
+
+def _readable(box: Sequence[float]) -> bool:
+    return not all(value != value for value in box)  # the all-NaN marker
+
+
+def parse_labeled_boxes(text: Any, keep_unreadable: bool = False) -> list[LabeledBox]:
+    """All ``(label or None, [x1, y1, x2, y2])`` in ``text``, in order of appearance.
+
+    Reads, in this order of preference: the whole text as JSON (a box, a list of boxes, or objects such as
+    Qwen2.5-VL's ``{"bbox_2d": [...], "label": "cat"}``; a ```json fence is ignored); failing that, every
+    flat ``{...}`` object that parses as such JSON, plus every ``[x1, y1, x2, y2]`` and ``(x1,y1),(x2,y2)``
+    elsewhere in the text; failing all, a text that is exactly four numbers. No coordinate conversion here.
+
+    A box the text attempts but that cannot be read -- ``[1, 2, 3]``, five numbers, ``{"bbox_2d": "left"}``,
+    an object cut off mid-box by the length limit -- is left out, or with ``keep_unreadable`` kept in place
+    as ``[nan, nan, nan, nan]``, which overlaps nothing: the rewards count it as a false positive.
+    """
+    boxes = _from_json(text) if isinstance(text, list | tuple | dict) else _scan_boxes(str(text))
+    return boxes if keep_unreadable else [(label, box) for label, box in boxes if _readable(box)]
 
 
 def parse_boxes(text: Any) -> list[Box]:
@@ -343,16 +381,23 @@ def weighted_precision_recall(
     recall_weight: float = 0.5,
     iou_weighted: bool = False,
 ) -> float:
-    """DIP-R1's weighted precision-recall accuracy (Park et al., 2025): ``(w_p P + w_r R) / (w_p + w_r)``.
+    """DIP-R1's weighted precision / recall (Park et al., 2025), combined by the weighted HARMONIC mean
+    ``(w_p + w_r) / (w_p / P + w_r / R)`` (0 when P or R is 0) instead of DIP-R1's arithmetic mean.
 
     ``P = TP / #predictions`` and ``R = TP / #targets`` over the greedy one-to-one matches. With
     ``iou_weighted`` each true positive counts its IoU instead of 1 (``P = sum IoU / #predictions``), which
-    also rewards tighter boxes. No prediction and no target gives 1; one side empty gives 0 for that term.
-    A spray of boxes that covers every target still earns up to ``w_r / (w_p + w_r)``: use
-    :func:`detection_f1_reward` where that floor matters.
+    also rewards tighter boxes. No prediction and no target gives 1; one side empty gives 0.
+    Why harmonic: the arithmetic mean ``(w_p P + w_r R) / (w_p + w_r)`` pays ``w_r / (w_p + w_r)`` to a blind
+    grid of boxes that covers every target (0.51 measured), whatever the image. The harmonic mean of a
+    spray of N boxes hitting k of G targets is at most ``(w_p + w_r) / (w_p N / k + w_r)`` -> 0 as N grows.
+    With ``w_p = w_r`` and no IoU weighting it equals F1. ``precision_weight`` must be > 0 (without it a
+    spray earns full recall).
     """
-    if precision_weight < 0 or recall_weight < 0 or precision_weight + recall_weight <= 0:
-        raise ValueError("precision_weight and recall_weight must be >= 0 with a positive sum")
+    if precision_weight <= 0 or recall_weight < 0:
+        raise ValueError(
+            f"precision_weight must be > 0 and recall_weight >= 0, got {precision_weight}, {recall_weight}: "
+            "without a precision term a spray of boxes earns full recall"
+        )
     tp, fp, fn = counts["tp"], counts["fp"], counts["fn"]
     hits = float(sum(counts["matched_ious"])) if iou_weighted else float(tp)
     n_pred, n_true = tp + fp, tp + fn
@@ -360,7 +405,10 @@ def weighted_precision_recall(
         return 1.0
     precision = hits / n_pred if n_pred else 0.0
     recall = hits / n_true if n_true else 0.0
-    return (precision_weight * precision + recall_weight * recall) / (precision_weight + recall_weight)
+    if precision <= 0 or (recall <= 0 and recall_weight > 0):
+        return 0.0
+    inverse = precision_weight / precision + (recall_weight / recall if recall_weight > 0 else 0.0)
+    return (precision_weight + recall_weight) / inverse
 
 
 def coco_map(
@@ -373,7 +421,8 @@ def coco_map(
     Boxes are ``[x1, y1, x2, y2]`` in one convention; ``scores`` default to the order of ``predictions``
     (earlier = more confident). Single class; at most 100 predictions count (COCO's maxDets). No targets:
     1.0 if there is no prediction either, else 0. Needs pycocotools (``pip install pycocotools`` or the
-    ``vlm`` extra); it is imported here only.
+    ``vlm`` extra); it is imported here only. An evaluation metric, not a reward: AP ranks, so guesses
+    appended after the true positives cost nothing and a wrong box before the right one still earns 0.5.
     """
     try:
         from pycocotools.coco import COCO
@@ -432,15 +481,19 @@ def coco_map(
 
 def _targets(solution: Any) -> list[LabeledBox]:
     solution = extract_solution(solution)
-    boxes = parse_labeled_boxes(solution)
+    boxes = parse_labeled_boxes(solution, keep_unreadable=True)
+    if not all(_readable(box) for _, box in boxes):
+        raise ValueError(f"box solution holds a box that is not [x1, y1, x2, y2]: {solution!r}; fix the record")
     if not boxes and not (isinstance(solution, list | tuple) and len(solution) == 0) and solution != "[]":
         raise ValueError(f"box solution holds no [x1, y1, x2, y2] box: {solution!r}")
     return boxes
 
 
 def _predictions(completion: str, metadata: Mapping[str, Any] | None) -> tuple[str, list[LabeledBox]]:
+    """The answer text and its boxes in original pixels, unreadable attempts kept as NaN boxes."""
     answer = answer_text(completion, metadata)
-    return answer, [(label, box_to_original(box, metadata)) for label, box in parse_labeled_boxes(answer)]
+    boxes = parse_labeled_boxes(answer, keep_unreadable=True)
+    return answer, [(label, box_to_original(box, metadata) if _readable(box) else box) for label, box in boxes]
 
 
 def iou_reward(
@@ -454,7 +507,10 @@ def iou_reward(
 
     Only the first box counts, as in VLM-R1, so listing several boxes cannot raise the score. With several
     ground-truth boxes the best-overlapping one is used. ``threshold`` (or ``metadata["iou_threshold"]``)
-    turns it binary: 1.0 if IoU >= threshold else 0. No box in the answer: 0.
+    turns it binary: 1.0 if IoU >= threshold else 0. No box in the answer, or an unreadable first box: 0.
+
+    Floor: the whole image earns ``|T| / |image|`` (its honest IoU), a zero-area box 0, a spray or grid of
+    boxes its first box only.
     """
     metadata = metadata or {}
     targets = _targets(solution)
@@ -469,17 +525,21 @@ def iou_reward(
 
 
 def giou_reward(completion: str, solution: Any, metadata: Mapping[str, Any] | None = None) -> float:
-    """Grounding with GIoU mapped to [0, 1]: ``(GIoU + 1) / 2`` of the answer's first box and the best target.
+    """Grounding with GIoU floored at 0: ``max(0, GIoU)`` of the answer's first box and the best target.
 
-    Unlike IoU it still orders disjoint boxes by distance (a near miss beats a far one), so it gives a
-    signal before any overlap; a disjoint box therefore scores in (0, 0.5), an exact box 1. No box: 0.
+    Floor (what a blind answer earns): the whole image earns ``|T| / |image|`` (its enclosing box is itself,
+    so GIoU = IoU), a zero-area box 0, a box away from the target 0, a spray or grid its first box only.
+    The usual ``(GIoU + 1) / 2`` mapping is not offered: it pays about 0.5 for any box (0.58 for the whole
+    image, 0.50 for a zero-area box inside the target). The price is GIoU's ordering of disjoint boxes
+    (a near miss and a far miss both earn 0); ``max(0, GIoU) <= IoU``, so a loose box earns below its IoU.
+    No box: 0.
     """
     targets = _targets(solution)
     _, predicted = _predictions(completion, metadata)
     if not predicted or not targets:
         return 0.0
     best = max(box_giou(predicted[0][1], box) for _, box in targets)
-    return float(min(1.0, max(0.0, (best + 1.0) / 2.0)))
+    return float(min(1.0, max(0.0, best)))
 
 
 _NOTHING = {"[]", "none", "null", "nothing", "no objects", "no object", "{}"}
@@ -521,10 +581,14 @@ def _detection_counts(
 def detection_f1_reward(completion: str, solution: Any, metadata: Mapping[str, Any] | None = None) -> float:
     """Detection F1 ``2 TP / (2 TP + FP + FN)`` at IoU >= ``metadata["iou_threshold"]`` (default 0.5).
 
-    Predictions (all boxes of the answer, converted to original pixels) are greedily matched one-to-one to
-    the targets (:func:`greedy_match`); if the targets carry labels, labels must match too. An empty answer,
-    or a non-empty one without boxes that is not an explicit "none" / "[]", scores 0; "none" for an image
-    with no targets scores 1.
+    Predictions (all boxes of the answer, converted to original pixels; unreadable box attempts count as
+    false positives) are greedily matched one-to-one to the targets (:func:`greedy_match`); if the targets
+    carry labels, labels must match too. An empty answer, or a non-empty one without boxes that is not an
+    explicit "none" / "[]", scores 0; "none" for an image with no targets scores 1.
+
+    Floor: a spray or grid of N boxes that hits k of G targets earns ``2k / (N + G) <= 2G / (N + G)``; the
+    whole image as one box earns ``2 / (1 + G)`` only if it overlaps a target with IoU >= the threshold
+    (a target covering half the image or more), else 0; a zero-area box 0.
     """
     counts = _detection_counts(completion, solution, metadata)
     return 0.0 if counts is None else f1_score(counts["tp"], counts["fp"], counts["fn"])
@@ -541,8 +605,10 @@ def detection_weighted_reward(
 ) -> float:
     """DIP-R1 weighted precision-recall reward over the same matching as :func:`detection_f1_reward`.
 
-    See :func:`weighted_precision_recall`; weights come from the keywords, else ``metadata``
-    (``precision_weight``, ``recall_weight``, ``iou_weighted``), else 0.5 / 0.5 / False.
+    See :func:`weighted_precision_recall` (a weighted harmonic mean); weights come from the keywords, else
+    ``metadata`` (``precision_weight``, ``recall_weight``, ``iou_weighted``), else 0.5 / 0.5 / False.
+    Floor: a spray or grid of N boxes hitting k targets earns at most ``(w_p + w_r) / (w_p N / k + w_r)``;
+    the whole image and a zero-area box as for :func:`detection_f1_reward`.
     """
     metadata = metadata or {}
     counts = _detection_counts(completion, solution, metadata)
@@ -556,14 +622,26 @@ def detection_weighted_reward(
     )
 
 
+MAP_EVALUATION_ONLY = (
+    "detection_map (COCO mAP) is evaluation-only: appending guesses never lowers average precision (a wrong "
+    "box then the right one scores 0.5, duplicates after a true positive are free), so as a training reward "
+    "it teaches 'emit every guess'; train with detection_f1 or detection_weighted and keep detection_map for "
+    "evaluation"
+)
+
+
 def detection_map_reward(completion: str, solution: Any, metadata: Mapping[str, Any] | None = None) -> float:
     """COCO mAP@[.5:.95] (:func:`coco_map`) of the answer's boxes, ranked by order of appearance.
 
-    Labels are ignored (single class). Empty or unreadable answers score 0 as in :func:`detection_f1_reward`.
-    Needs pycocotools.
+    EVALUATION ONLY (``evaluation_only`` attribute; the VLM trainer refuses it as a training reward): its
+    floor is no floor, since guesses appended after the right box are free. Labels are ignored (single
+    class). Empty or unreadable answers score 0 as in :func:`detection_f1_reward`. Needs pycocotools.
     """
     inputs = _detection_inputs(completion, solution, metadata)
     if inputs is None:
         return 0.0
     predicted, targets = inputs
     return coco_map([box for _, box in predicted], [box for _, box in targets])
+
+
+detection_map_reward.evaluation_only = MAP_EVALUATION_ONLY  # type: ignore[attr-defined]

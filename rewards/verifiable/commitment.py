@@ -20,10 +20,16 @@ numerals of two or more letters ("IV"); every standalone capital letter for mult
 four options names two letters). The price is paid by verbose honest answers that mention a second number
 or a negation: reasoning belongs in ``<think>``, the ``<answer>`` holds the committed answer.
 
-Residual risk, stated: a hedge written in a language or notation outside the lists below (say a connector
-in a language not listed, between two numbers that the reader still sees as two numbers and so rejects
-anyway) -- for numbers, two candidates are rejected whatever separates them; the connector lists matter
-only for one-candidate hedges such as "3 or more".
+Where the rule is enforced: :func:`uncommitted` (negations and hedges) in every answer reward;
+:func:`rewards.verifiable.answers.parse_numbers` (two numbers are two candidates, whatever separates them)
+in numeric and counting; :func:`rewards.verifiable.answers.choice_letter` (every standalone capital, and
+option texts named beside a letter) in multiple choice; :func:`rewards.verifiable.answers.math_candidates`
+(each delimited segment, each ``\\boxed``, cut at prose and separators, must verify) in math.
+
+Residual risk: a one-candidate hedge in a language whose connector is not listed ("3 plus ou moins" is
+caught, a connector in an unlisted language before a single number is not); a second candidate written as
+a number word of a language other than English ("3 quatre") beside one digit candidate. CJK numerals
+("3 四") are Unicode numerals and are read.
 """
 
 from __future__ import annotations
