@@ -1,7 +1,8 @@
-"""Rollouts on tiny Qwen2-VL and Qwen2.5-VL models saved to disk and loaded back through ``load_policy``.
+"""Rollouts on tiny Qwen2-VL, Qwen2.5-VL and LLaVA models saved to disk and loaded back through ``load_policy``.
 
 Ratio 1 (recomputed log-probs = sampling log-probs) on left-padded batches of prompts with 0, 1 and 2 images,
-pixel alignment under any batching, suppressed vision tokens, prompt truncation that spares image tokens.
+pixel alignment under any batching, suppressed vision tokens, prompt truncation that spares image tokens,
+the processed image size of every image for grid (Qwen) and per-image-tensor (LLaVA) processors.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from gen_rl.vlm.rollout import (
     completion_mask,
     encode_prompt,
     generate_completions,
+    processed_image_sizes,
     sample_rollout,
     sequence_inputs,
     uses_mrope,
@@ -32,6 +34,7 @@ RED, BLUE, GREEN = (220, 30, 30), (30, 40, 220), (30, 200, 40)
 MODEL_CLASSES = {
     "qwen2_vl": "Qwen2VLForConditionalGeneration",
     "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+    "llava": "LlavaForConditionalGeneration",
 }
 
 
@@ -85,16 +88,25 @@ def test_loaded_policy_is_the_saved_model(policy, family):
         assert torch.equal(loaded, expected), name
     assert type(model).__name__ == MODEL_CLASSES[family]
     assert processor.tokenizer.padding_side == "left"
-    assert uses_mrope(model)
+    assert uses_mrope(model) == (family != "llava")  # LLaVA takes explicit position ids
 
 
-def test_collate_keeps_pixels_aligned_with_prompts(policy, mixed_prompts):
+def test_collate_keeps_pixels_aligned_with_prompts(policy, mixed_prompts, family):
     _, processor = policy
     batch = collate_prompts(mixed_prompts, processor.tokenizer.pad_token_id)
     lengths = [len(prompt) for prompt in mixed_prompts]
     assert len(set(lengths)) == 3  # really left-padded
     assert batch["input_ids"].shape == (3, max(lengths))
     assert batch["attention_mask"].sum(dim=1).tolist() == lengths
+    if family == "llava":  # one 28 x 28 pixel tensor per image, 2 x 2 patches = 4 image tokens each
+        assert batch["pixel_values"].shape == (3, 3, 28, 28)
+        expected = torch.cat(
+            [mixed_prompts[0].visual["pixel_values"], mixed_prompts[1].visual["pixel_values"]]
+        )
+        assert torch.equal(batch["pixel_values"], expected)
+        image_tokens = (batch["input_ids"] == processor.image_token_id).sum(dim=1).tolist()
+        assert image_tokens == [4, 8, 0]
+        return
     # 56x56 -> 4x4 patches of 14 px; 56 wide x 28 high is below min_pixels and is upscaled to 84 x 56 -> 6x4
     assert batch["image_grid_thw"].tolist() == [[1, 4, 4], [1, 4, 4], [1, 4, 6]]
     expected_pixels = torch.cat(
@@ -188,7 +200,9 @@ def test_vision_tokens_are_never_generated(policy, mixed_prompts):
     model, processor = policy
     settings = _settings(model, processor, max_new_tokens=16, temperature=2.0)
     vision_ids = set(vision_token_ids(model.config, processor))
-    assert {processor.image_token_id, model.config.vision_start_token_id} <= vision_ids
+    assert processor.image_token_id in vision_ids
+    start_id = getattr(model.config, "vision_start_token_id", None)
+    assert start_id is None or start_id in vision_ids
     prompts = [prompt for prompt in mixed_prompts for _ in range(8)]
     torch.manual_seed(2)
     completion_ids, scores = generate_completions(
@@ -235,3 +249,31 @@ def test_prompt_truncation_keeps_the_question_template(policy):
     text = processor.tokenizer.decode(cut.input_ids)
     assert len(cut) <= len(full) - 10
     assert "answer with one word ." in text and text.count("colour") < problem.count("colour")
+
+
+def test_processed_image_sizes_for_any_processor(policy, family):
+    """The pixel frame each image is seen in: Qwen's smart resize (grid x 14 px, here within 56 x 56 pixels
+    min/max) or LLaVA's fixed 28 x 28 resize; one entry per image, in order."""
+    _, processor = policy
+    images = [_image(RED, (56, 56)), _image(BLUE, (112, 28)), _image(GREEN, (40, 90))]
+    prompt = encode_prompt(processor, "what colour ?", images)
+    if family == "llava":
+        expected = [(28, 28)] * 3
+    else:  # every image scaled to about 56 * 56 pixels, sides multiples of 28 (patch 14 x merge 2)
+        grid = prompt.visual["image_grid_thw"].tolist()
+        assert len(grid) == 3
+        expected = [(rows * 14, columns * 14) for _, rows, columns in grid]
+        assert expected[0] == (56, 56)
+        assert expected[1][1] > expected[1][0] and expected[2][0] > expected[2][1]  # aspect ratios kept
+    assert prompt.processed_sizes == expected
+    assert processed_image_sizes(processor, prompt.visual, num_images=0) == []
+
+
+def test_processed_sizes_of_a_tiling_processor_are_unknown():
+    """Several crops per image (pixel rows != images): no single frame, so no size rather than a wrong one."""
+    crops = {"pixel_values": torch.zeros(5, 3, 28, 28)}
+    assert processed_image_sizes(None, crops, num_images=2) == []
+    five_d = {"pixel_values": torch.zeros(2, 4, 3, 28, 28)}
+    assert processed_image_sizes(None, five_d, num_images=2) == []
+    per_image = {"pixel_values": torch.zeros(2, 3, 32, 48)}
+    assert processed_image_sizes(None, per_image, num_images=2) == [(32, 48), (32, 48)]

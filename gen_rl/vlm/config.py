@@ -15,6 +15,7 @@ __all__ = [
     "REFERENCE_MODES",
     "AcceleratorSection",
     "DataSection",
+    "EvalSection",
     "LogSection",
     "LoraSection",
     "ModelSection",
@@ -23,6 +24,7 @@ __all__ = [
     "SampleSection",
     "StageSection",
     "TrainSection",
+    "VideoSection",
     "VLMConfig",
 ]
 
@@ -30,6 +32,7 @@ LOSS_NAMES = ("grpo", "dr_grpo", "dapo", "gspo", "gspo_token", "cispo", "sapo")
 LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "constant")
 ADVANTAGE_ESTIMATORS = ("grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
 REFERENCE_MODES = ("auto", "disable_adapter", "frozen_copy")
+SYNTHETIC_NAMES = ("colour", "video_colour")
 DTYPES = ("float32", "bfloat16", "float16")  # gen_rl.dtypes.DTYPES's names, without importing torch here
 
 
@@ -85,8 +88,20 @@ class StageSection:
     steps: int = option(
         0, "optimizer rounds (rollout batches) in this stage; 0 = until train.steps (last stage)"
     )
-    synthetic: str = option("", "build this synthetic task in code instead of reading files: 'colour'")
+    synthetic: str = option(
+        "", "build this synthetic task in code instead of reading files: 'colour' | 'video_colour'"
+    )
     synthetic_records: int = option(64, "records of the synthetic task (written under log.output_dir/data)")
+
+
+@dataclass
+class VideoSection:
+    """Frames drawn from each record's video (a folder of frames, or a file with the video extra)."""
+
+    num_frames: int = option(0, "frames sampled evenly over the clip; 0 = sample by fps")
+    fps: float = option(2.0, "frames per second of video time when num_frames is 0 (Qwen2-VL: 2)")
+    max_frames: int = option(32, "cap on the sampled frames (evenly thinned); 0 = no cap")
+    frames_fps: float = option(1.0, "frame rate of frame folders whose record sets no video_fps")
 
 
 @dataclass
@@ -103,6 +118,7 @@ class DataSection:
         0, "prompt token budget; longer problems are cut (image tokens never are); 0 = no limit"
     )
     shuffle: bool = option(True, "draw records in a seeded shuffled order (else file order)")
+    video: VideoSection = section(VideoSection)
     bad_records: str = option(
         "abort", "a bad JSONL record or missing image: abort at start-up listing every one, or skip (warned)"
     )
@@ -201,6 +217,29 @@ class LogSection:
     log_completions: int = option(4, "completions written to completions.jsonl per step")
     checkpoint_every: int = option(0, "save a resumable checkpoint every N steps; 0 = only at the end")
     progress_bar: bool = option(True, "tqdm progress bar on the main process")
+    tracker: str = option(
+        "none", "accelerate tracker for metrics and eval completions: none | tensorboard | wandb"
+    )
+    run_name: str = option("gen-rl-vlm", "tracker run / project name")
+
+
+@dataclass
+class EvalSection:
+    """Held-out evaluation during training: greedy and sampled completions scored by every reward."""
+
+    every_steps: int = option(0, "evaluate after every N training steps and after the last; 0 = never")
+    data: list[str] = option([], "JSONL files of held-out records (resolved against data.image_root)")
+    synthetic: str = option("", "held-out synthetic task instead of files: 'colour' | 'video_colour'")
+    synthetic_records: int = option(16, "records of the synthetic held-out task (its own seed)")
+    max_records: int = option(0, "evaluate only the first N records; 0 = all")
+    greedy: bool = option(True, "score one greedy completion per record (eval/<reward>/greedy)")
+    num_samples: int = option(
+        4, "k sampled completions per record (eval/<reward>/mean@k, pass@k, pass@1); 0 = none"
+    )
+    temperature: float = option(0.0, "sampling temperature at eval; 0 = sample.temperature")
+    pass_threshold: float = option(1.0, "a completion passes a reward when it scores >= this")
+    batch_size: int = option(0, "completions per generate call; 0 = all records of a process at once")
+    tracker_completions: int = option(8, "eval completions sent to the tracker as text per evaluation")
 
 
 @dataclass
@@ -224,6 +263,7 @@ class VLMConfig:
     train: TrainSection = section(TrainSection)
     reward: RewardSection = section(RewardSection)
     log: LogSection = section(LogSection)
+    eval: EvalSection = section(EvalSection)
     accelerator: AcceleratorSection = section(AcceleratorSection)
 
     @property
@@ -249,6 +289,42 @@ class VLMConfig:
         self._validate_stages()
         self._validate_rewards()
         self._validate_objective()
+        self._validate_video_and_eval()
+
+    def _validate_video_and_eval(self) -> None:
+        video, evaluation = self.data.video, self.eval
+        if video.num_frames < 0 or video.max_frames < 0:
+            raise ConfigError("data.video.num_frames and data.video.max_frames must be >= 0")
+        if video.num_frames == 0 and not video.fps > 0:
+            raise ConfigError(
+                "data.video: set num_frames > 0 (frames per clip) or fps > 0 (frames per second)"
+            )
+        if not video.frames_fps > 0:
+            raise ConfigError(
+                f"data.video.frames_fps must be > 0 (frames per second), got {video.frames_fps}"
+            )
+        if self.log.tracker not in ("none", "tensorboard", "wandb"):
+            raise ConfigError(
+                f"log.tracker must be one of 'none', 'tensorboard', 'wandb', got {self.log.tracker!r}"
+            )
+        if evaluation.every_steps < 0 or evaluation.num_samples < 0 or evaluation.max_records < 0:
+            raise ConfigError("eval.every_steps, eval.num_samples and eval.max_records must be >= 0")
+        if not evaluation.every_steps:
+            return
+        if not evaluation.data and not evaluation.synthetic:
+            raise ConfigError(
+                "eval.every_steps > 0 needs held-out records: set eval.data (JSONL files) or eval.synthetic"
+            )
+        if evaluation.synthetic and evaluation.synthetic not in SYNTHETIC_NAMES:
+            raise ConfigError(
+                f"eval.synthetic must be one of {', '.join(SYNTHETIC_NAMES)}, got {evaluation.synthetic!r}"
+            )
+        if not evaluation.greedy and evaluation.num_samples == 0:
+            raise ConfigError("eval: greedy is false and num_samples is 0, so nothing would be evaluated")
+        if evaluation.temperature < 0:
+            raise ConfigError(
+                f"eval.temperature must be >= 0 (0 = sample.temperature), got {evaluation.temperature}"
+            )
 
     def _validate_values(self) -> None:
         """Single-key value checks: finite numbers, a positive learning rate, counts and fractions in range."""
@@ -364,8 +440,10 @@ class VLMConfig:
                 raise ConfigError(
                     f"{where} has neither files nor synthetic; list JSONL files in {where}.files"
                 )
-            if stage.synthetic and stage.synthetic != "colour":
-                raise ConfigError(f"{where}.synthetic must be '' or 'colour', got {stage.synthetic!r}")
+            if stage.synthetic and stage.synthetic not in SYNTHETIC_NAMES:
+                raise ConfigError(
+                    f"{where}.synthetic must be '' or one of {', '.join(SYNTHETIC_NAMES)}, got {stage.synthetic!r}"
+                )
             if stage.steps < 0:
                 raise ConfigError(f"{where}.steps must be >= 0, got {stage.steps}")
             if stage.steps == 0 and index != len(stages) - 1:

@@ -93,8 +93,8 @@ def sample_frame_indices(
 
     By count (``num_frames = k > 0``): frame ``floor((j + 1/2) n / k)`` for ``j < k``, the centre of each of ``k``
     equal segments of the ``n`` source frames (``k`` capped at ``n``). By rate (``fps > 0``): the frame showing
-    ``t_j = (j + 1/2) / fps`` (index ``floor(t_j r)``) for every ``t_j`` inside the clip, at least one, each
-    source frame at most once. ``max_frames > 0`` caps either by the count rule.
+    ``t_j = (j + 1/2) / fps`` (index ``floor(t_j r)``) for every ``t_j`` inside the clip (the middle frame of
+    a clip shorter than half a window), each source frame at most once. ``max_frames > 0`` caps either by the count rule.
     """
     if num_source_frames < 1:
         raise ValueError("the video has no frames")
@@ -104,7 +104,9 @@ def sample_frame_indices(
         count = min(num_frames, num_source_frames)
     elif fps > 0:
         duration = num_source_frames / source_fps
-        windows = max(1, math.ceil(duration * fps - 0.5))  # windows whose centre lies inside the clip
+        if 0.5 / fps >= duration:  # shorter than half a window: its middle frame
+            return [num_source_frames // 2]
+        windows = math.ceil(duration * fps - 0.5)  # windows whose centre lies inside the clip
         picked = [min(int((j + 0.5) / fps * source_fps), num_source_frames - 1) for j in range(windows)]
         indices = sorted(set(picked))
         if not max_frames or len(indices) <= max_frames:
