@@ -15,9 +15,9 @@ Modes (the paper's equation each reproduces with its default aggregation):
 * ``gspo`` (GSPO, Zheng et al. 2025, eq. 5-7): sequence ratio ``s_i = exp(mean_t(logp - old_logp))``, clipped
   per sequence (its loss is put on each of the sequence's tokens, so any aggregation applies).
 * ``gspo_token`` (GSPO eq. 13-14): per-token ratio ``sg[s_i] * pi(y_t) / sg[pi(y_t)]``.
-* ``cispo`` (MiniMax-M1, 2025, eq. 4-5): ``-sg[clip(r, 1 - lo, 1 + hi)] * A * log pi(y_t)``: the clipped
+* ``cispo`` (MiniMax-M1, 2025, the CISPO objective): ``-sg[clip(r, 1 - lo, 1 + hi)] * A * log pi(y_t)``: the clipped
   importance weight is a constant, so every token keeps a gradient (the paper sets no lower bound: lo >= 1).
-* ``sapo`` (SAPO, Gao et al. 2025, eq. 5-6): ``-f(r) * A`` with the soft gate
+* ``sapo`` (SAPO, Gao et al. 2025, the SAPO objective): ``-f(r) * A`` with the soft gate
   ``f(r) = 4 / tau * sigmoid(tau * (r - 1))``, ``tau = tau_pos`` for ``A > 0`` and ``tau_neg`` otherwise;
   its gradient is ``4 sigma (1 - sigma) * r * A * grad log pi``, the plain policy gradient at ``r = 1``.
 
@@ -26,12 +26,14 @@ Aggregations (:data:`AGGREGATIONS`), ``L_it`` the per-token loss, ``|o_i|`` the 
 ``token_mean`` ``sum_it L_it / sum_i |o_i|`` (DAPO); ``seq_mean_token_mean`` ``1/G sum_i 1/|o_i| sum_t L_it``
 (GRPO); ``seq_mean_token_sum`` ``1/G sum_i sum_t L_it``; ``constant`` ``sum_it L_it / (G * T_max)`` (Dr.GRPO).
 
-Dual-clip (Ye et al. 2020, eq. 4), for the clipped-surrogate modes: with ``c = dual_clip > 1``, a token with
-``A < 0`` has its loss capped at ``-c * A`` (the objective ``max(min(r A, clip(r) A), c A)``), so a huge ratio
-on a bad token no longer drives an unbounded update. ``token_weights`` multiply the per-token policy loss
-(high-entropy-token training, Wang et al. 2025 "Beyond the 80/20 rule", eq. 7: only the top-rho tokens by
-entropy get a policy gradient; the denominators stay those of all loss tokens). The KL term is the per-token
-estimator (k3 by default) to the reference, aggregated like the policy term, over every loss token.
+Dual-clip (Ye et al. 2020, "Mastering complex control in MOBA games"), for the clipped-surrogate modes: with
+``c = dual_clip > 1``, a token with ``A < 0`` has its loss capped at ``-c * A`` (the objective
+``max(min(r A, clip(r) A), c A)``), so a huge ratio on a bad token no longer drives an unbounded update.
+
+``token_weights`` multiply the per-token policy loss (high-entropy-token training, Wang et al. 2025 "Beyond the
+80/20 rule": only tokens whose entropy reaches the batch's top-rho threshold get a policy gradient; the
+denominators stay those of all loss tokens). The KL term is the per-token estimator (k3 by default) to the
+reference, aggregated like the policy term, over every loss token.
 """
 
 from __future__ import annotations
@@ -204,7 +206,7 @@ def _clip_surrogate(new, old, log_probs, advantages, options: SurrogateOptions) 
 
 
 def _cispo_surrogate(new, old, log_probs, advantages, options: SurrogateOptions) -> SurrogateOutput:
-    """MiniMax-M1 eq. 4-5: ``-sg[clip(r, 1 - lo, 1 + hi)] * A * log pi``; the gradient is ``-w A grad log pi``."""
+    """MiniMax-M1 CISPO: ``-sg[clip(r, 1 - lo, 1 + hi)] * A * log pi``; the gradient is ``-w A grad log pi``."""
     dtype = torch.promote_types(log_probs.dtype, torch.float32)
     ratio = torch.exp(new.detach().to(dtype) - old.detach().to(dtype))
     weight = ratio.clamp(1.0 - options.clip_low, 1.0 + options.clip_high)
@@ -214,7 +216,7 @@ def _cispo_surrogate(new, old, log_probs, advantages, options: SurrogateOptions)
 
 
 def _sapo_surrogate(new, old, log_probs, advantages, options: SurrogateOptions) -> SurrogateOutput:
-    """SAPO eq. 5-6: ``-4 / tau * sigmoid(tau * (r - 1)) * A``, ``tau`` by the sign of ``A``."""
+    """SAPO: ``-4 / tau * sigmoid(tau * (r - 1)) * A``, ``tau`` by the sign of ``A``."""
     dtype = torch.promote_types(new.dtype, torch.float32)
     unit_advantages = advantages.detach().to(dtype)
     ratio = torch.exp(new.to(dtype) - old.detach().to(dtype))
@@ -328,7 +330,7 @@ ADVANTAGE_FUNCTIONS: dict[str, Callable[..., AdvantageOutput]] = {
 
 def entropy_threshold(entropies: Tensor, fraction: float) -> float:
     """The entropy at or above which a token is among the top ``fraction`` of ``entropies`` (1-D, every loss
-    token of the batch): the ``ceil(fraction * n)``-th largest value (Wang et al. 2025, eq. 7's ``tau_rho``)."""
+    token of the batch): the ``ceil(fraction * n)``-th largest value (Wang et al. 2025's ``tau_rho``)."""
     if entropies.numel() == 0:
         return math.inf
     count = max(1, math.ceil(fraction * entropies.numel()))
