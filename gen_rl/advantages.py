@@ -11,7 +11,8 @@ References
 * Dr.GRPO (Liu et al., 2025): drop the std normalisation (``std_mode="none"``).
 * Flow-GRPO (Liu et al., 2025): per-group mean with a batch-global std (``std_mode="global"``).
 
-All standard deviations are *population* standard deviations (ddof=0, as ``np.std``).
+Standard deviations are population standard deviations (``ddof=0``, as ``np.std``: GRPO, Flow-GRPO) unless
+``ddof=1`` asks for the sample std (``torch.std``'s default, used by DanceGRPO's ``group_rewards.std() + 1e-8``).
 Non-finite rewards (NaN = "no score") are excluded from every statistic and receive advantage exactly 0.
 """
 
@@ -91,8 +92,8 @@ def _check_1d_pair(rewards: Tensor, group_ids: Tensor) -> None:
         )
 
 
-def _group_statistics(rewards: Tensor, group_ids: Tensor) -> _GroupStatistics:
-    """Vectorised per-group mean / population variance / zero-spread flags over finite rewards."""
+def _group_statistics(rewards: Tensor, group_ids: Tensor, ddof: int = 0) -> _GroupStatistics:
+    """Vectorised per-group mean / variance (divisor ``count - ddof``) / zero-spread flags over finite rewards."""
     dtype = _compute_dtype(rewards.device)
     rewards_c = rewards.detach().to(dtype)
     is_valid = torch.isfinite(rewards_c)
@@ -110,7 +111,9 @@ def _group_statistics(rewards: Tensor, group_ids: Tensor) -> _GroupStatistics:
     group_mean = group_sum / safe_count
 
     centered = torch.where(is_valid, rewards_clean - group_mean[group_index], torch.zeros_like(rewards_c))
-    group_var = torch.zeros_like(group_count).index_add_(0, group_index, centered.square()) / safe_count
+    divisor = group_count - ddof
+    safe_divisor = torch.where(divisor > 0, divisor, torch.ones_like(divisor))
+    group_var = torch.zeros_like(group_count).index_add_(0, group_index, centered.square()) / safe_divisor
 
     inf = torch.full_like(rewards_c, float("inf"))
     group_max = torch.full_like(group_count, -float("inf")).scatter_reduce(
@@ -119,11 +122,13 @@ def _group_statistics(rewards: Tensor, group_ids: Tensor) -> _GroupStatistics:
     group_min = torch.full_like(group_count, float("inf")).scatter_reduce(
         0, group_index, torch.where(is_valid, rewards_c, inf), reduce="amin", include_self=True
     )
-    group_is_zero_std = (group_max == group_min) | (group_count == 0)
+    group_is_zero_std = (group_max == group_min) | (group_count == 0) | (divisor <= 0)
     return _GroupStatistics(group_index, is_valid, rewards_clean, group_mean, group_var, group_is_zero_std)
 
 
-def _validate_advantage_args(std_mode: str, eps: float, clip: float | None) -> None:
+def _validate_advantage_args(std_mode: str, eps: float, clip: float | None, ddof: int = 0) -> None:
+    if ddof not in (0, 1):
+        raise ValueError(f"ddof must be 0 (population std) or 1 (sample std), got {ddof}.")
     if std_mode not in STD_MODES:
         raise ValueError(f"unknown std_mode {std_mode!r}; valid options are {list(STD_MODES)}.")
     if not eps >= 0:
@@ -132,14 +137,16 @@ def _validate_advantage_args(std_mode: str, eps: float, clip: float | None) -> N
         raise ValueError(f"clip must be a positive number or None (no clipping), got {clip}.")
 
 
-def _advantages_from_stats(stats: _GroupStatistics, *, std_mode: str, eps: float) -> Tensor:
+def _advantages_from_stats(stats: _GroupStatistics, *, std_mode: str, eps: float, ddof: int = 0) -> Tensor:
     """A_i = (r_i - mean_g) / (std + eps) in the compute dtype; zero-std groups / invalid samples -> 0."""
     centered = stats.rewards_clean - stats.group_mean[stats.group_index]
     if std_mode == "group":
         advantages = centered / (stats.group_var.sqrt()[stats.group_index] + eps)
     elif std_mode == "global":
         valid_rewards = stats.rewards_clean[stats.is_valid]
-        global_std = valid_rewards.std(correction=0) if valid_rewards.numel() > 0 else centered.new_zeros(())
+        global_std = (
+            valid_rewards.std(correction=ddof) if valid_rewards.numel() > ddof else centered.new_zeros(())
+        )
         advantages = centered / (global_std + eps)
     else:  # "none": Dr.GRPO, mean-centred only
         advantages = centered
@@ -154,6 +161,7 @@ def group_advantages(
     std_mode: str = "group",
     eps: float = 1e-4,
     clip: float | None = None,
+    ddof: int = 0,
 ) -> AdvantageOutput:
     """Group-relative advantages ``A_i = (r_i - mean_g) / (std + eps)`` (GRPO, DeepSeekMath eq. 3 style).
 
@@ -164,6 +172,7 @@ def group_advantages(
             all finite rewards in the batch, mean still per group) or ``"none"`` (Dr.GRPO: ``A = r - mean``).
         eps: added to the std (ignored for ``"none"``).
         clip: if given, advantages are clamped to ``[-clip, clip]`` (DanceGRPO uses 5).
+        ddof: 0 for the population std (GRPO, Flow-GRPO), 1 for the sample std (DanceGRPO).
 
     Returns:
         :class:`AdvantageOutput`; groups whose finite rewards are all equal and samples with non-finite
@@ -172,10 +181,10 @@ def group_advantages(
     rewards = torch.as_tensor(rewards)
     group_ids = torch.as_tensor(group_ids)
     _check_1d_pair(rewards, group_ids)
-    _validate_advantage_args(std_mode, eps, clip)
+    _validate_advantage_args(std_mode, eps, clip, ddof)
 
-    stats = _group_statistics(rewards, group_ids)
-    advantages = _advantages_from_stats(stats, std_mode=std_mode, eps=eps)
+    stats = _group_statistics(rewards, group_ids, ddof)
+    advantages = _advantages_from_stats(stats, std_mode=std_mode, eps=eps, ddof=ddof)
     if clip is not None:
         advantages = advantages.clamp(-clip, clip)
     return AdvantageOutput(
@@ -303,7 +312,7 @@ def combine_rewards(
     (multi-reward Flow-GRPO / DanceGRPO style), where a sample invalid in any reward is excluded from the
     statistics of every reward and gets 0; a group counts as zero-std only if it is zero-std for every reward.
 
-    ``advantage_kwargs`` go to :func:`group_advantages` (``std_mode``, ``eps``, ``clip``); ``clip`` is applied
+    ``advantage_kwargs`` go to :func:`group_advantages` (``std_mode``, ``eps``, ``clip``, ``ddof``); ``clip`` is applied
     to the final combined advantage in both modes.
     """
     if mode not in COMBINE_MODES:
@@ -318,13 +327,16 @@ def combine_rewards(
             raise ValueError(
                 f"weight given for unknown reward {name!r}; available rewards are {sorted(rewards)}."
             )
-    unknown_kwargs = set(advantage_kwargs) - {"std_mode", "eps", "clip"}
+    unknown_kwargs = set(advantage_kwargs) - {"std_mode", "eps", "clip", "ddof"}
     if unknown_kwargs:
-        raise ValueError(f"unexpected advantage kwargs {sorted(unknown_kwargs)}; valid: std_mode, eps, clip.")
+        raise ValueError(
+            f"unexpected advantage kwargs {sorted(unknown_kwargs)}; valid: std_mode, eps, clip, ddof."
+        )
     std_mode = advantage_kwargs.get("std_mode", "group")
     eps = advantage_kwargs.get("eps", 1e-4)
     clip = advantage_kwargs.get("clip")
-    _validate_advantage_args(std_mode, eps, clip)
+    ddof = advantage_kwargs.get("ddof", 0)
+    _validate_advantage_args(std_mode, eps, clip, ddof)
 
     group_ids = torch.as_tensor(group_ids)
     reward_tensors = {name: torch.as_tensor(value) for name, value in rewards.items()}
@@ -341,14 +353,14 @@ def combine_rewards(
 
     if mode == "sum_then_normalize":
         total_reward = (weight_vec[:, None] * stacked).sum(dim=0)
-        return group_advantages(total_reward, group_ids, std_mode=std_mode, eps=eps, clip=clip)
+        return group_advantages(total_reward, group_ids, std_mode=std_mode, eps=eps, clip=clip, ddof=ddof)
 
     # normalize_then_sum: a sample invalid in any reward is dropped from every reward's statistics.
     is_valid = torch.isfinite(stacked).all(dim=0)
     masked = torch.where(is_valid[None, :], stacked, torch.full_like(stacked, float("nan")))
-    per_reward_stats = [_group_statistics(row, group_ids) for row in masked]
+    per_reward_stats = [_group_statistics(row, group_ids, ddof) for row in masked]
     per_reward_adv = torch.stack(
-        [_advantages_from_stats(s, std_mode=std_mode, eps=eps) for s in per_reward_stats]
+        [_advantages_from_stats(s, std_mode=std_mode, eps=eps, ddof=ddof) for s in per_reward_stats]
     )
     advantages = (weight_vec[:, None] * per_reward_adv).sum(dim=0)
     advantages = torch.where(is_valid, advantages, torch.zeros_like(advantages))

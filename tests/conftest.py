@@ -39,3 +39,14 @@ def samplers(saved_pipelines):
         name: build_sampler("sd3" if name == "sd3" else "flux", str(path))
         for name, path in saved_pipelines.items()
     }
+
+
+@pytest.fixture
+def fresh_accelerator():
+    """Reset accelerate's process-wide state before and after a test that builds a trainer with another mixed
+    precision (``Accelerator`` refuses to change it within one process otherwise)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)

@@ -391,3 +391,18 @@ def test_combine_errors():
         combine_rewards(rewards, {"aesthetic": 1.0, "clip": 1.0}, groups, std="group")
     with pytest.raises(ValueError, match="mismatched batch/group sizes"):
         combine_rewards({"a": _t([1, 2, 3])}, {"a": 1.0}, groups)
+
+
+def test_sample_std_option_matches_torch_std_and_single_member_groups_get_zero():
+    rewards = torch.tensor([1.0, 2.0, 4.0, 7.0, 3.0])
+    group_ids = torch.tensor([0, 0, 0, 0, 1])
+    out = group_advantages(rewards, group_ids, std_mode="group", eps=1e-8, ddof=1)
+    first = rewards[:4]
+    want = (first - first.mean()) / (first.std() + 1e-8)  # torch.std: unbiased, as DanceGRPO
+    torch.testing.assert_close(out.advantages[:4], want)
+    assert out.advantages[4] == 0 and out.num_zero_std_groups == 1  # one member: no sample std
+    population = group_advantages(rewards, group_ids, std_mode="group", eps=1e-8, ddof=0)
+    ratio = out.advantages[:4] / population.advantages[:4]
+    torch.testing.assert_close(ratio, torch.full((4,), math.sqrt(3 / 4)))
+    global_std = group_advantages(rewards, group_ids, std_mode="global", eps=0.0, ddof=1)
+    torch.testing.assert_close(global_std.advantages[:4], (first - first.mean()) / rewards.std())
