@@ -1,12 +1,21 @@
-"""``metrics.jsonl`` (one JSON object per training step) and the reward-curve picture drawn from it."""
+"""``metrics.jsonl`` (one JSON object per training step) and the reward-curve picture drawn from it.
+
+Each record is appended as one whole line (write, flush, fsync). A kill or a full disk mid-append can leave a
+torn last line (no newline, or not JSON): reading drops it with a warning, and ``--resume`` rewrites the file
+without it. A broken line anywhere else is not ours to guess about: it is an error naming the line.
+"""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any
+
+from gen_rl import faults
+from gen_rl.checkpoint import CheckpointWriteError
 
 
 class MetricsLog:
@@ -17,31 +26,72 @@ class MetricsLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def append(self, record: dict[str, Any]) -> None:
-        """Write one record as a line and flush it to disk (so a crash loses at most the current step)."""
+        """Append one record as a whole line and fsync it (a crash loses at most the line being written)."""
         line = json.dumps({key: _plain(value) for key, value in record.items()}, allow_nan=True)
-        with self.path.open("a", encoding="utf-8") as handle:
-            handle.write(line + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
+        data = (line + "\n").encode("utf-8")
+        try:
+            with self.path.open("ab") as handle:
+                faults.reached(
+                    "metrics.append", before_kill=lambda: _write_synced(handle, data[: len(data) // 2])
+                )
+                _write_synced(handle, data)
+        except OSError as error:
+            raise CheckpointWriteError(
+                f"appending to {self.path} failed: {error.strerror}; the last checkpoint is intact. Free space "
+                "(or fix the folder), then run the same command with --resume."
+            ) from error
 
     def read(self) -> list[dict[str, Any]]:
-        """All records written so far."""
+        """All whole records written so far (a torn last line is dropped with a warning)."""
         return read_metrics(self.path)
 
     def truncate_after(self, step: int) -> None:
-        """Drop records of steps after ``step`` (written by a run that crashed before its next checkpoint)."""
+        """Keep only records of steps <= ``step`` (later ones came from a run that stopped before its next
+        checkpoint) and drop a torn tail; the file is replaced atomically."""
         kept = [record for record in self.read() if record.get("step", -1) <= step]
+        self.rewrite(kept)
+
+    def rewrite(self, records: list[dict[str, Any]]) -> None:
+        """Replace the file's content by ``records`` atomically (temporary file, fsync, rename)."""
         temporary = self.path.with_suffix(".jsonl.tmp")
-        temporary.write_text("".join(json.dumps(record) + "\n" for record in kept), encoding="utf-8")
+        with temporary.open("wb") as handle:
+            _write_synced(handle, "".join(json.dumps(record) + "\n" for record in records).encode("utf-8"))
         temporary.replace(self.path)
+        descriptor = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+
+
+def _write_synced(handle: Any, data: bytes) -> None:
+    handle.write(data)
+    handle.flush()
+    os.fsync(handle.fileno())
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """Records of a ``metrics.jsonl`` file ([] if it does not exist)."""
+    """Records of a ``metrics.jsonl`` file ([] if it does not exist); a torn last line is dropped with a warning."""
     path = Path(path)
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    *lines, tail = path.read_text(encoding="utf-8", errors="replace").split("\n")
+    if tail.strip():  # text after the last newline: an append that never finished
+        print(
+            f"[gen-rl] warning: {path}:{len(lines) + 1}: dropped a torn last line ({len(tail)} characters "
+            "without a newline: a write was cut off)",
+            file=sys.stderr,
+        )
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise ValueError(
+                    f"{path}:{number} is not a JSON record ({error.msg}); fix or delete that line"
+                ) from error
+    return records
 
 
 def _plain(value: Any) -> Any:

@@ -3,19 +3,34 @@
 Only the trainable parameters are written (a LoRA run's checkpoint holds the adapter, not the frozen base):
 accelerate's save/load pre-hooks swap the model's full state dict for the trainable part. The folder also
 holds ``trainer_state.pt`` (step, LR schedule, EMA, per-prompt tracker), the resolved ``config.yaml`` and, for
-LoRA runs, ``lora/pytorch_lora_weights.safetensors`` in diffusers' format (EMA weights when EMA is on).
+LoRA runs, ``lora/pytorch_lora_weights.safetensors`` in diffusers' format (EMA weights when EMA is on). The
+commit protocol (fsync, manifest last, rename) is :class:`gen_rl.checkpoint.CheckpointManager`'s. Nothing is
+unpickled on load: tensors come from safetensors, ``trainer_state.pt`` and accelerate's optimizer / RNG files
+are read with ``torch.load(weights_only=True)`` (accelerate 1.x's default, which refuses arbitrary objects).
 """
 
 from __future__ import annotations
 
+import pickle
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import yaml
 from safetensors.torch import load_file
 
+from gen_rl.checkpoint import CheckpointManager, CheckpointWriteError, RunError
 from gen_rl.config import to_dict
+from gen_rl.run_folder import (
+    ConfigChangeError,
+    RunFolder,
+    check_resume_config,
+    claim,
+    describe_changes,
+    record_history,
+)
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -64,30 +79,135 @@ def _load_trainable(model: torch.nn.Module, input_dir: Path, index: int) -> None
                 param.copy_(saved[name].to(param.device, param.dtype))
 
 
+def open_run(
+    accelerator: Accelerator,
+    config: Any,
+    *,
+    resume: bool,
+    overwrite: bool,
+    keep_last: int,
+    tunables: tuple[str, ...],
+) -> RunFolder:
+    """Claim ``config.log.output_dir`` for this run and, on resume, pick and check the checkpoint (any trainer).
+
+    Runs before any model loads: the main process claims the folder, chooses the newest complete checkpoint
+    (naming each newer one it skips and why), refuses config changes the saved state depends on and prints and
+    records the tunable ones; every process gets the same answer.
+    """
+
+    def work() -> RunFolder:
+        run = claim(config.log.output_dir, resume=resume, overwrite=overwrite)
+        current = to_dict(config)
+        if not resume:
+            record_history(run.root, {"event": "start", "step": 0, "config": current})
+            return run
+        manager = CheckpointManager(run.root, keep_last)
+        run.resume_from, skipped = manager.newest_complete(run.run_id)
+        manager.clear_leftovers()  # what is left of interrupted saves is older or broken
+        for line in skipped:
+            print(f"[gen-rl] --resume: skipped {line}")
+        if run.resume_from is None:
+            print(
+                f"[gen-rl] --resume: no complete checkpoint under {run.root / 'checkpoints'}; starting at step 0"
+            )
+            record_history(run.root, {"event": "start", "step": 0, "config": current})
+            return run
+        saved_config = run.resume_from / "config.yaml"
+        changes = {}
+        if saved_config.is_file():
+            saved = yaml.safe_load(saved_config.read_text(encoding="utf-8"))
+            changes = check_resume_config(saved, current, tunables, run.resume_from)
+        else:
+            print(f"[gen-rl] --resume: {run.resume_from} has no config.yaml; the config was not compared")
+        step = CheckpointManager.step_of(run.resume_from)
+        print(f"[gen-rl] --resume: continuing from {run.resume_from} (step {step})")
+        if changes:
+            print(f"[gen-rl] --resume: applying changed settings: {describe_changes(changes)}")
+        record_history(
+            run.root,
+            {
+                "event": "resume",
+                "step": step,
+                "checkpoint": run.resume_from.name,
+                "changes": {key: {"from": old, "to": new} for key, (old, new) in changes.items()},
+            },
+        )
+        return run
+
+    return _on_main_then_share(accelerator, work)
+
+
+def _on_main_then_share(accelerator: Accelerator, work: Callable[[], RunFolder]) -> RunFolder:
+    """Run ``work`` on the main process; every process returns its result or raises its RunError."""
+    result: RunFolder | RunError | None = None
+    if accelerator.is_main_process:
+        try:
+            result = work()
+        except RunError as error:
+            result = error
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        result = broadcast_object_list([result])[0]
+    if isinstance(result, RunError):
+        raise result
+    return result
+
+
+def apply_optimizer_settings(
+    optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR, lr: float, **settings: Any
+) -> None:
+    """Make the config's learning rate (and other group settings) the ones used after a resume.
+
+    Restoring the optimizer and scheduler state brings back the saved base learning rate; here the base becomes
+    ``lr`` and each group's current rate ``lr * factor(updates so far)``, exactly what the schedule's next step
+    would compute, so an unchanged ``lr`` gives back the saved rate bit for bit.
+    """
+    scheduler.base_lrs = [lr] * len(optimizer.param_groups)
+    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas, strict=True):
+        group.update(settings)
+        group["initial_lr"] = lr
+        group["lr"] = lr * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
 def save(trainer: GenerationTrainer, step: int) -> Path | None:
-    """Write checkpoint ``step`` atomically (every process takes part; the main process commits)."""
+    """Write checkpoint ``step`` and commit it (every process takes part; the main process commits).
+
+    A failed write (a full disk) removes the staged folder and raises CheckpointWriteError with one line; the
+    previous checkpoint is untouched.
+    """
     accelerator, manager = trainer.accelerator, trainer.checkpoints
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        manager.staging_dir(step)
-    accelerator.wait_for_everyone()
-    staging = manager.root / f".tmp-checkpoint-{step:06d}"
-    accelerator.save_state(str(staging / ACCELERATE_DIR))
-    if accelerator.is_main_process:
-        state = {
-            "step": step,
-            "lr_scheduler": trainer.lr_scheduler.state_dict(),
-            "ema": trainer.ema.state_dict() if trainer.ema is not None else None,
-            "stat_tracker": trainer.stat_tracker.state_dict() if trainer.stat_tracker is not None else None,
-        }
-        torch.save(state, staging / TRAINER_STATE)
-        (staging / "config.yaml").write_text(yaml.safe_dump(to_dict(trainer.config), sort_keys=False))
-        if trainer.config.model.lora:
-            _export_lora(trainer, staging / "lora")
-    accelerator.wait_for_everyone()
-    final = manager.commit(step) if accelerator.is_main_process else None
+    try:
+        if accelerator.is_main_process:
+            manager.staging_dir(step)
+        accelerator.wait_for_everyone()
+        staging = manager.staging_path(step)
+        accelerator.save_state(str(staging / ACCELERATE_DIR))
+        if accelerator.is_main_process:
+            _write_trainer_files(trainer, staging, step)
+        accelerator.wait_for_everyone()
+        final = manager.commit(step, trainer.run.run_id) if accelerator.is_main_process else None
+    except OSError as error:
+        if accelerator.is_main_process:
+            manager.discard_staging(step)
+        raise CheckpointWriteError(manager.write_failure(step, error)) from error
     accelerator.wait_for_everyone()
     return final
+
+
+def _write_trainer_files(trainer: GenerationTrainer, staging: Path, step: int) -> None:
+    state = {
+        "step": step,
+        "lr_scheduler": trainer.lr_scheduler.state_dict(),
+        "ema": trainer.ema.state_dict() if trainer.ema is not None else None,
+        "stat_tracker": trainer.stat_tracker.state_dict() if trainer.stat_tracker is not None else None,
+    }
+    torch.save(state, staging / TRAINER_STATE)
+    (staging / "config.yaml").write_text(yaml.safe_dump(to_dict(trainer.config), sort_keys=False))
+    if trainer.config.model.lora:
+        _export_lora(trainer, staging / "lora")
 
 
 def _export_lora(trainer: GenerationTrainer, directory: Path) -> None:
@@ -101,20 +221,54 @@ def _export_lora(trainer: GenerationTrainer, directory: Path) -> None:
 
 
 def load(trainer: GenerationTrainer) -> int:
-    """Restore the latest checkpoint; returns the step to continue from (0 if there is none)."""
-    latest = trainer.checkpoints.latest()
-    if latest is None:
-        if trainer.accelerator.is_main_process:
-            print(f"[gen-rl] --resume: no checkpoint under {trainer.checkpoints.root}; starting from step 0")
+    """Restore the checkpoint :func:`open_run` chose; returns the step to continue from (0: none, fresh metrics).
+
+    The config's learning rate and AdamW settings replace the saved ones (a changed ``train.lr`` is used).
+    """
+    checkpoint, main = trainer.run.resume_from, trainer.accelerator.is_main_process
+    if checkpoint is None:
+        if main:
+            trainer.metrics.rewrite([])  # nothing to continue: the old rows would repeat their steps
         return 0
-    trainer.accelerator.load_state(str(latest / ACCELERATE_DIR))
-    state = torch.load(latest / TRAINER_STATE, map_location="cpu", weights_only=False)
+    with refusing_code(checkpoint):
+        trainer.accelerator.load_state(str(checkpoint / ACCELERATE_DIR))
+        state = torch.load(checkpoint / TRAINER_STATE, map_location="cpu", weights_only=True)
     trainer.lr_scheduler.load_state_dict(state["lr_scheduler"])
+    train = trainer.config.train
+    apply_optimizer_settings(
+        trainer.optimizer,
+        trainer.lr_scheduler,
+        train.lr,
+        **_adamw_settings(trainer.optimizer, train),
+    )
     if trainer.ema is not None and state["ema"] is not None:
         trainer.ema.load_state_dict(state["ema"])
     if trainer.stat_tracker is not None and state["stat_tracker"] is not None:
         trainer.stat_tracker.load_state_dict(state["stat_tracker"])
     step = int(state["step"])
-    if trainer.accelerator.is_main_process:
+    if step > train.num_steps:
+        raise ConfigChangeError(
+            f"--resume from {checkpoint}: train.num_steps={train.num_steps} is below the {step} steps already "
+            f"trained; pass train.num_steps={step} or more"
+        )
+    if main:
         trainer.metrics.truncate_after(step - 1)
     return step
+
+
+@contextmanager
+def refusing_code(checkpoint: Path) -> Iterator[None]:
+    """Turn weights_only's refusal to unpickle an object (code could run) into one RunError line."""
+    try:
+        yield
+    except pickle.UnpicklingError as error:
+        raise RunError(
+            f"{checkpoint} holds a file with pickled objects beyond tensors and plain data, which could run code "
+            "when loaded; refused. Resume only from checkpoints this code wrote."
+        ) from error
+
+
+def _adamw_settings(optimizer: torch.optim.Optimizer, train: Any) -> dict[str, Any]:
+    """The config's group settings the optimizer has (AdamW: weight decay, betas, eps)."""
+    wanted = {"weight_decay": train.weight_decay, "betas": tuple(train.adam_betas), "eps": train.adam_eps}
+    return {key: value for key, value in wanted.items() if key in optimizer.param_groups[0]}

@@ -47,11 +47,11 @@ def test_train_step_indices_per_strategy():
     )
     assert (
         train_step_indices(stochastic, "first", fraction=0.5, seed=0, step=0).tolist()
-        == [[0, 1, 2, 3, 4]] * 3
+        == [[0, 1, 2, 3]] * 3  # floor(0.5 * 9) = 4, the papers' int(num_steps * timestep_fraction)
     )
     chosen = train_step_indices(stochastic, "random_fraction", fraction=0.5, seed=0, step=0)
-    assert chosen.shape == (3, 5) and (chosen < 9).all()
-    assert all(row.unique().numel() == 5 for row in chosen)  # distinct steps, sorted
+    assert chosen.shape == (3, 4) and (chosen < 9).all()
+    assert all(row.unique().numel() == 4 for row in chosen)  # distinct steps, sorted
     assert (chosen.diff(dim=1) > 0).all()
     assert len({tuple(row) for row in chosen.tolist()}) > 1  # each sample draws its own steps
     window = torch.zeros(2, 10, dtype=torch.bool)
@@ -67,14 +67,14 @@ def test_checkpoints_commit_atomically_and_keep_the_last_k(tmp_path):
     manager = CheckpointManager(tmp_path, keep_last=2)
     for step in (10, 20, 30):
         (manager.staging_dir(step) / "state.bin").write_bytes(b"x" * step)
-        manager.commit(step)
+        manager.commit(step, "run-a")
     assert [path.name for path in manager.all()] == ["checkpoint-000020", "checkpoint-000030"]
     # a crash while writing checkpoint 40 leaves only its staging folder: it is not a checkpoint
     (manager.staging_dir(40) / "half").write_bytes(b"partial")
     assert manager.latest().name == "checkpoint-000030"
     assert CheckpointManager.step_of(manager.latest()) == 30
     manager.staging_dir(50)
-    manager.commit(50)  # the next successful save clears the leftovers
+    manager.commit(50, "run-a")  # the next successful save clears the leftovers
     assert sorted(path.name for path in manager.root.iterdir()) == ["checkpoint-000030", "checkpoint-000050"]
 
 

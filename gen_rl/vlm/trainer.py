@@ -34,10 +34,11 @@ import yaml
 from accelerate import Accelerator, DistributedDataParallelKwargs
 from tqdm.auto import tqdm
 
-from gen_rl.checkpoint import CheckpointManager
+from gen_rl.checkpoint import CheckpointManager, CheckpointWriteError
 from gen_rl.config import ConfigError, to_dict
 from gen_rl.metrics import MetricsLog
-from gen_rl.run_state import install_hooks
+from gen_rl.run_folder import VLM_TUNABLES
+from gen_rl.run_state import apply_optimizer_settings, install_hooks, open_run, refusing_code
 from gen_rl.seeding import derive_seed
 from gen_rl.vlm.config import VLMConfig
 from gen_rl.vlm.data import Curriculum, PromptStream, Stage, load_images, read_checked_records, read_records
@@ -73,9 +74,9 @@ BUILTIN_MODELS = {"builtin:tiny-qwen2-vl": "qwen2_vl", "builtin:tiny-qwen2.5-vl"
 TRAINER_STATE = "trainer_state.json"
 
 
-def train(config: VLMConfig, resume: bool = False) -> dict[str, float]:
+def train(config: VLMConfig, resume: bool = False, overwrite: bool = False) -> dict[str, float]:
     """Run the whole training described by ``config``; returns a summary (first / last mean reward, ...)."""
-    return VLMTrainer(config, resume=resume).run()
+    return VLMTrainer(config, resume=resume, overwrite=overwrite).run()
 
 
 @dataclass
@@ -122,7 +123,7 @@ class ScoredRollout:
 class VLMTrainer:
     """Owns the accelerator, policy, reference, optimizer, data stream and logs of one run."""
 
-    def __init__(self, config: VLMConfig, resume: bool = False) -> None:
+    def __init__(self, config: VLMConfig, resume: bool = False, overwrite: bool = False) -> None:
         config.validate()
         self.config = config
         self.output_dir = Path(config.log.output_dir)
@@ -138,6 +139,9 @@ class VLMTrainer:
             torch.set_num_threads(config.accelerator.cpu_threads)
         self._check_process_split()
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.run = open_run(  # claim the folder, pick and check the checkpoint: before the model loads
+            self.accelerator, config, resume=resume, overwrite=overwrite, keep_last=2, tunables=VLM_TUNABLES
+        )
         torch.manual_seed(derive_seed(config.seed, "init"))
 
         self.model, self.processor = self._build_policy()
@@ -679,33 +683,52 @@ class VLMTrainer:
                 handle.write(json.dumps(entry, default=str) + "\n")
 
     def save_checkpoint(self, step: int) -> None:
-        """Atomic resumable checkpoint after ``step`` completed steps (weights, optimizer, RNG, data cursor)."""
-        accelerator = self.accelerator
+        """Crash-safe resumable checkpoint after ``step`` completed steps (weights, optimizer, RNG, data cursor,
+        config), committed by :meth:`CheckpointManager.commit`; a failed write raises CheckpointWriteError."""
+        accelerator, manager = self.accelerator, self.checkpoints
         accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            self.checkpoints.staging_dir(step)
-        accelerator.wait_for_everyone()
-        staging = self.checkpoints.root / f".tmp-checkpoint-{step:06d}"
-        accelerator.save_state(str(staging / "accelerate"))
-        if accelerator.is_main_process:
-            state = {"step": step, "stream": self.stream.state_dict()}
-            (staging / TRAINER_STATE).write_text(json.dumps(state))
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            self.checkpoints.commit(step)
+        try:
+            if accelerator.is_main_process:
+                manager.staging_dir(step)
+            accelerator.wait_for_everyone()
+            staging = manager.staging_path(step)
+            accelerator.save_state(str(staging / "accelerate"))
+            if accelerator.is_main_process:
+                state = {"step": step, "stream": self.stream.state_dict()}
+                (staging / TRAINER_STATE).write_text(json.dumps(state))
+                (staging / "config.yaml").write_text(yaml.safe_dump(to_dict(self.config), sort_keys=False))
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                manager.commit(step, self.run.run_id)
+        except OSError as error:
+            if accelerator.is_main_process:
+                manager.discard_staging(step)
+            raise CheckpointWriteError(manager.write_failure(step, error)) from error
         accelerator.wait_for_everyone()
 
     def _resume(self) -> int:
-        latest = self.checkpoints.latest()
-        if latest is None:
-            if self.accelerator.is_main_process:
-                print(f"[gen-rl vlm] resume: no checkpoint under {self.checkpoints.root}; starting at step 0")
+        """Restore the checkpoint ``open_run`` chose (0 and fresh logs when there is none); the config's
+        learning rate and AdamW settings replace the saved ones."""
+        checkpoint, main = self.run.resume_from, self.accelerator.is_main_process
+        if checkpoint is None:
+            if main:
+                self.metrics.rewrite([])
+                (self.output_dir / "completions.jsonl").unlink(missing_ok=True)
             return 0
-        self.accelerator.load_state(str(latest / "accelerate"))
-        state = json.loads((latest / TRAINER_STATE).read_text())
+        with refusing_code(checkpoint):
+            self.accelerator.load_state(str(checkpoint / "accelerate"))
+        train = self.config.train
+        apply_optimizer_settings(
+            self.optimizer,
+            self.lr_scheduler.scheduler,
+            train.lr,
+            weight_decay=train.weight_decay,
+            betas=tuple(train.adam_betas),
+        )
+        state = json.loads((checkpoint / TRAINER_STATE).read_text())
         self.stream.load_state_dict(state["stream"])
         step = int(state["step"])
-        if self.accelerator.is_main_process:
+        if main:
             self.metrics.truncate_after(step)
         return step
 
