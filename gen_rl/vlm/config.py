@@ -205,6 +205,11 @@ class RewardSection:
     combine: str = option("sum_then_normalize", "sum_then_normalize | normalize_then_sum")
     advantage_eps: float = option(1e-4, "added to the group std")
     advantage_clip: float = option(0.0, "clamp advantages to [-clip, clip]; 0 disables")
+    nan_policy: str = option(
+        "drop",
+        "a reward returning NaN / inf or raising: drop the sample (reported, masked out, counted in "
+        "dropped_samples) or abort the run; never scored 0",
+    )
 
 
 @dataclass
@@ -378,6 +383,7 @@ class VLMConfig:
             "model.dtype": (self.model.dtype, DTYPES),
             "model.reference": (self.model.reference, REFERENCE_MODES),
             "reward.combine": (self.reward.combine, ("sum_then_normalize", "normalize_then_sum")),
+            "reward.nan_policy": (self.reward.nan_policy, ("drop", "abort")),
             "accelerator.mixed_precision": (self.accelerator.mixed_precision, ("no", "bf16", "fp16")),
         }
         for key, (value, allowed) in choices.items():
