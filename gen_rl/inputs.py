@@ -28,7 +28,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from gen_rl.config import ConfigError, resolve_path
-from gen_rl.data import DataError, load_prompts
+from gen_rl.data import DataError, load_prompts, read_text_lines
 
 # tiny models built in code (gen_rl.policy.TINY_MODELS): family and the multiple their image size must be
 TINY_GENERATORS = {"tiny:flux": ("flux", 2), "tiny:flux-pixel": ("flux", 2), "tiny:sd3": ("sd3", 1)}
@@ -237,9 +237,10 @@ def _check_tiny(name: str, family: str) -> None:
 
 
 def check_vlm_inputs(config: Any) -> None:
-    """Stage 1 for a ``VLMConfig``: run folder, image root, every JSONL record and image, weights (no torch)."""
-    from gen_rl.vlm.data import read_checked_records
+    """Stage 1 for a ``VLMConfig``: run folder, image root, data files, weights, then every JSONL record and image.
 
+    The record check imports ``gen_rl.vlm.data`` (and so torch); everything before it is torch-free.
+    """
     check_output_dir(config.log.output_dir)
     data = config.data
     if data.image_root and not resolve_path(data.image_root).is_dir():
@@ -247,11 +248,20 @@ def check_vlm_inputs(config: Any) -> None:
             f"data.image_root {resolve_path(data.image_root)} is not a folder; fix the path (relative paths "
             "start at the working directory)"
         )
-    for index, stage in enumerate(data.stages):
-        for file_index, path in enumerate(stage.files):
-            read_checked_records(path, data.image_root, data.bad_records, f"data.stages[{index}].files[{file_index}]")
+    files = {
+        f"data.stages[{index}].files[{file_index}]": path
+        for index, stage in enumerate(data.stages)
+        for file_index, path in enumerate(stage.files)
+    }
+    for key, path in files.items():
+        if not resolve_path(path).is_file():
+            read_text_lines(resolve_path(path), "data file", key)  # raises the message for a missing file
     if not config.model.name_or_path.startswith("builtin:"):
         check_weights(config.model.name_or_path, "model.name_or_path", "config.json")
+    from gen_rl.vlm.data import read_checked_records
+
+    for key, path in files.items():
+        read_checked_records(path, data.image_root, data.bad_records, key)
 
 
 def check_registered_names(config: Any) -> None:

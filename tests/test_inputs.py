@@ -110,6 +110,16 @@ def subprocess_cases(files: Path) -> dict[str, tuple[list[str], dict[str, str], 
             {},
             f"{files / 'vlm.jsonl'}:2: {files / 'images' / 'missing.png'} does not exist (record 'r2')",
         ),
+        "vlm_missing_file": (
+            [
+                "--config",
+                str(ROOT / "configs" / "vlm" / "tiny_colour_cpu.yaml"),
+                f"log.output_dir={files / 'vlm_run'}",
+                f"data.stages=[{{files: [{files / 'nope.jsonl'}]}}]",
+            ],
+            {},
+            f"data file {files / 'nope.jsonl'} (data.stages[0].files[0]) does not exist",
+        ),
     }
 
 
@@ -353,7 +363,8 @@ def test_vlm_records_are_checked_whole_at_start_up(tmp_path, caplog):
     assert f"{path}:2: {tmp_path / 'gone.png'} does not exist (record 'b')" in message
     assert f"{path}:3: missing ['solution']" in message
     assert f"{path}:4: {tmp_path / 'also_gone.png'} does not exist (record 'd')" in message
-    assert f"{path}:5: Expecting property name" in message and "(4 bad records of 5)" in message
+    assert f"{path}:5: not valid JSON (Expecting property name enclosed in double quotes at column 2)" in message
+    assert "(4 bad records of 5)" in message
     with caplog.at_level("WARNING", logger="gen_rl.data"):
         records = read_checked_records(path, tmp_path, bad_records="skip")
     assert [record.key for record in records] == ["a"] and len(caplog.records) == 4
