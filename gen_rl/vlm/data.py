@@ -133,8 +133,12 @@ def read_checked_records(
         where = f"{shown.name}:{line_number}"
         try:
             raw = json.loads(line)
+        except json.JSONDecodeError as error:
+            problems.append((line_number, f"not valid JSON ({error.msg} at column {error.colno})"))
+            continue
+        try:
             record = parse_record(raw, image_root, where)
-        except ValueError as error:  # JSONDecodeError included
+        except ValueError as error:
             problems.append((line_number, str(error).removeprefix(f"{where}: ")))
             continue
         media = [*record.images, *getattr(record, "videos", [])]
