@@ -598,6 +598,7 @@ class _Handler(BaseHTTPRequestHandler):
         length = self._content_length() or 0
         body = self.rfile.read(length)
         self._body_read = True
+        self.server.watch.disarm(self.connection)  # scoring may take longer than reading did
         if len(body) != length:
             raise RequestRejected(400, f"the body ended after {len(body)} of {length} bytes (Content-Length)")
         return body

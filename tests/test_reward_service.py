@@ -558,7 +558,7 @@ def test_pixel_budget_refuses_huge_pngs_with_413_before_decoding() -> None:
     full = png_claiming(4096, 4096, rows=4096)  # a complete black 4096 x 4096 image, about 50 KB
     many = png_request([full] * 6)  # 6 x 50 M values: 1.2 GB as float32, in a 0.4 MB request
     assert len(many) < MIB
-    with serving(ColourReward()) as server:  # the default limits
+    with serving(MeanReward()) as server:  # the default limits
         (status, answer), growth = traced_peak_growth(
             lambda: raw_request(server.url, png_request([bomb]), "application/json")
         )
@@ -729,6 +729,27 @@ def test_slow_clients_are_cut_off_and_do_not_block_others() -> None:
     for name, (elapsed, received) in results.items():
         assert received.startswith(b"HTTP/1.0 408"), (name, received[:80])
         assert read_timeout_s - 0.1 <= elapsed < read_timeout_s + 3.0, (name, elapsed)
+
+
+class SlowReward(ColourReward):
+    """The colour reward, taking ``seconds`` per call."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds = seconds
+
+    def score(self, pixels, prompts, metadata):
+        """Sleep, then score colour."""
+        time.sleep(self.seconds)
+        return super().score(pixels, prompts, metadata)
+
+
+def test_the_read_deadline_does_not_cut_off_a_slow_reward() -> None:
+    """The deadline covers reading the request only: scoring that outlasts it is still answered."""
+    with serving(SlowReward(0.8), read_timeout_s=0.3) as server:
+        pixels = pixels_for(2)
+        output = RemoteReward(server.url, **FAST)(pixels, prompts_for(2))
+    assert_same_scores(output, ColourReward()(pixels, prompts_for(2)), FLOAT16_BOUND)
 
 
 @pytest.mark.parametrize(
