@@ -127,7 +127,8 @@ def gaussian_kl(mean: Tensor, ref_mean: Tensor, std: Tensor | float) -> Tensor:
     """KL( N(mean, std^2) || N(ref_mean, std^2) ) = |mean - ref_mean|^2 / (2 std^2) for a Gaussian step.
 
     Averaged over the non-batch elements (the same "mean over latent elements" reduction used for step
-    log-probs), as in Flow-GRPO's KL to the reference model. ``mean`` / ``ref_mean``: ``[B, ...]``; ``std``:
+    log-probs). This is the exact transition KL; Flow-GRPO's code divides by ``2 g^2`` instead of ``2 std^2``
+    (``gen_rl.objective.transition_kl``, estimator ``flow_grpo``). ``mean`` / ``ref_mean``: ``[B, ...]``; ``std``:
     ``[B]``, a scalar, or broadcastable to ``mean``. Returns ``[B]``.
     """
     _check_same_shape(mean=mean, ref_mean=ref_mean)

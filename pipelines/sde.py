@@ -18,7 +18,9 @@ Log-probability reduction
 -------------------------
 ``log_prob`` is the exact per-element Gaussian log density **averaged** (not summed) over all non-batch
 elements, giving one value per sample (shape ``[B]``). This matches the public Flow-GRPO and DanceGRPO
-code, so their PPO clip ranges (~1e-4 .. 1e-3) and KL coefficients carry over unchanged. The summed
+code for their flow SDE steps, so their clip ranges apply to those steps as published; Flow-GRPO's CPS
+log-prob drops every constant and its KL divides by ``g^2`` instead of the step variance, which
+``gen_rl/objective.py`` offers as named settings (``tests/test_recipes.py`` checks both). The summed
 (true joint) log density is ``log_prob * sample[0].numel()``. A deterministic transition (std == 0) has no
 density; its ``log_prob`` is NaN.
 
