@@ -139,7 +139,7 @@ class VLMTrainer:
             torch.set_num_threads(config.accelerator.cpu_threads)
         self._check_process_split()
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        self.run = open_run(  # claim the folder, pick and check the checkpoint: before the model loads
+        self.run_folder = open_run(  # claim the folder, pick and check the checkpoint: before the model loads
             self.accelerator, config, resume=resume, overwrite=overwrite, keep_last=2, tunables=VLM_TUNABLES
         )
         torch.manual_seed(derive_seed(config.seed, "init"))
@@ -699,7 +699,7 @@ class VLMTrainer:
                 (staging / "config.yaml").write_text(yaml.safe_dump(to_dict(self.config), sort_keys=False))
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
-                manager.commit(step, self.run.run_id)
+                manager.commit(step, self.run_folder.run_id)
         except OSError as error:
             if accelerator.is_main_process:
                 manager.discard_staging(step)
@@ -709,7 +709,7 @@ class VLMTrainer:
     def _resume(self) -> int:
         """Restore the checkpoint ``open_run`` chose (0 and fresh logs when there is none); the config's
         learning rate and AdamW settings replace the saved ones."""
-        checkpoint, main = self.run.resume_from, self.accelerator.is_main_process
+        checkpoint, main = self.run_folder.resume_from, self.accelerator.is_main_process
         if checkpoint is None:
             if main:
                 self.metrics.rewrite([])
