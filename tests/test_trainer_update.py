@@ -253,3 +253,26 @@ def test_random_fraction_draws_new_steps_every_training_step_and_respects_the_tr
     trainer.config.train.trainable_steps = (0, 7)  # DanceGRPO never trains the last step
     ranged = torch.stack([trainer.trained_steps(batch.rollout, step) for step in range(10)])
     assert ranged.shape[-1] == 3 and int(ranged.max()) < 7  # floor(0.5 * 7) = 3 of the first 7 steps
+
+
+# ----- the other paths the shipped configs use ---------------------------------------------------------------------
+def test_a_second_pass_over_the_batch_sees_the_updated_policy_and_clips(tmp_path):
+    config = small_config(tmp_path, "train.inner_epochs=2", "train.samples_per_update=8", "train.clip_range=1e-5")
+    trainer = GenerationTrainer(config)
+    record = trainer.run_step(0)
+    assert record["updates"] == 2  # one optimizer update per pass
+    assert record["ratio_max_abs_dev"] > 1e-5  # the second pass recomputes under the updated weights ...
+    assert 0 < record["clip_fraction"] <= 0.5  # ... and clips there, never in the first pass (ratio == 1)
+
+
+def test_full_fine_tuning_updates_the_transformer_weights(tmp_path):
+    trainer = GenerationTrainer(small_config(tmp_path, "model.lora=false", "train.lr=1e-3"))
+    names = [name for name, p in trainer.sampler.transformer.named_parameters() if p.requires_grad]
+    assert names and not any("lora" in name for name in names)
+    before = {name: p.detach().clone() for name, p in trainer.sampler.transformer.named_parameters()}
+    record = trainer.run_step(0)
+    assert record["log_prob_floor"] <= record["log_prob_tolerance"]
+    changed = [
+        name for name, p in trainer.sampler.transformer.named_parameters() if not torch.equal(p, before[name])
+    ]
+    assert len(changed) > len(names) // 2
