@@ -90,7 +90,8 @@ class _Group:
 
     @property
     def has_spread(self) -> bool:
-        return bool(self.total.max() > self.total.min())
+        scored = self.total[torch.isfinite(self.total)]  # dropped samples (reward.nan_policy) have no score
+        return bool(scored.numel() > 1 and scored.max() > scored.min())
 
 
 @dataclass
@@ -345,7 +346,10 @@ class VLMTrainer:
         policy.train()
         group_size = config.sample.group_size
         sample_metadata = [metadatas[index // group_size] for index in range(len(rollout))]
-        scores = score_completions(self.reward_functions, rollout.texts, rollout.records, sample_metadata)
+        scores = score_completions(
+            self.reward_functions, rollout.texts, rollout.records, sample_metadata,
+            nan_policy=config.reward.nan_policy, report=self.accelerator.print,
+        )  # fmt: skip
         return rollout, scores, seconds
 
     def _advantages(self, rollout: Rollout, scores: dict[str, torch.Tensor]):
@@ -411,6 +415,7 @@ class VLMTrainer:
         keep = torch.cat(
             [
                 torch.full((group_size,), group.has_spread or not config.train.drop_zero_std_groups)
+                & torch.isfinite(group.total)  # samples dropped by reward.nan_policy stay out of the loss
                 for group in chosen
             ]
         )
@@ -635,8 +640,10 @@ class VLMTrainer:
         rollout = scored.rollout
         metrics: dict[str, Any] = {"step": step + 1, "stage": self.stream.curriculum.stage_at(step).name}
         total = self._gathered(scored.total_reward)
-        metrics["reward/mean"] = float(total.mean())
-        metrics["reward/std"] = float(total.std(correction=0))
+        metrics["dropped_samples"] = int((~torch.isfinite(total)).sum())  # reward.nan_policy: drop
+        total = total[torch.isfinite(total)]
+        metrics["reward/mean"] = float(total.mean()) if total.numel() else float("nan")
+        metrics["reward/std"] = float(total.std(correction=0)) if total.numel() else float("nan")
         for name, values in scored.scores.items():
             gathered = self._gathered(values)
             finite = gathered[torch.isfinite(gathered)]

@@ -7,6 +7,29 @@ Conventions
   IoU 0 and GIoU -1 with anything (corners are not silently swapped).
 * Sizes in metadata are ``(height, width)``: ``original_size`` of the image file, ``processed_size`` of the
   image the model saw after the processor resized it (Qwen2.5-VL's ``smart_resize`` output, say).
+
+Image sizes (the interface between the rollout and these rewards, model-agnostic)
+---------------------------------------------------------------------------------
+* ``original_sizes`` / ``processed_sizes``: one ``(height, width)`` per image of the prompt, in prompt
+  order (the VLM trainer fills them for every image: ``gen_rl.vlm.scoring.reward_metadata``).
+  ``processed_size`` is the frame the model's pixels live in, for a processor that maps the WHOLE image onto
+  it by scaling each axis (Qwen's grid, LLaVA / PaliGemma / Gemma 3 resizing). A processor that tiles, crops
+  or pads has no such frame: it reports none, and records must then state ``box_format`` "original" or
+  "norm1000" (a "resized" answer raises, naming that fix).
+* ``box_image`` (default 0): which image the boxes are on; ``original_size`` / ``processed_size`` given by
+  the record itself override the lists. See :func:`image_sizes`.
+
+Floors (what a blind answer earns; each reward's docstring states its own)
+--------------------------------------------------------------------------
+* ``iou`` / ``giou``: first box only, so a spray or grid earns its first box; the whole image earns
+  ``|T| / |image|``; a zero-area box 0. ``giou`` is ``max(0, GIoU)`` (``(GIoU + 1) / 2`` paid ~0.5 for
+  any box).
+* ``detection_f1``: N boxes hitting k of G targets earn ``2k / (N + G)``; a zero-area box 0.
+* ``detection_weighted``: a weighted harmonic mean, ``<= (w_p + w_r) / (w_p N / k + w_r)`` (DIP-R1's
+  arithmetic mean paid a blind grid ``w_r / (w_p + w_r)``).
+* ``detection_map``: no floor (appended guesses are free): evaluation-only, refused as a training reward.
+* A box attempt that cannot be read (``[1, 2, 3]``, ``{"bbox_2d": "left"}``, cut off) is a false positive.
+
 * ``box_format`` (metadata) names the convention the MODEL answers in:
 
   - ``"original"``: pixels of the original image;
@@ -38,6 +61,7 @@ __all__ = [
     "DEFAULT_IOU_THRESHOLD",
     "convert_box",
     "box_to_original",
+    "image_sizes",
     "parse_boxes",
     "parse_labeled_boxes",
     "box_iou",
@@ -121,16 +145,42 @@ def convert_box(
     return [x1 * sx / tx, y1 * sy / ty, x2 * sx / tx, y2 * sy / ty]
 
 
-def box_to_original(box: Sequence[float], metadata: Mapping[str, Any] | None = None) -> Box:
-    """Convert a predicted box from ``metadata["box_format"]`` (default "resized") to original pixels."""
+def image_sizes(metadata: Mapping[str, Any] | None) -> tuple[Any, Any]:
+    """``(original_size, processed_size)`` of the image the boxes refer to (module docstring, "Image sizes").
+
+    The record's own ``original_size`` / ``processed_size`` win; otherwise entry ``box_image`` (default 0)
+    of the per-image lists ``original_sizes`` / ``processed_sizes``. ``None`` where unknown.
+    """
     metadata = metadata or {}
-    return convert_box(
-        box,
-        metadata.get("box_format", DEFAULT_BOX_FORMAT),
-        "original",
-        metadata.get("original_size"),
-        metadata.get("processed_size"),
-    )
+    index = metadata.get("box_image", 0)
+    sizes = []
+    for single, plural in (("original_size", "original_sizes"), ("processed_size", "processed_sizes")):
+        value = metadata.get(single)
+        listed = metadata.get(plural)
+        if value is None and listed:
+            if not (isinstance(index, int) and 0 <= index < len(listed)):
+                raise ValueError(
+                    f"metadata['box_image'] = {index!r} but the prompt has {len(listed)} image(s); "
+                    "set box_image to the index of the image the boxes are on"
+                )
+            value = listed[index]
+        sizes.append(value)
+    return sizes[0], sizes[1]
+
+
+def box_to_original(box: Sequence[float], metadata: Mapping[str, Any] | None = None) -> Box:
+    """Convert a predicted box from ``metadata["box_format"]`` (default "resized") to original pixels, with
+    the sizes of :func:`image_sizes`."""
+    metadata = metadata or {}
+    box_format = _check_format(metadata.get("box_format", DEFAULT_BOX_FORMAT))
+    original_size, processed_size = image_sizes(metadata)
+    if box_format == "resized" and processed_size is None and original_size is not None:
+        raise ValueError(
+            "box_format 'resized' needs the processed image size (metadata['processed_size'] or "
+            "['processed_sizes']) and this processor reports none (it tiles or crops the image): set the "
+            "record's box_format to 'original' or 'norm1000'"
+        )
+    return convert_box(box, box_format, "original", original_size, processed_size)
 
 
 # ---------------------------------------------------------------------------------------------------------
