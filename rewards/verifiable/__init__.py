@@ -10,16 +10,23 @@ Every reward is a plain function ``reward(completion, solution, metadata) -> flo
   - ``require_answer_tags`` (bool, default False): without a complete ``<answer>`` block the answer is
     empty (score 0); by default the completion without its ``<think>`` part is used (see
     :mod:`rewards.verifiable.format`);
-  - ``original_size`` / ``processed_size``: ``(height, width)`` of the image file and of the image the
-    model saw after the processor resized it; ``box_format``: the convention the MODEL answers boxes in,
-    ``"original" | "resized" | "norm1000"``, default ``"resized"``; ``iou_threshold`` (detection matching,
-    default 0.5; given to "iou" it makes that reward binary);
+  - ``original_sizes`` / ``processed_sizes``: ``(height, width)`` of every image file and of every image
+    as the model saw it (one per image, filled in by the VLM trainer); ``box_image``: which image the boxes
+    are on (default 0); ``original_size`` / ``processed_size``: that image's sizes, set by a record to
+    override; ``box_format``: the convention the MODEL answers boxes in, ``"original" | "resized" |
+    "norm1000"``, default ``"resized"`` (see :mod:`rewards.verifiable.boxes`); ``iou_threshold``
+    (detection matching, default 0.5; given to "iou" it makes that reward binary);
   - ``choices``: option texts (multiple choice) or candidate labels (preference);
   - ``rel_tol`` / ``abs_tol`` (numeric), ``precision_weight`` / ``recall_weight`` / ``iou_weighted``
     (DIP-R1), ``anls_threshold`` / ``ignore_case`` (OCR), ``partial_credit`` (jigsaw).
 
 An unreadable completion scores 0; an unreadable ground truth or missing metadata a reward needs raises
-``ValueError`` (a data or configuration bug). Look rewards up with :func:`get_verifiable_reward`.
+``ValueError`` (a data or configuration bug), which the trainer routes to ``reward.nan_policy`` like a NaN.
+Look rewards up with :func:`get_verifiable_reward`.
+
+Rewards that cannot be gamed: every answer reward follows the commitment rule of
+:mod:`rewards.verifiable.commitment` (listing, negating or hedging earns no more than the worst candidate);
+every box reward states its floor (:mod:`rewards.verifiable.boxes`); ``detection_map`` is evaluation-only.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ from rewards.verifiable.format import answer_text, extract_answer, extract_solut
 from rewards.verifiable.ocr import ocr_reward
 from rewards.verifiable.preference import preference_reward
 from rewards.verifiable.ssl_tasks import jigsaw_reward, rotation_reward
+from rewards.verifiable.temporal import temporal_iou_reward
 
 __all__ = [
     "VerifiableReward",
@@ -70,6 +78,7 @@ VERIFIABLE_REWARDS: dict[str, VerifiableReward] = {
     "rotation": rotation_reward,
     "jigsaw": jigsaw_reward,
     "preference": preference_reward,
+    "temporal_iou": temporal_iou_reward,
 }
 
 
