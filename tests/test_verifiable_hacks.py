@@ -181,3 +181,22 @@ def test_hedge_reader(text, found):
 )
 def test_honest_answers_still_pay(reward, answer, solution):
     assert reward(tagged(answer), solution, {"choices": CHOICES}) == 1.0
+
+
+# ----------------------------------------------------------------------------------------------------
+# the other label / number rewards follow the same rule
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("hack", ["Image 1 is not better", "not 2", "probably 1", "1 or 2", "1, maybe 2"])
+def test_preference_hacks(hack):
+    from rewards.verifiable.preference import preference_reward
+
+    assert_no_better_than_worst(preference_reward, hack, ["1", "2"])
+
+
+@pytest.mark.parametrize("hack", ["not 90", "90or180", "90 or ⑨⓪", "at least 90", "90 ١٨٠"])
+def test_rotation_hacks(hack):
+    from rewards.verifiable.ssl_tasks import rotation_reward
+
+    assert_no_better_than_worst(rotation_reward, hack, [90, 180])

@@ -93,7 +93,7 @@ def test_rotation_reward_accepts_only_the_right_angle(angle):
         if other != angle:
             assert rotation_reward(tagged(str(other)), str(angle), {}) == 0.0
     assert rotation_reward(tagged("0 90 180 270"), str(angle), {}) == 0.0  # every option
-    assert rotation_reward(tagged(f"{angle} or 90"), str(angle), {}) == (1.0 if angle == 90 else 0.0)
+    assert rotation_reward(tagged(f"{angle} or 90"), str(angle), {}) == 0.0  # "or" hedges, even "90 or 90"
     assert rotation_reward(tagged(""), str(angle), {}) == 0.0
 
 

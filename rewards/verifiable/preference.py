@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from rewards.verifiable.answers import mentioned_labels
+from rewards.verifiable.commitment import uncommitted
 from rewards.verifiable.format import answer_text, extract_solution
 
 __all__ = ["preferred_label", "preference_reward", "DEFAULT_PREFERENCE_LABELS"]
@@ -44,6 +45,7 @@ def preference_reward(completion: str, solution: Any, metadata: Mapping[str, Any
     """1.0 if the answer prefers exactly the ground-truth candidate (:func:`preferred_label`), else 0.
 
     ``solution``: a label (``"1"``, ``1``, ``"B"``) or a text naming one (``"Image 1 is better"``).
+    A negation or hedge ("Image 1 is not better", "probably 2") scores 0 (:mod:`rewards.verifiable.commitment`).
     """
     metadata = metadata or {}
     labels = [str(label) for label in metadata.get("choices") or DEFAULT_PREFERENCE_LABELS]
@@ -52,4 +54,6 @@ def preference_reward(completion: str, solution: Any, metadata: Mapping[str, Any
     if gold is None:
         raise ValueError(f"preference solution names none of the labels {labels}: {solution!r}")
     answer = answer_text(completion, metadata)
-    return 1.0 if answer and preferred_label(answer, labels) == gold else 0.0
+    if not answer or uncommitted(answer, labels):  # "not 1", "maybe 2": the commitment rule
+        return 0.0
+    return 1.0 if preferred_label(answer, labels) == gold else 0.0

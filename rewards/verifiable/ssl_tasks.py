@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from rewards.verifiable.answers import single_number
+from rewards.verifiable.answers import committed_number, single_number
 from rewards.verifiable.format import answer_text, extract_solution
 
 __all__ = [
@@ -187,13 +187,14 @@ def write_jsonl(records: Iterable[Mapping[str, Any]], path: str | Path) -> Path:
 def rotation_reward(completion: str, solution: Any, metadata: Mapping[str, Any] | None = None) -> float:
     """1.0 if the answer states exactly one number and it is the counter-clockwise rotation angle, else 0.
 
-    "90", "90 degrees", "90°" read 90; "0 or 90" and "0 90 180 270" read nothing (score 0). Other angle
+    "90", "90 degrees", "90°" read 90; "0 or 90", "0 90 180 270", "not 90" read nothing (score 0: the
+    commitment rule of :mod:`rewards.verifiable.commitment`). Other angle
     conventions are not translated (a "-90" or "90 clockwise" answer for a 270 solution scores 0).
     """
     gold = single_number(extract_solution(solution))
     if gold is None or gold not in ROTATION_ANGLES:
         raise ValueError(f"rotation solution must be one of {ROTATION_ANGLES}, got {solution!r}")
-    value = single_number(answer_text(completion, metadata))
+    value = committed_number(answer_text(completion, metadata))
     return 1.0 if value is not None and value == gold else 0.0
 
 
