@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 from distributed_worker import one_step
-from trainer_helpers import small_config
+from trainer_helpers import free_port, small_config
 
 from gen_rl.trainer import GenerationTrainer
 
@@ -41,7 +41,7 @@ def test_two_processes_match_one_process_and_each_other(tmp_path):
         "--dynamo_backend",
         "no",
         "--main_process_port",
-        "29517",
+        str(free_port()),
         str(WORKER),
         str(tmp_path / "two"),
         *OVERRIDES,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import torch
@@ -69,3 +70,10 @@ def lora_weights(trainer) -> dict[str, torch.Tensor]:
         for name, p in trainer.sampler.transformer.named_parameters()
         if p.requires_grad
     }
+
+
+def free_port() -> int:
+    """A TCP port free right now on loopback, for a multi-process test's rendezvous (never a fixed number)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
