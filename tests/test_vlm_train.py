@@ -128,3 +128,39 @@ def test_dynamic_sampling_keeps_only_groups_with_reward_spread(tmp_path):
     for start, flag in zip(range(0, len(scored.rollout), group_size), spread, strict=True):
         advantages = scored.advantages[start : start + group_size]
         assert bool((advantages != 0).any()) == flag
+
+
+@pytest.mark.parametrize("model_name", ["builtin:tiny-qwen2-vl", "builtin:tiny-llava"])
+def test_one_update_moves_log_probs_towards_the_advantages(tmp_path, model_name):
+    """One GRPO step on one batch: the mean token log-prob of each completion moves with its advantage,
+    ``sum_i A_i (logp_after_i - logp_before_i) > 0`` (a flipped sign or a dropped advantage fails), for Qwen2-VL
+    and for a second architecture, LLaVA (CLIP tower + projector + Llama), through the same trainer."""
+    trainer = VLMTrainer(
+        _config(tmp_path, f"model.name_or_path={model_name}", "train.steps=1", "train.lr=0.002")
+    )
+    for step in range(10):  # the first batch whose rewards differ within a group
+        scored = trainer.collect(step)
+        if float(scored.advantages.abs().sum()) > 0:
+            break
+    assert float(scored.advantages.abs().sum()) > 0
+    before = trainer._no_grad_log_probs(trainer.model, scored.rollout)
+    trainer.update(step, scored, None, None)
+    after = trainer._no_grad_log_probs(trainer.model, scored.rollout)
+    mask = scored.rollout.completion_mask.to(before.device).float()
+    change = ((after - before) * mask).sum(dim=1) / mask.sum(dim=1)
+    advantages = scored.advantages.to(change.device).float()
+    assert float((advantages * change).sum()) > 0
+    # completions with positive advantage gain log-prob on average, negative ones lose it
+    assert float(change[advantages > 0].mean()) > 0 > float(change[advantages < 0].mean())
+
+
+def test_llava_learns_the_colour_task(tmp_path):
+    """A second transformers architecture (not Qwen) trains end to end: the tiny LLaVA goes from ~0.03 to
+    above 0.3 mean reward in 60 steps (naming any colour blindly scores 0.25), loaded through the Auto
+    classes, with its processed image size (28 x 28) from the model-agnostic path."""
+    summary = train(_config(tmp_path, "model.name_or_path=builtin:tiny-llava"))
+    assert summary["first_quarter_reward"] < 0.15
+    assert summary["last_quarter_reward"] > 0.3
+    model, processor = load_policy(str(tmp_path / "final"))
+    assert type(model).__name__ == "LlavaForConditionalGeneration"
+    assert type(processor).__name__ == "LlavaProcessor"

@@ -11,8 +11,11 @@ completions each; every reward function scores them, the results are gathered an
   - ``eval/reward/greedy``, ``eval/R/greedy``: mean over records of the greedy completion's reward;
   - ``eval/R/mean@k``: mean over records of the mean of the ``k`` samples' rewards;
   - ``eval/R/pass@k`` and ``eval/R/pass@1``: the unbiased pass@k estimator (:func:`pass_at_k`), a sample
-    passing when it scores ``>= eval.pass_threshold``, averaged over records;
+    passing when it scores ``>= eval.pass_threshold``, averaged over records (over a record's scored samples:
+    ``k`` is capped at their number when a failing reward dropped some);
   - ``eval/completion_length`` (tokens, sampled and greedy), ``eval/records``, ``eval/seconds``;
+  - ``eval/dropped_samples``: completions a failing reward left unscored (``reward.nan_policy: drop``; they are
+    out of every mean, never a 0; with ``abort`` the failure stops the run);
 
 * every completion to ``eval_completions.jsonl`` in the run folder (step, record id, mode, completion, rewards),
 * the first ``eval.tracker_completions`` completions to the tracker as text (a table on wandb).
@@ -43,7 +46,7 @@ from gen_rl.vlm.rollout import (
     decode_texts,
     generate_completions,
 )
-from gen_rl.vlm.scoring import RewardFunction, score_completions
+from gen_rl.vlm.scoring import RewardFunction, score_completions, unscored
 
 __all__ = [
     "EVAL_COMPLETIONS",
@@ -90,7 +93,9 @@ class EvalSample:
 
 
 def _mean(values: Sequence[float]) -> float:
-    return float(sum(values) / len(values)) if values else float("nan")
+    """Mean of the finite values (NaN: a sample without a score), NaN when there is none."""
+    finite = [value for value in values if math.isfinite(value)]
+    return float(sum(finite) / len(finite)) if finite else float("nan")
 
 
 def eval_metrics(
@@ -128,6 +133,7 @@ def eval_metrics(
         metrics[f"eval/{name}/pass@{num_samples}"] = _mean(pass_k)
         metrics[f"eval/{name}/pass@1"] = _mean(pass_1)
     metrics["eval/completion_length"] = _mean([float(sample.length) for sample in samples])
+    metrics["eval/dropped_samples"] = float(sum(not math.isfinite(sample.total) for sample in samples))
     return metrics
 
 
@@ -151,6 +157,8 @@ class Evaluator:
         batch_size: int = 0,
         seed: int = 0,
         tracker_completions: int = 0,
+        nan_policy: str = "abort",
+        report: Callable[[str], None] = print,
     ) -> None:
         if not records:
             raise ValueError("the eval set has no records; check eval.data / eval.synthetic")
@@ -164,6 +172,8 @@ class Evaluator:
         self.batch_size = batch_size
         self.seed = seed
         self.tracker_completions = tracker_completions
+        self.nan_policy = nan_policy
+        self.report = report
         self._encoded: dict[int, tuple[EncodedPrompt, dict]] = {}
 
     def _prompt(self, index: int) -> tuple[EncodedPrompt, dict]:
@@ -195,9 +205,12 @@ class Evaluator:
         lengths = [int(length) for mask in masks for length in mask.sum(dim=1)]
         records = [self.records[index] for index in indices]
         metadatas = [self._prompt(index)[1] for index in indices]
-        scores = score_completions(self.reward_functions, texts, records, metadatas)
+        scores = score_completions(
+            self.reward_functions, texts, records, metadatas, nan_policy=self.nan_policy, report=self.report
+        )
         weights = {reward.name: reward.weight for reward in self.reward_functions}
         total = sum(weights[name] * torch.nan_to_num(values, nan=0.0) for name, values in scores.items())
+        total = total.masked_fill(unscored(scores), float("nan"))  # dropped by reward.nan_policy: no score
         samples = []
         for row, index in enumerate(indices):
             repeat = row % self.num_samples if mode == "sample" else 0

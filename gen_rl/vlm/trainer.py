@@ -22,7 +22,9 @@ processes, so two processes train exactly as one process on the same samples.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +43,16 @@ from gen_rl.run_folder import VLM_TUNABLES
 from gen_rl.run_state import apply_optimizer_settings, install_hooks, open_run, refusing_code
 from gen_rl.seeding import derive_seed
 from gen_rl.vlm.config import VLMConfig
-from gen_rl.vlm.data import Curriculum, PromptStream, Stage, load_images, read_checked_records, read_records
+from gen_rl.vlm.data import (
+    Curriculum,
+    PromptStream,
+    Stage,
+    load_images,
+    load_videos,
+    read_checked_records,
+    read_records,
+)
+from gen_rl.vlm.evaluation import EVAL_COMPLETIONS, Evaluator
 from gen_rl.vlm.objectives import (
     ADVANTAGE_FUNCTIONS,
     LOSS_MODES,
@@ -67,10 +78,15 @@ from gen_rl.vlm.rollout import (
     vision_token_ids,
 )
 from gen_rl.vlm.scoring import advantages_of, build_reward_functions, reward_metadata, score_completions
+from gen_rl.vlm.video import VideoSampling
 
 __all__ = ["train", "VLMTrainer", "ScoredRollout", "BUILTIN_MODELS"]
 
-BUILTIN_MODELS = {"builtin:tiny-qwen2-vl": "qwen2_vl", "builtin:tiny-qwen2.5-vl": "qwen2_5_vl"}
+BUILTIN_MODELS = {
+    "builtin:tiny-qwen2-vl": "qwen2_vl",
+    "builtin:tiny-qwen2.5-vl": "qwen2_5_vl",
+    "builtin:tiny-llava": "llava",
+}
 TRAINER_STATE = "trainer_state.json"
 
 
@@ -135,6 +151,8 @@ class VLMTrainer:
             cpu=use_cpu,
             mixed_precision=config.accelerator.mixed_precision,
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=trainable_vision)],
+            log_with=None if config.log.tracker == "none" else config.log.tracker,
+            project_dir=str(self.output_dir),
         )
         if self.accelerator.device.type == "cpu" and config.accelerator.cpu_threads > 0:
             torch.set_num_threads(config.accelerator.cpu_threads)
@@ -170,11 +188,14 @@ class VLMTrainer:
         self.settings = self._sampling_settings()
         self.reward_functions = build_reward_functions(config.reward.functions)
         self.stream = PromptStream(self._build_curriculum(), seed=config.seed, shuffle=config.data.shuffle)
+        self.evaluator = self._build_evaluator()
+        if self.accelerator.is_main_process and config.log.tracker != "none":
+            self.accelerator.init_trackers(config.log.run_name)
         self.metrics = MetricsLog(self.output_dir / "metrics.jsonl")
         self.checkpoints = CheckpointManager(self.output_dir, keep_last=2)
         self.start_step = self._resume() if resume else 0
         if not resume and self.accelerator.is_main_process:
-            for name in ("metrics.jsonl", "completions.jsonl"):
+            for name in ("metrics.jsonl", "completions.jsonl", EVAL_COMPLETIONS):
                 (self.output_dir / name).unlink(missing_ok=True)
             (self.output_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
 
@@ -269,7 +290,12 @@ class VLMTrainer:
         stages = []
         for index, section in enumerate(self.config.data.stages):
             if section.synthetic:
-                records = self._synthetic_records(index, section)
+                records = self._synthetic_records(
+                    f"stage{index}_{section.synthetic}",
+                    section.synthetic,
+                    section.synthetic_records,
+                    self.config.seed,
+                )
             else:
                 records = [
                     record
@@ -283,14 +309,74 @@ class VLMTrainer:
             stages.append(Stage(name=section.name, records=records, steps=section.steps))
         return Curriculum(stages)
 
-    def _synthetic_records(self, index: int, section) -> list:
-        from gen_rl.vlm.synthetic import write_colour_dataset
+    def _synthetic_records(self, name: str, task: str, num_records: int, seed: int) -> list:
+        from gen_rl.vlm.synthetic import SYNTHETIC_TASKS
 
-        folder = self.output_dir / "data" / f"stage{index}_{section.synthetic}"
+        folder = self.output_dir / "data" / name
         if self.accelerator.is_main_process:
-            write_colour_dataset(folder, section.synthetic_records, seed=self.config.seed)
+            SYNTHETIC_TASKS[task](folder, num_records, seed=seed)
         self.accelerator.wait_for_everyone()
-        return read_records(folder / "colour.jsonl", folder)
+        return read_records(folder / f"{task}.jsonl", folder)
+
+    def _encode_record(self, record) -> tuple:
+        """``(EncodedPrompt, reward metadata)`` of a record: its images and sampled video frames through the
+        processor (a video the processor cannot take is an error, never a text-only prompt)."""
+        data = self.config.data
+        images = load_images(record)
+        video = data.video
+        sampling = VideoSampling(video.num_frames, video.fps, video.max_frames, video.frames_fps)
+        videos = load_videos(record, sampling)
+        prompt = encode_prompt(
+            self.processor,
+            record.problem,
+            images,
+            system_prompt=data.system_prompt,
+            max_prompt_length=data.max_prompt_length,
+            question_template=data.question_template,
+            videos=videos,
+        )
+        if prompt.num_videos != len(record.videos):
+            raise RuntimeError(
+                f"record {record.key!r}: {len(record.videos)} video(s) but {prompt.num_videos} encoded"
+            )
+        original_sizes = [(image.height, image.width) for image in images]
+        metadata = reward_metadata(record, original_sizes, prompt.processed_sizes)
+        if videos:  # seconds of each video (temporal grounding answers are in seconds)
+            metadata.setdefault("video_duration", videos[0].duration)
+        return prompt, metadata
+
+    def _build_evaluator(self) -> Evaluator | None:
+        section = self.config.eval
+        if not section.every_steps:
+            return None
+        if section.synthetic:
+            records = self._synthetic_records(
+                f"eval_{section.synthetic}", section.synthetic, section.synthetic_records,
+                seed=derive_seed(self.config.seed, "eval-data"),
+            )  # fmt: skip
+        else:
+            records = [
+                record for path in section.data for record in read_records(path, self.config.data.image_root)
+            ]
+        if section.max_records:
+            records = records[: section.max_records]
+        settings = dataclasses.replace(
+            self.settings, temperature=section.temperature or self.settings.temperature
+        )
+        return Evaluator(
+            records, self.reward_functions, settings, self._encode_record, greedy=section.greedy,
+            num_samples=section.num_samples, pass_threshold=section.pass_threshold,
+            batch_size=section.batch_size, seed=self.config.seed, tracker_completions=section.tracker_completions,
+            nan_policy=self.config.reward.nan_policy, report=self.accelerator.print,
+        )  # fmt: skip
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        """The held-out ``eval/`` metrics after ``step`` completed steps ({} when eval is off or not due)."""
+        every = self.config.eval.every_steps
+        if self.evaluator is None or not (step % every == 0 or step == self.config.train.steps):
+            return {}
+        policy = self.accelerator.unwrap_model(self.model)
+        return self.evaluator.run(self.accelerator, policy, self.processor, step, self.output_dir)
 
     # ------------------------------------------------------------------------------------------------
     # phase 1: collect
@@ -308,18 +394,9 @@ class VLMTrainer:
         records = self._local_prompts(step)
         encoded, metadatas = [], []
         for record in records:
-            images = load_images(record)
-            prompt = encode_prompt(
-                self.processor,
-                record.problem,
-                images,
-                system_prompt=config.data.system_prompt,
-                max_prompt_length=config.data.max_prompt_length,
-                question_template=config.data.question_template,
-            )
+            prompt, metadata = self._encode_record(record)
             encoded.append(prompt)
-            original_sizes = [(image.height, image.width) for image in images]
-            metadatas.append(reward_metadata(record, original_sizes, prompt.processed_sizes))
+            metadatas.append(metadata)
         first_group = (
             step * config.train.dynamic_sampling_rounds + round_index
         ) * config.sample.prompts_per_step
@@ -772,8 +849,11 @@ class VLMTrainer:
             old_log_probs, sampling_entropy = self.old_pass(scored.rollout)
             update_stats = self.update(step, scored, old_log_probs, ref_log_probs, sampling_entropy)
             metrics = self._step_metrics(step, scored, update_stats, time.perf_counter() - step_start)
+            metrics.update(self.evaluate(step + 1))
             if self.accelerator.is_main_process:
                 self.metrics.append(metrics)
+                if config.log.tracker != "none":
+                    self.accelerator.log(_finite_scalars(metrics), step=step + 1)
             self._log_completions(step, scored)
             progress.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics['kl']:.4f}")
             every = config.log.checkpoint_every
@@ -819,3 +899,12 @@ def _concat_rollouts(rollouts: list[Rollout], pad_token_id: int) -> Rollout:
         is_truncated=torch.cat([rollout.is_truncated for rollout in rollouts]),
         texts=[text for rollout in rollouts for text in rollout.texts],
     )
+
+
+def _finite_scalars(metrics: dict[str, Any]) -> dict[str, float]:
+    """The finite numbers of a metrics record (what a tracker can plot)."""
+    return {
+        key: value
+        for key, value in metrics.items()
+        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    }
