@@ -58,8 +58,9 @@ class ModelSection:
 
     name_or_path: str = option(
         "Qwen/Qwen2.5-VL-3B-Instruct",
-        "hub id or folder (AutoModelForImageTextToText + AutoProcessor); 'builtin:tiny-qwen2-vl' or "
-        "'builtin:tiny-qwen2.5-vl' builds a tiny test model into the output folder and loads it from there",
+        "hub id or folder (AutoModelForImageTextToText + AutoProcessor); 'builtin:tiny-qwen2-vl', "
+        "'builtin:tiny-qwen2.5-vl' or 'builtin:tiny-llava' builds a tiny test model into the output folder and "
+        "loads it from there",
     )
     dtype: str = option("bfloat16", "weight dtype: float32 | bfloat16 | float16")
     attn_implementation: str = option("sdpa", "attention kernel: sdpa | eager | flash_attention_2")
