@@ -13,13 +13,14 @@ from gen_rl.vlm.config import VLMConfig
 from gen_rl.vlm.trainer import VLMTrainer
 
 TINY = Path(__file__).resolve().parent.parent / "configs" / "vlm" / "tiny_colour_cpu.yaml"
-# every option whose maths spans processes: batch-wide advantage statistics, token-mean denominators, the
-# high-entropy threshold, micro-batch accumulation and a second pass over the batch (old log-probs)
+# every option whose maths spans processes: batch-wide advantage statistics, token-mean denominators (truncated
+# completions masked, so the ranks hold different token counts), the high-entropy threshold, micro-batch
+# accumulation and a second pass over the batch (old log-probs); no gradient clipping, which would hide a scale
 OVERRIDES = (
     "sample.prompts_per_step=4",
     "sample.group_size=4",
-    "sample.max_new_tokens=3",
-    "sample.mask_truncated=false",
+    "sample.max_new_tokens=16",
+    "sample.mask_truncated=true",
     "train.steps=1",
     "train.num_iterations=2",
     "train.micro_batch_size=4",
@@ -27,6 +28,7 @@ OVERRIDES = (
     "train.advantage_estimator=reinforce_pp_baseline",
     "train.top_entropy_fraction=0.5",
     "train.lr=0.01",
+    "train.max_grad_norm=0",
     "reward.functions=[{name: vlm_distributed_worker:character_reward, weight: 1.0}]",
     "log.progress_bar=false",
     "log.log_completions=0",
@@ -44,13 +46,21 @@ def config(output_dir: Path) -> VLMConfig:
 
 
 def one_step(trainer: VLMTrainer) -> dict:
-    """Collect, old / reference passes and the update of step 0; returns what this process computed."""
+    """Collect, old / reference passes and the update of step 0; returns what this process computed, with the
+    (all-reduced) gradient of every optimizer step."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    gradients = []
+    trainer.optimizer.optimizer.register_step_pre_hook(
+        lambda *unused: gradients.append(
+            {name: value.grad.detach().clone() for name, value in model.named_parameters() if value.grad is not None}
+        )
+    )
     scored = trainer.collect(0)
     ref_log_probs = trainer.reference_pass(scored.rollout)
     old_log_probs, sampling_entropy = trainer.old_pass(scored.rollout)
     stats = trainer.update(0, scored, old_log_probs, ref_log_probs, sampling_entropy)
-    model = trainer.accelerator.unwrap_model(trainer.model)
     return {
+        "gradients": gradients,
         "rollout": scored.rollout,
         "scores": scored.scores,
         "advantages": scored.advantages.cpu(),
