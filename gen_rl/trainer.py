@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from gen_rl import run_state
 from gen_rl.advantages import AdvantageOutput, PerPromptStatTracker
-from gen_rl.checkpoint import CheckpointManager
+from gen_rl.checkpoint import CheckpointManager, RunError
 from gen_rl.config import to_dict
 from gen_rl.data import PromptSet, load_prompts, prompt_indices_for_step
 from gen_rl.ema import ParameterEMA
@@ -40,8 +40,9 @@ from rewards import build_reward
 ALL_NAN_STEP_LIMIT = 3  # consecutive steps with no finite reward at all before the run stops
 
 
-class RewardError(RuntimeError):
-    """A reward returned NaN / inf under ``reward.nan_policy: abort``."""
+class RewardError(RunError):
+    """A reward returned NaN / inf under ``reward.nan_policy: abort``, or none was finite for several steps
+    (a RunError: ``gen_rl/train.py`` prints its one-line message and exits non-zero)."""
 
 
 class RatioCheckError(RuntimeError):
@@ -159,21 +160,21 @@ class GenerationTrainer:
             for step in bar:
                 record = self.run_step(step)
                 bar.set_postfix(reward=f"{record['reward_mean']:.4f}", kl=f"{record.get('approx_kl', 0):.2e}")
-        except (KeyboardInterrupt, RewardError):
+            final = {"step": config.train.num_steps, **self.evaluate(config.train.num_steps)}
+            if self.accelerator.is_main_process and len(final) > 1:
+                self.metrics.append(final)
+            if self.start_step < config.train.num_steps or self.checkpoints.latest() is None:
+                self.save(config.train.num_steps)  # the only save of the last step (run_step skips it)
+            self.accelerator.wait_for_everyone()
+            summary = self._summary()
+            if self.accelerator.is_main_process:
+                plot_reward_curve(self.metrics.read(), self.output_dir / "reward_curve.png")
+        except (KeyboardInterrupt, RewardError):  # also during the final save or plot
             if self.accelerator.is_main_process:
                 latest = self.checkpoints.latest()
                 where = f"{latest} is intact" if latest else "no checkpoint was written yet"
                 print(f"\n[gen-rl] stopped; {where}. Continue with the same command plus --resume.")
             raise
-        final = {"step": config.train.num_steps, **self.evaluate(config.train.num_steps)}
-        if self.accelerator.is_main_process and len(final) > 1:
-            self.metrics.append(final)
-        if self.start_step < config.train.num_steps or self.checkpoints.latest() is None:
-            self.save(config.train.num_steps)
-        self.accelerator.wait_for_everyone()
-        summary = self._summary()
-        if self.accelerator.is_main_process:
-            plot_reward_curve(self.metrics.read(), self.output_dir / "reward_curve.png")
         self.accelerator.end_training()
         return summary
 

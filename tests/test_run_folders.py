@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from trainer_helpers import lora_weights, small_config
+from trainer_helpers import DEMO, lora_weights, small_config
 
 from gen_rl import faults
 from gen_rl.checkpoint import MANIFEST, CheckpointManager, RunError, write_manifest
 from gen_rl.metrics import MetricsLog, read_metrics
 from gen_rl.run_folder import ConfigChangeError, RunFolderError, claim, read_history
-from gen_rl.trainer import GenerationTrainer, RewardError
+from gen_rl.trainer import GenerationTrainer
 from rewards import Reward, RewardOutput
 
 
@@ -280,21 +280,39 @@ class AlwaysNaN(Reward):
         return RewardOutput(scores=torch.full((len(prompts),), float("nan")))
 
 
-def test_a_run_whose_every_reward_is_nan_stops_after_three_steps(tmp_path):
-    config = small_config(
-        tmp_path / "run", "checkpoint.every_steps=0", "eval.every_steps=0", "train.num_steps=5"
-    )
-    trainer = GenerationTrainer(config)
-    trainer.reward_models = {"colour": AlwaysNaN()}
-    trainer.run_step(0)
-    trainer.run_step(1)
-    with pytest.raises(RewardError, match=r"every sample's reward was NaN / inf for 3 consecutive steps"):
-        trainer.run_step(2)
+def test_a_run_whose_every_reward_is_nan_stops_non_zero_after_three_steps(tmp_path, capsys):
+    from gen_rl.train import cli
+
+    argv = [
+        "--config",
+        str(DEMO),
+        f"log.output_dir={tmp_path / 'run'}",
+        "log.tracker=none",
+        "log.progress=false",
+        "sample.group_size=2",
+        "sample.groups_per_step=2",
+        "sample.groups_per_rollout=2",
+        "train.samples_per_update=4",
+        "train.microbatch_size=4",
+        "train.num_steps=5",
+        "checkpoint.every_steps=1",
+        "data.eval_prompts=",
+        f"data.train_prompts={DEMO.parent / 'prompts' / 'colour_train.txt'}",
+        "reward.terms=[{name: 'test_run_folders:AlwaysNaN'}]",
+    ]
+    assert cli(argv) == 1
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == [
+        "error: every sample's reward was NaN / inf for 3 consecutive steps, so nothing trains; fix the reward "
+        "(score a few images with it by hand). The last checkpoint is intact."
+    ]
+    assert "[gen-rl] stopped; " in captured.out and "checkpoint-000002 is intact" in captured.out
 
 
 def test_the_nan_streak_restarts_after_a_step_with_a_finite_reward(tmp_path):
+    fast = ("sample.group_size=2", "sample.groups_per_rollout=2", "train.check_log_probs=false")
     config = small_config(
-        tmp_path / "run", "checkpoint.every_steps=0", "eval.every_steps=0", "train.num_steps=5"
+        tmp_path / "run", "checkpoint.every_steps=0", "eval.every_steps=0", "train.num_steps=5", *fast
     )
     trainer = GenerationTrainer(config)
     colour = trainer.reward_models["colour"]
