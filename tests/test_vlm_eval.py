@@ -101,11 +101,56 @@ def test_dropped_samples_are_left_out_not_scored_zero():
         EvalSample(1, "r1", "greedy", 0, "b", 1, {"exact": nan}, nan),
         EvalSample(0, "r0", "sample", 0, "a", 1, {"exact": 1.0}, 1.0),
         EvalSample(0, "r0", "sample", 1, "c", 1, {"exact": nan}, nan),
+        EvalSample(1, "r1", "sample", 0, "d", 1, {"exact": 0.0}, 0.0),
+        EvalSample(1, "r1", "sample", 1, "e", 1, {"exact": 0.0}, 0.0),
     ]
     metrics = eval_metrics(samples, ["exact"], num_samples=2, pass_threshold=1.0)
     assert metrics["eval/reward/greedy"] == metrics["eval/exact/greedy"] == 1.0  # not (1 + 0) / 2
-    assert metrics["eval/exact/mean@2"] == 1.0 and metrics["eval/reward/mean"] == 1.0
+    # per record first (record 0: its one scored sample, 1.0; record 1: 0.0), then over records: not 1 / 3
+    assert metrics["eval/exact/mean@2"] == metrics["eval/reward/mean"] == 0.5
+    assert metrics["eval/exact/pass@2"] == 0.5  # record 0 passes with its one scored sample (k capped at 1)
     assert metrics["eval/dropped_samples"] == 2
+
+
+def test_the_evaluator_drops_failed_rewards_instead_of_scoring_zero(tmp_path):
+    """Through the real Evaluator (tiny Qwen2-VL, real processor): a reward that returns NaN for one record is
+    dropped under nan_policy drop (out of the means, counted) and stops evaluation under abort."""
+    from gen_rl.vlm.data import load_images, read_records
+    from gen_rl.vlm.evaluation import Evaluator
+    from gen_rl.vlm.policy import eos_token_ids
+    from gen_rl.vlm.rollout import SamplingSettings, encode_prompt, vision_token_ids
+    from gen_rl.vlm.scoring import RewardError, RewardFunction, reward_metadata
+    from gen_rl.vlm.synthetic import write_colour_dataset
+    from gen_rl.vlm.tiny import tiny_qwen2_vl
+
+    model, processor = tiny_qwen2_vl()
+    records = read_records(write_colour_dataset(tmp_path, 4), tmp_path)  # red, green, blue, yellow
+
+    def encode(record):
+        images = load_images(record)
+        prompt = encode_prompt(processor, record.problem, images)
+        return prompt, reward_metadata(record, [(i.height, i.width) for i in images], prompt.processed_sizes)
+
+    def half(text, solution, metadata):  # fails on the red record, 0.5 elsewhere
+        return float("nan") if solution == "red" else 0.5
+
+    settings = SamplingSettings(
+        3, 1.0, eos_token_ids(model, processor), 0, vision_token_ids(model.config, processor)
+    )
+    rewards = [RewardFunction("half", 1.0, (), half)]
+    kwargs = {"greedy": True, "num_samples": 2, "pass_threshold": 0.5}
+    evaluator = Evaluator(
+        records, rewards, settings, encode, nan_policy="drop", report=lambda line: None, **kwargs
+    )
+    samples = evaluator.local_samples(model, processor, step=1, rank=0, world=1)
+    from gen_rl.vlm.evaluation import eval_metrics
+
+    metrics = eval_metrics(samples, ["half"], 2, 0.5)
+    assert metrics["eval/dropped_samples"] == 3  # the red record's greedy + 2 samples
+    assert metrics["eval/reward/greedy"] == metrics["eval/reward/mean"] == metrics["eval/half/mean@2"] == 0.5
+    strict = Evaluator(records, rewards, settings, encode, nan_policy="abort", **kwargs)
+    with pytest.raises(RewardError):
+        strict.local_samples(model, processor, step=1, rank=0, world=1)
 
 
 def test_eval_metrics_without_samples_use_the_greedy_completions():
