@@ -280,3 +280,45 @@ def test_eval_completions_reach_the_tracker_as_text(tmp_path):
 def test_eval_and_video_config_errors_name_the_key(tmp_path, overrides, message):
     with pytest.raises(ConfigError, match=message):
         _config(tmp_path, *overrides).validate()
+
+
+def test_two_processes_evaluate_the_whole_set_once(tmp_path):
+    """Records are split over processes (7 records: 4 + 3) and gathered: the greedy metrics and completions
+    equal one process's; every record is evaluated exactly once per mode and sample."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from vlm_eval_worker import evaluate
+
+    worker = Path(__file__).resolve().parent / "vlm_eval_worker.py"
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    environment = {
+        **os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": os.pathsep.join([str(worker.parent), os.environ.get("PYTHONPATH", "")]),
+    }  # fmt: skip
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(port), str(worker), str(tmp_path / "two"),
+    ]  # fmt: skip
+    finished = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    one = evaluate(tmp_path / "one")
+    assert two["eval/records"] == one["eval/records"] == 7
+    for key in ("eval/reward/greedy", "eval/exact/greedy"):
+        assert two[key] == pytest.approx(one[key]), key
+    two_lines, one_lines = (
+        _lines(tmp_path / "two" / "eval_completions.jsonl"),
+        _lines(tmp_path / "one" / "eval_completions.jsonl"),
+    )
+    assert sorted((e["id"], e["mode"], e["sample"]) for e in two_lines) == sorted(
+        (e["id"], e["mode"], e["sample"]) for e in one_lines
+    )
+    assert len(two_lines) == 7 * (1 + 2)
+    greedy = {e["id"]: e["completion"] for e in one_lines if e["mode"] == "greedy"}
+    assert {e["id"]: e["completion"] for e in two_lines if e["mode"] == "greedy"} == greedy
