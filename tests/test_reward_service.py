@@ -672,6 +672,10 @@ def test_full_server_answers_503_with_retry_after_and_the_client_waits_for_it() 
             assert response.status == 503 and response.getheader("Retry-After") == "1"
             assert "--max-connections" in json.loads(response.read())["error"]
             connection.close()
+            # A client still sending a large body reads the 503 too (its connection is drained, not reset).
+            body, kind = encode_request(pixels_for(8, size=160), prompts_for(8), fmt="safetensors_float32")
+            assert len(body) > 2 * MIB
+            assert raw_request(server.url, body, kind)[0] == 503
             threading.Timer(0.3, lambda: [client.close() for client in idle]).start()  # slots free at 0.3 s
             started = time.monotonic()
             output = remote(pixels_for(3), prompts_for(3))
@@ -688,18 +692,20 @@ def test_full_server_answers_503_with_retry_after_and_the_client_waits_for_it() 
 
 
 def test_slow_clients_are_cut_off_and_do_not_block_others() -> None:
-    """Silent clients and one sending a byte every 0.2 s (an idle timeout never fires on it) all get a 408
-    and are closed at the read deadline, while normal clients are answered in the meantime."""
+    """Silent clients, clients sending their headers a byte every 0.2 s (an idle timeout never fires on
+    them) and one sending its body that way all get a 408 and are closed at the read deadline, while normal
+    clients are answered in the meantime."""
     read_timeout_s = 1.0
     local = ColourReward()
-    with serving(local, max_connections=8, read_timeout_s=read_timeout_s) as server:
+    with serving(local, max_connections=16, read_timeout_s=read_timeout_s) as server:
         address = (urlsplit(server.url).hostname, urlsplit(server.url).port)
         remote = RemoteReward(server.url, **FAST)
         results: dict[str, tuple[float, bytes]] = {}
 
-        def slow_client(name: str, trickle: bytes) -> None:
+        def slow_client(name: str, head: bytes, trickle: bytes) -> None:
             with socket.create_connection(address) as connection:
                 started, received = time.monotonic(), b""
+                connection.sendall(head)
                 for byte in trickle:  # one byte every 0.2 s until the server answers
                     if select.select([connection], [], [], 0.2)[0]:
                         break
@@ -713,11 +719,15 @@ def test_slow_clients_are_cut_off_and_do_not_block_others() -> None:
                 results[name] = (time.monotonic() - started, received)
 
         trickled = b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n" * 10
-        clients = [threading.Thread(target=slow_client, args=(f"silent{i}", b"")) for i in range(4)]
-        clients += [threading.Thread(target=slow_client, args=(f"trickle{i}", trickled)) for i in range(2)]
+        head = http_request_bytes(b"x" * 1000, "application/json")[:-1000]
+        clients = [threading.Thread(target=slow_client, args=(f"silent{i}", b"", b"")) for i in range(4)]
+        clients += [
+            threading.Thread(target=slow_client, args=(f"trickle{i}", b"", trickled)) for i in range(2)
+        ]
+        clients += [threading.Thread(target=slow_client, args=("body", head, b"x" * 1000))]
         for client in clients:
             client.start()
-        time.sleep(0.1)  # the slow clients are connected and hold 6 of the 8 slots
+        time.sleep(0.1)  # the slow clients are connected and hold 7 of the 16 slots
         for request in range(3):  # meanwhile normal clients are answered
             pixels = pixels_for(2, seed=request)
             assert_same_scores(remote(pixels, prompts_for(2)), local(pixels, prompts_for(2)), FLOAT16_BOUND)
@@ -725,7 +735,7 @@ def test_slow_clients_are_cut_off_and_do_not_block_others() -> None:
         for client in clients:
             client.join(timeout=read_timeout_s + 15)
     assert answered_while_slow_clients_held_on
-    assert sorted(results) == [f"silent{i}" for i in range(4)] + ["trickle0", "trickle1"]
+    assert sorted(results) == ["body"] + [f"silent{i}" for i in range(4)] + ["trickle0", "trickle1"]
     for name, (elapsed, received) in results.items():
         assert received.startswith(b"HTTP/1.0 408"), (name, received[:80])
         assert read_timeout_s - 0.1 <= elapsed < read_timeout_s + 3.0, (name, elapsed)
@@ -810,7 +820,7 @@ def one_pixel_with_metadata(metadata: dict) -> bytes:
             "map names to strings",
         ),
         (
-            one_pixel_with_metadata({"prompts": "[\"a\", "}),
+            one_pixel_with_metadata({"prompts": '["a", '}),
             "does not parse",
         ),
         (
