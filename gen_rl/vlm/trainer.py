@@ -11,7 +11,12 @@ named phases:
    current log-probs, detached, stand in).
 3. ``update``: ``num_iterations`` passes of mini-batch optimizer steps, each accumulated over micro-batches
    whose losses are divided by the whole mini-batch's denominators.
-4. ``log`` (``metrics.jsonl``, ``completions.jsonl``, tqdm) and ``checkpoint``.
+4. ``evaluate`` (every ``eval.every_steps`` and after the last step: held-out greedy and sampled completions,
+   :mod:`gen_rl.vlm.evaluation`), ``log`` (``metrics.jsonl``, ``completions.jsonl``, ``eval_completions.jsonl``,
+   the tracker, tqdm) and ``checkpoint``.
+
+Prompts are encoded once per record by ``_encode_record`` (images, sampled video frames, templates, sizes),
+for training and evaluation alike.
 
 Groups are whole on each process (each process samples all ``G`` completions of its prompts). Rewards are
 gathered from every process, advantages computed over the whole batch (a global std, REINFORCE++ and the
