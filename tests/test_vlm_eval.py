@@ -13,7 +13,7 @@ import pytest
 
 from gen_rl.config import ConfigError, load_config
 from gen_rl.vlm.config import VLMConfig
-from gen_rl.vlm.evaluation import EvalSample, eval_metrics, pass_at_k
+from gen_rl.vlm.evaluation import EvalSample, drop_completions_after, eval_metrics, pass_at_k
 from gen_rl.vlm.trainer import train
 
 TINY = Path(__file__).resolve().parent.parent / "configs" / "vlm" / "tiny_colour_cpu.yaml"
@@ -322,3 +322,14 @@ def test_two_processes_evaluate_the_whole_set_once(tmp_path):
     assert len(two_lines) == 7 * (1 + 2)
     greedy = {e["id"]: e["completion"] for e in one_lines if e["mode"] == "greedy"}
     assert {e["id"]: e["completion"] for e in two_lines if e["mode"] == "greedy"} == greedy
+
+
+def test_a_resumed_run_drops_the_evaluations_after_its_checkpoint(tmp_path):
+    path = tmp_path / "eval_completions.jsonl"
+    path.write_text(
+        "".join(json.dumps({"step": step, "completion": str(step)}) + "\n" for step in (2, 2, 4, 6, 6))
+    )
+    drop_completions_after(path, 4)
+    assert [entry["step"] for entry in _lines(path)] == [2, 2, 4]
+    drop_completions_after(tmp_path / "missing.jsonl", 4)  # nothing to do
+    assert not (tmp_path / "missing.jsonl").exists()

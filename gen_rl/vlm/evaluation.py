@@ -56,6 +56,7 @@ __all__ = [
     "log_completions_to_trackers",
     "pass_at_k",
     "write_completions",
+    "drop_completions_after",
 ]
 
 EVAL_COMPLETIONS = "eval_completions.jsonl"
@@ -284,6 +285,18 @@ def write_completions(path: Path, step: int, samples: Sequence[EvalSample], reco
                 },
             }
             handle.write(json.dumps(entry, default=str) + "\n")
+
+
+def drop_completions_after(path: Path, step: int) -> None:
+    """Keep only the completions of evaluations at or before ``step`` (a resumed run evaluates the rest again)."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines()
+    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    temporary = path.with_suffix(".jsonl.tmp")
+    temporary.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    temporary.replace(path)
 
 
 def log_completions_to_trackers(accelerator, samples: Sequence[EvalSample], step: int, count: int) -> None:

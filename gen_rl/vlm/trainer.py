@@ -57,7 +57,7 @@ from gen_rl.vlm.data import (
     read_checked_records,
     read_records,
 )
-from gen_rl.vlm.evaluation import EVAL_COMPLETIONS, Evaluator
+from gen_rl.vlm.evaluation import EVAL_COMPLETIONS, Evaluator, drop_completions_after
 from gen_rl.vlm.objectives import (
     ADVANTAGE_FUNCTIONS,
     LOSS_MODES,
@@ -199,6 +199,8 @@ class VLMTrainer:
         self.metrics = MetricsLog(self.output_dir / "metrics.jsonl")
         self.checkpoints = CheckpointManager(self.output_dir, keep_last=2)
         self.start_step = self._resume() if resume else 0
+        if resume and self.accelerator.is_main_process:  # evals after the checkpoint are run again
+            drop_completions_after(self.output_dir / EVAL_COMPLETIONS, self.start_step)
         if not resume and self.accelerator.is_main_process:
             for name in ("metrics.jsonl", "completions.jsonl", EVAL_COMPLETIONS):
                 (self.output_dir / name).unlink(missing_ok=True)
