@@ -375,7 +375,8 @@ class GenerationTrainer:
         difference = torch.where(rollout.stochastic.to(stds.device), difference, torch.zeros_like(difference))
         per_step = difference.amax(dim=0)
         worst_step = int(per_step.argmax())
-        floor = float(per_step[worst_step])
+        # every process decides on the largest floor of any process, so all stop together (no hung collective)
+        floor = float(self.accelerator.gather(per_step[worst_step].reshape(1).to(self.accelerator.device)).max())
         clip = min(train.clip_range, train.clip_range_high or train.clip_range)
         tolerance = train.ratio_check_fraction * clip
         if not floor <= tolerance:
