@@ -275,6 +275,7 @@ def test_eval_completions_reach_the_tracker_as_text(tmp_path):
         (["eval.every_steps=-1"], "must be >= 0"),
         (["log.tracker=mlflow"], "log.tracker must be"),
         (["data.video.num_frames=0", "data.video.fps=0"], "num_frames > 0"),
+        (["data.video.min_pixels=5000", "data.video.max_pixels=3000"], "exceeds data.video.max_pixels"),
     ],
 )
 def test_eval_and_video_config_errors_name_the_key(tmp_path, overrides, message):

@@ -211,6 +211,17 @@ def test_video_prompts_carry_video_tokens_and_frame_times(qwen, tmp_path):
         assert 2 / clip.sampled_fps == pytest.approx(1.0)
 
 
+def test_pixels_per_frame_follow_the_config(qwen, tmp_path):
+    """``data.video.max_pixels``: 56 x 56 frames capped at 28 x 28 pixels -> 1 x 1 merged tokens per 2 frames."""
+    _, _, processor = qwen
+    clip = _clip(tmp_path, [RED] * 4)
+    small = encode_prompt(processor, "what colour ?", [], videos=[clip], video_pixels=(28 * 28, 28 * 28))
+    assert small.visual["video_grid_thw"].tolist() == [[2, 2, 2]]
+    assert int((small.input_ids == processor.video_token_id).sum()) == 2
+    large = encode_prompt(processor, "what colour ?", [], videos=[clip], video_pixels=(112 * 112, 112 * 112))
+    assert large.visual["video_grid_thw"].tolist() == [[2, 8, 8]]
+
+
 def test_recomputed_log_probs_equal_sampling_log_probs_with_video_tokens(qwen, tmp_path):
     """Ratio 1 with video tokens: log-softmax of the scores ``generate`` sampled from == a forward pass on
     prompt + completion, in a left-padded batch mixing a video prompt, a video + image prompt and text."""

@@ -103,6 +103,8 @@ class VideoSection:
     fps: float = option(2.0, "frames per second of video time when num_frames is 0 (Qwen2-VL: 2)")
     max_frames: int = option(32, "cap on the sampled frames (evenly thinned); 0 = no cap")
     frames_fps: float = option(1.0, "frame rate of frame folders whose record sets no video_fps")
+    min_pixels: int = option(0, "pixels per frame at least (Qwen video processor size); 0 keeps the model's")
+    max_pixels: int = option(0, "pixels per frame at most (Qwen video processor size); 0 keeps the model's")
 
 
 @dataclass
@@ -299,8 +301,12 @@ class VLMConfig:
 
     def _validate_video_and_eval(self) -> None:
         video, evaluation = self.data.video, self.eval
-        if video.num_frames < 0 or video.max_frames < 0:
-            raise ConfigError("data.video.num_frames and data.video.max_frames must be >= 0")
+        if min(video.num_frames, video.max_frames, video.min_pixels, video.max_pixels) < 0:
+            raise ConfigError("data.video.num_frames, max_frames, min_pixels and max_pixels must be >= 0")
+        if video.min_pixels and video.max_pixels and video.min_pixels > video.max_pixels:
+            raise ConfigError(
+                f"data.video.min_pixels={video.min_pixels} exceeds data.video.max_pixels={video.max_pixels}"
+            )
         if video.num_frames == 0 and not video.fps > 0:
             raise ConfigError(
                 "data.video: set num_frames > 0 (frames per clip) or fps > 0 (frames per second)"

@@ -117,8 +117,25 @@ def check_video_support(processor) -> None:
         )
 
 
+def _frame_size(processor, video_pixels: tuple[int, int]) -> dict[str, int] | None:
+    """The video processor's ``size`` with ``(min_pixels, max_pixels)`` per frame set where non-zero."""
+    min_pixels, max_pixels = video_pixels
+    if not (min_pixels or max_pixels):
+        return None
+    current = getattr(processor.video_processor, "size", None) or {}
+    return {
+        "shortest_edge": int(min_pixels or current.get("shortest_edge") or 0),
+        "longest_edge": int(max_pixels or current.get("longest_edge") or 0),
+    }
+
+
 def _encode_once(
-    processor, text: str, images: Sequence, system_prompt: str, videos: Sequence[VideoClip] = ()
+    processor,
+    text: str,
+    images: Sequence,
+    system_prompt: str,
+    videos: Sequence[VideoClip] = (),
+    video_pixels: tuple[int, int] = (0, 0),
 ) -> dict[str, Tensor]:
     messages = build_messages(text, len(images), system_prompt, num_videos=len(videos))
     chat = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -127,6 +144,9 @@ def _encode_once(
         kwargs["videos"] = [list(clip.frames) for clip in videos]
         kwargs["video_metadata"] = [clip.metadata() for clip in videos]
         kwargs["do_sample_frames"] = False
+        size = _frame_size(processor, video_pixels)
+        if size is not None:
+            kwargs["videos_kwargs"] = {"size": size}
     return processor(text=[chat], images=list(images) or None, return_tensors="pt", **kwargs)
 
 
@@ -143,8 +163,10 @@ def encode_prompt(
     max_prompt_length: int = 0,
     question_template: str = "{problem}",
     videos: Sequence[VideoClip] = (),
+    video_pixels: tuple[int, int] = (0, 0),
 ) -> EncodedPrompt:
-    """Encode one prompt (``question_template`` with ``{problem}`` filled in, after the images and videos).
+    """Encode one prompt (``question_template`` with ``{problem}`` filled in, after the images and videos;
+    ``video_pixels = (min, max)`` pixels per frame where non-zero, Qwen's video ``size``).
 
     With ``max_prompt_length > 0`` a prompt that is too long loses tokens from the end of the problem text only:
     the template, the system prompt and the image / video tokens are never cut.
@@ -152,7 +174,9 @@ def encode_prompt(
     if videos:
         check_video_support(processor)
     template = question_template
-    encoded = _encode_once(processor, template.replace("{problem}", problem), images, system_prompt, videos)
+    encoded = _encode_once(
+        processor, template.replace("{problem}", problem), images, system_prompt, videos, video_pixels
+    )
     for _ in range(4):  # decoding and re-encoding can shift a token or two: re-check
         length = encoded["input_ids"].shape[1]
         if not max_prompt_length or length <= max_prompt_length:
@@ -162,7 +186,9 @@ def encode_prompt(
         if keep <= 0:
             break
         problem = _first_tokens(processor.tokenizer, problem, keep)
-        encoded = _encode_once(processor, template.replace("{problem}", problem), images, system_prompt, videos)
+        encoded = _encode_once(
+            processor, template.replace("{problem}", problem), images, system_prompt, videos, video_pixels
+        )
     raise ValueError(
         f"a prompt is {encoded['input_ids'].shape[1]} tokens and cutting its problem text cannot bring it within "
         f"data.max_prompt_length={max_prompt_length} (template, system prompt and image tokens are never cut); "

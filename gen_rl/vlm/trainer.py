@@ -341,6 +341,7 @@ class VLMTrainer:
             max_prompt_length=data.max_prompt_length,
             question_template=data.question_template,
             videos=videos,
+            video_pixels=(video.min_pixels, video.max_pixels),
         )
         if prompt.num_videos != len(record.videos):
             raise RuntimeError(
