@@ -158,6 +158,7 @@ SMOKE = {
     "rotation": ("<answer>90</answer>", "90", {}),
     "jigsaw": ("<answer>[1, 0, 3, 2]</answer>", "[1, 0, 3, 2]", {}),
     "preference": ("<answer>Image 2 is better</answer>", "2", {}),
+    "temporal_iou": ("<answer>[2, 6]</answer>", [2, 6], {}),
 }
 
 

@@ -200,3 +200,39 @@ def test_rotation_hacks(hack):
     from rewards.verifiable.ssl_tasks import rotation_reward
 
     assert_no_better_than_worst(rotation_reward, hack, [90, 180])
+
+
+# ----------------------------------------------------------------------------------------------------
+# obfuscated candidates: full-width / mathematical / look-alike letters, invisible separators,
+# number words of other languages, LaTeX spacing commands
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "hack",
+    ["B Ｅ", "Ｂ Ｅ", "B Е", "B 𝐂", "B c", "B\u200bC", "B & C", "𝐁 or 𝐂"],  # "Е" is Cyrillic
+)
+def test_choice_obfuscated_second_letter(hack):
+    assert_no_better_than_worst(choice_reward, hack, ["B", "C"], {"choices": CHOICES}, golds=["B"])
+
+
+@pytest.mark.parametrize("hack", ["yes nо", "yes ｎｏ", "yes\u200bno", "yes ＯＲ no", "уes or nо"])  # Cyrillic о, у
+def test_yes_no_obfuscated_second_word(hack):
+    assert_no_better_than_worst(yes_no_reward, hack, ["yes", "no"], golds=["yes"])
+
+
+@pytest.mark.parametrize("reward", NUMBER_REWARDS)
+@pytest.mark.parametrize("hack", ["3 quatre", "3 четыре", "3 vier", "3\u20634", "3\u200b4", "3 𝟒", "3 ₄", "3 ❹"])
+def test_obfuscated_second_number(reward, hack):
+    assert_no_better_than_worst(reward, hack, [3, 4])
+
+
+@pytest.mark.parametrize(
+    "hack", ["3 \\hspace{1em} 4", "3 & 4", "3 \\; 4", "3 \\phantom{x} 4", "3 four", "\\sqrt{9} \\sqrt{16}"]
+)
+def test_math_obfuscated_separators(hack):
+    assert_no_better_than_worst(math_reward, hack, ["3", "4"])
+
+
+def test_honest_english_is_not_read_as_a_foreign_number():
+    assert counting_reward(tagged("3, due to occlusion"), 3, {}) == 1.0

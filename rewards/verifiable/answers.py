@@ -18,7 +18,7 @@ import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from rewards.verifiable.commitment import ascii_numerals, hedge, negation, uncommitted
+from rewards.verifiable.commitment import hedge, latin_skeleton, negation, reading_form, uncommitted
 from rewards.verifiable.format import answer_text, extract_solution
 
 __all__ = [
@@ -66,7 +66,17 @@ _NUMBER_WORDS = {
     "sixteen": 16, "seventeen": 17, "eighteen": 18, "nineteen": 19, "twenty": 20, "thirty": 30, "forty": 40,
     "fifty": 50, "sixty": 60, "seventy": 70, "eighty": 80, "ninety": 90, "hundred": 100,
 }  # fmt: skip
-_NUMBER_WORD = re.compile(r"\b(" + "|".join(_NUMBER_WORDS) + r")\b", re.IGNORECASE)
+# the same candidates in a few other languages: "3 quatre" names two numbers
+_NUMBER_WORDS |= {
+    "null": 0, "eins": 1, "zwei": 2, "drei": 3, "vier": 4, "fünf": 5, "sechs": 6, "sieben": 7, "acht": 8,
+    "neun": 9, "zehn": 10, "zéro": 0, "un": 1, "une": 1, "deux": 2, "trois": 3, "quatre": 4, "cinq": 5,
+    "sept": 7, "huit": 8, "neuf": 9, "dix": 10, "cero": 0, "uno": 1, "una": 1, "dos": 2, "tres": 3,
+    "cuatro": 4, "cinco": 5, "seis": 6, "siete": 7, "ocho": 8, "nueve": 9, "diez": 10, "tre": 3,
+    "quattro": 4, "cinque": 5, "sei": 6, "sette": 7, "otto": 8, "nove": 9, "dieci": 10, "ноль": 0,
+    "один": 1, "одна": 1, "два": 2, "две": 2, "три": 3, "четыре": 4, "пять": 5, "шесть": 6, "семь": 7,
+    "восемь": 8, "девять": 9, "десять": 10,
+}  # fmt: skip
+_NUMBER_WORD = re.compile(r"(?<![^\W\d_])(" + "|".join(_NUMBER_WORDS) + r")(?![^\W\d_])", re.IGNORECASE)
 # upper-case Roman numerals of two or more letters ("IV", "XII"); a lone "I" is the pronoun
 _ROMAN = re.compile(r"\b(?=[MDCLXVI]{2,}\b)M{0,3}(?:CM|CD|D?C{0,3})(?:XC|XL|L?X{0,3})(?:IX|IV|V?I{0,3})\b")
 _ROMAN_VALUES = {"M": 1000, "D": 500, "C": 100, "L": 50, "X": 10, "V": 5, "I": 1}
@@ -87,15 +97,15 @@ def parse_numbers(text: Any) -> list[float]:
     Understands ``"1,234"`` (thousands separators: groups of exactly three digits), ``"3.5"``, ``"-2"``,
     ``"1e3"``, ``".5"``, fractions ``"3/4"`` (one number, 0.75) and the unicode minus; ``"50%"`` reads 50.
     Reads every candidate an answer could be paid for: numbers glued to letters (``"3or4"`` is 3 and 4),
-    numerals of every script (:func:`rewards.verifiable.commitment.ascii_numerals`: ``"３"``, ``"⁴"``,
-    ``"④"``, ``"Ⅳ"``), English number words (``"three"``) and upper-case Roman numerals of two or more
-    letters (``"IV"``).
+    numerals of every script (:func:`rewards.verifiable.commitment.reading_form`: ``"３"``, ``"⁴"``,
+    ``"④"``, ``"Ⅳ"``, ``"𝟒"``), number words in English and a few other languages (``"three"``,
+    ``"quatre"``, ``"четыре"``) and upper-case Roman numerals of two or more letters (``"IV"``).
     """
     if isinstance(text, bool):
         return [float(text)]
     if isinstance(text, int | float):
         return [float(text)]
-    text = ascii_numerals(text)
+    text = reading_form(text)
     found: list[tuple[int, float]] = []
     for match in _NUMBER_TOKEN.finditer(text):
         if match.group("single") is not None:
@@ -163,17 +173,24 @@ def _strip_option_prefix(choice: str) -> str:
     return _OPTION_PREFIX.sub("", str(choice), count=1)
 
 
-_CAPITAL = re.compile(r"(?<![A-Za-z0-9_])([A-Z])(?![A-Za-z0-9_])")
+_SINGLE_LETTER = re.compile(r"(?<![^\W_])([^\W\d_])(?![^\W_])")
 
 
 def _named_letters(text: str, count: int) -> list[str]:
-    """Every capital letter standing alone in ``text``, in or beyond the ``count`` options ("B or E" names
-    B and E); "I" only when there are more than 8 options (otherwise it is the pronoun)."""
+    """Every single letter standing alone in ``text`` that could name an option, in or beyond the ``count``
+    options ("B or E" names B and E): capitals of any script (a Cyrillic "Е" is a letter too, and no
+    option), and lower-case option letters other than "a" (the article). "I" / "i" only when there are more
+    than 8 options (otherwise the pronoun)."""
     named: list[str] = []
-    for match in _CAPITAL.finditer(text):
+    in_range = {chr(ord("a") + index) for index in range(min(count, 26))} - {"a"}
+    for match in _SINGLE_LETTER.finditer(latin_skeleton(text)):
         letter = match.group(1)
-        if (letter != "I" or count > 8) and letter not in named:
-            named.append(letter)
+        if letter.upper() == "I" and count <= 8:
+            continue
+        if letter.isupper() or letter in in_range:
+            letter = letter.upper()
+            if letter not in named:
+                named.append(letter)
     return named
 
 
@@ -198,13 +215,15 @@ def choice_letter(text: str, letters: Sequence[str], choices: Sequence[str] | No
     """Read which single option ``text`` picks, or ``None`` if it picks none or more than one.
 
     1. A lone letter (``"b"``, ``"(B)"``, ``"B."``) is that option, whatever its case.
-    2. Otherwise every capital letter standing alone in the text is collected, beyond the options too
-       ("B", "(B) dog", "The answer is B"; the option texts are blanked first, so "Vitamin C" is no letter).
+    2. Otherwise every letter standing alone in the text that could name an option is collected
+       (:func:`_named_letters`), beyond the options too ("B", "(B) dog", "The answer is B"; the option
+       texts are blanked first, so "Vitamin C" is no letter; full-width and look-alike letters count).
        Exactly one distinct letter, among the options, is the pick unless the text also names another
        option's text; several letters ("A B C D", "B or E" with four options) pick none.
     3. With no letter and the option texts given, an answer equal to one option's text picks it; failing
        that, an answer containing exactly one option text (as whole words) picks it.
     """
+    text = reading_form(text)
     stripped = text.strip(_EDGE_PUNCTUATION)
     if len(stripped) == 1 and stripped.upper() in letters:
         return stripped.upper()
@@ -305,11 +324,13 @@ _LEADING_ANSWER = re.compile(r"\s*[^\W\d_]+\s*(?:[,.!;:]|$)")  # "No," / "Yes." 
 
 def _polarity(text: str) -> str | None:
     """"yes", "no" or ``None`` (both, neither, a hedge, or a negation that is not a leading answer word)."""
+    text = reading_form(text)
     bare = _BARE_BOOLEANS.get(normalize_text(text))
     if bare is not None:
         return bare
-    words = re.findall(r"[^\W\d_]+", str(text).casefold())
-    said_yes, said_no = bool(set(words) & _YES_WORDS), bool(set(words) & _NO_WORDS)
+    words = re.findall(r"[^\W\d_]+", text.casefold())
+    read = set(words) | set(re.findall(r"[^\W\d_]+", latin_skeleton(text).casefold()))  # "nо": Cyrillic о
+    said_yes, said_no = bool(read & _YES_WORDS), bool(read & _NO_WORDS)
     if said_yes == said_no or hedge(text):
         return None
     polarity, spoken = ("yes", _YES_WORDS) if said_yes else ("no", _NO_WORDS)
@@ -363,7 +384,10 @@ _LATEX_DELIMITERS = ("$", "\\(", "\\[", "\\boxed")
 MATH_MAX_ANSWER_CHARS = 2000
 _MATH_SEGMENT = re.compile(r"\$\$(.+?)\$\$|\$(.+?)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]", re.DOTALL)
 _TEXT_COMMAND = re.compile(r"\\(?:text|textrm|textbf|textit|mbox|mathrm)\s*\{[^{}]*\}")
-_LATEX_SPACE = re.compile(r"\\(?:quad|qquad|[ ,;:!])|~")
+_LATEX_SPACE = re.compile(
+    r"\\(?:quad|qquad|enspace|thinspace|medspace|thickspace|[ ,;:!>])|~"
+    r"|\\(?:hspace\*?|hskip|kern|mkern|mskip|phantom|hphantom|vphantom)\s*\{[^{}]*\}"
+)
 _MATH_FUNCTIONS = {
     "sin", "cos", "tan", "cot", "sec", "csc", "log", "exp", "sqrt", "arcsin", "arccos", "arctan", "sinh",
     "cosh", "tanh", "lim", "max", "min", "gcd", "lcm", "mod", "deg", "inf", "infty", "det",
@@ -398,7 +422,7 @@ def _split_math(text: str, gold: str) -> list[str]:
     ``\\\\``, whitespace between two numbers, and top-level commas unless ``gold`` has one (a list answer)."""
     text = _TEXT_COMMAND.sub(_SEPARATOR, text)
     text = _LATEX_SPACE.sub(" ", text.replace("\\\\", _SEPARATOR))
-    for symbol in (";", "|"):
+    for symbol in (";", "|", "&"):
         if symbol not in gold:
             text = text.replace(symbol, _SEPARATOR)
     text = re.sub(
@@ -431,10 +455,12 @@ def math_candidates(answer: str, gold: str = "") -> list[str]:
 
     Every ``$...$`` / ``\\(...\\)`` / ``\\[...\\]`` segment and every ``\\boxed{...}`` is read on its own, and
     so is the text around them; each is cut further by :func:`_split_math`. "The answer is $x = 3$" offers
-    ``x = 3``; ``$3$ $4$``, "3 4", "3 und 4" offer 3 and 4. Non-ASCII numerals are made ASCII first
-    (superscripts as powers: "x²" is ``x^{2}``).
+    ``x = 3``; ``$3$ $4$``, "3 4", "3 und 4", "3 four" offer 3 and 4. The answer is read in
+    :func:`rewards.verifiable.commitment.reading_form` first (superscripts as powers: "x²" is ``x^{2}``;
+    invisible separators are spaces) and number words become digits.
     """
-    text = ascii_numerals(answer, superscript_as_power=True)
+    text = reading_form(answer, superscript_as_power=True)
+    text = _NUMBER_WORD.sub(lambda m: f" {_NUMBER_WORDS[m.group(1).lower()]:g} ", text)  # "3 four": 3 and 4
     segments = [next(group for group in match.groups() if group is not None) for match in
                 _MATH_SEGMENT.finditer(text)]  # fmt: skip
     parts = []

@@ -41,6 +41,8 @@ from typing import Any
 
 __all__ = [
     "ascii_numerals",
+    "reading_form",
+    "latin_skeleton",
     "negation",
     "hedge",
     "uncommitted",
@@ -81,14 +83,16 @@ _CJK_HEDGE = ("或者", "还是", "または", "もしくは", "或")
 
 
 def _without(text: str, allowed: Sequence[str]) -> str:
-    """``text`` made ASCII (:func:`ascii_numerals`, so "or⁴" is the word "or"), with every occurrence of each
+    """``text`` in :func:`reading_form` (so "or⁴" is the word "or", "ｏｒ" too; Cyrillic look-alikes are
+    read both ways), with every occurrence of each
     ``allowed`` phrase (the solution, option texts) that itself negates or hedges blanked out: a negation
     inside a legitimate answer text does not count against it, and nothing else is exempt."""
-    text = ascii_numerals(text)
+    text = reading_form(text)
+    text = text + " " + latin_skeleton(text) if latin_skeleton(text) != text else text
     exempt = [str(phrase).strip() for phrase in allowed]
     exempt = [phrase for phrase in exempt if phrase and (_find_negation(phrase) or _find_hedge(phrase))]
     for phrase in sorted(exempt, key=len, reverse=True):
-        text = re.sub(re.escape(ascii_numerals(phrase)), " ", text, flags=re.IGNORECASE)
+        text = re.sub(re.escape(reading_form(phrase)), " ", text, flags=re.IGNORECASE)
     return text
 
 
@@ -163,3 +167,23 @@ def ascii_numerals(text: Any, superscript_as_power: bool = False) -> str:
         else:
             pieces.append(f" {value:g} ")
     return "".join(pieces)
+
+
+# Cyrillic and Greek letters drawn like Latin ones: "nо" with a Cyrillic "о" is read "no", "Е" is "E"
+_CONFUSABLES = str.maketrans(
+    "АВЕКМНОРСТХаеорсухіјѕԁԛԝΑΒΕΖΗΙΚΜΝΟΡΤΥΧοκνρτυχ",
+    "ABEKMHOPCTXaeopcyxijsdqwABEZHIKMNOPTYXokvptux",
+)
+
+
+def latin_skeleton(text: str) -> str:
+    """``text`` with Cyrillic / Greek look-alikes of Latin letters replaced by those letters."""
+    return text.translate(_CONFUSABLES)
+
+
+def reading_form(text: Any, superscript_as_power: bool = False) -> str:
+    """The form answers are read in: :func:`ascii_numerals`, then Unicode NFKC (full-width and
+    mathematical letters become ASCII: "Ｅ", "𝐂"), invisible characters (zero-width space, invisible
+    separator / times, soft hyphen: Unicode category Cf) become spaces."""
+    text = unicodedata.normalize("NFKC", ascii_numerals(text, superscript_as_power))
+    return "".join(" " if unicodedata.category(char) == "Cf" else char for char in text)
