@@ -299,3 +299,18 @@ def test_trainer_aborts_on_a_failed_reward_under_abort(tmp_path):
     with pytest.raises(RewardError, match="nan_on_odd_length.*returned nan"):
         for step in range(3):  # some completion of odd length turns up at once with a random tiny model
             trainer.collect(step)
+
+
+def test_a_cropping_processor_reports_no_frame_so_boxes_are_not_misread():
+    """CLIP's default centre crop maps the image into its frame by a scale AND a shift: the processed size
+    alone would mis-convert every box, so no size is reported and the record must state its convention."""
+    _, processor = tiny_llava()
+    processor.image_processor.do_center_crop = True
+    processor.image_processor.crop_size = {"height": 28, "width": 28}
+    processor.image_processor.size = {"shortest_edge": 28}
+    prompt = encode_prompt(processor, "where ?", [Image.new("RGB", (112, 56))])
+    assert prompt.processed_sizes == []
+    metadata = reward_metadata(VLMRecord(images=[], problem="", solution=""), [(56, 112)], prompt.processed_sizes)
+    (iou,) = build_reward_functions([_spec("iou")])
+    with pytest.raises(ValueError, match="box_format"):
+        iou.function("<answer>[0, 0, 14, 14]</answer>", "[0, 0, 56, 28]", metadata)

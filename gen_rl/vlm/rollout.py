@@ -220,8 +220,9 @@ def processed_image_sizes(processor, visual: dict[str, Tensor], num_images: int)
 
     Grid processors (Qwen2-VL family: ``image_grid_thw`` rows, in patches) give ``grid x patch_size``; processors
     that return one pixel tensor per image (``pixel_values [num_images, C, H, W]``: LLaVA, PaliGemma, Gemma 3,
-    ...) give its ``(H, W)``. Tiling processors (several crops per image: Idefics3, InternVL, LLaVA-NeXT) have
-    no single frame: ``[]``, and box rewards then need the record's ``box_format``.
+    ...) give its ``(H, W)``. Tiling processors (several crops per image: Idefics3, InternVL, LLaVA-NeXT) and
+    processors that centre-crop or pad (CLIP's default crop) have no frame that is the whole image scaled per
+    axis: ``[]``, and box rewards then need the record's ``box_format`` (see :mod:`rewards.verifiable.boxes`).
     """
     if not num_images:
         return []
@@ -231,6 +232,9 @@ def processed_image_sizes(processor, visual: dict[str, Tensor], num_images: int)
             (int(grid_h * patch_size), int(grid_w * patch_size))
             for _, grid_h, grid_w in visual["image_grid_thw"].tolist()
         ]
+    image_processor = getattr(processor, "image_processor", None)
+    if getattr(image_processor, "do_center_crop", False) or getattr(image_processor, "do_pad", False):
+        return []  # a crop or pad is no per-axis scale of the whole image: no frame box rewards could use
     pixels = visual.get("pixel_values")
     if pixels is not None and pixels.dim() == 4 and pixels.shape[0] == num_images:
         return [(int(pixels.shape[-2]), int(pixels.shape[-1]))] * num_images
