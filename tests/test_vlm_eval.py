@@ -261,6 +261,9 @@ def test_eval_completions_reach_the_tracker_as_text(tmp_path):
     assert text_tags
     text = accumulator.Tensors(text_tags[0])[0].tensor_proto.string_val[0].decode()
     assert text.count("\n") == 1 + 5 and "| id | mode | completion | reward |" in text
+    # the training completions too (log.log_completions of them per step)
+    train_tags = [tag for tag in tags["tensors"] if tag.startswith("train/completions")]
+    assert train_tags and len(accumulator.Tensors(train_tags[0])) == 2  # one table per step
 
 
 @pytest.mark.parametrize(

@@ -54,6 +54,7 @@ __all__ = [
     "Evaluator",
     "eval_metrics",
     "log_completions_to_trackers",
+    "log_text_table",
     "pass_at_k",
     "write_completions",
     "drop_completions_after",
@@ -300,12 +301,20 @@ def drop_completions_after(path: Path, step: int) -> None:
 
 
 def log_completions_to_trackers(accelerator, samples: Sequence[EvalSample], step: int, count: int) -> None:
-    """The first ``count`` completions as a table (wandb) or markdown text (tensorboard and others)."""
-    if count <= 0 or not accelerator.trackers:
+    """The first ``count`` eval completions to the trackers (:func:`log_text_table`, tag ``eval/completions``)."""
+    if count <= 0:
         return
     shown = sorted(samples, key=lambda item: (item.record, item.mode, item.sample))[:count]
-    columns = ["id", "mode", "completion", "reward"]
     rows = [[sample.key, sample.mode, sample.text, round(sample.total, 4)] for sample in shown]
+    log_text_table(accelerator, "eval/completions", ["id", "mode", "completion", "reward"], rows, step)
+
+
+def log_text_table(
+    accelerator, tag: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], step: int
+) -> None:
+    """A table to every tracker of ``accelerator``: a wandb table, or markdown text (tensorboard and others)."""
+    if not rows or not accelerator.trackers:
+        return
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += [
         "| " + " | ".join(str(value).replace("|", "\\|").replace("\n", " ") for value in row) + " |"
@@ -313,6 +322,6 @@ def log_completions_to_trackers(accelerator, samples: Sequence[EvalSample], step
     ]
     for tracker in accelerator.trackers:
         if tracker.name == "wandb":
-            tracker.log_table("eval/completions", columns=columns, data=rows, step=step)
+            tracker.log_table(tag, columns=list(columns), data=[list(row) for row in rows], step=step)
         else:
-            tracker.log({"eval/completions": "\n".join(lines)}, step=step)
+            tracker.log({tag: "\n".join(lines)}, step=step)

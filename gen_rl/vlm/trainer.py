@@ -57,7 +57,7 @@ from gen_rl.vlm.data import (
     read_checked_records,
     read_records,
 )
-from gen_rl.vlm.evaluation import EVAL_COMPLETIONS, Evaluator, drop_completions_after
+from gen_rl.vlm.evaluation import EVAL_COMPLETIONS, Evaluator, drop_completions_after, log_text_table
 from gen_rl.vlm.objectives import (
     ADVANTAGE_FUNCTIONS,
     LOSS_MODES,
@@ -773,6 +773,11 @@ class VLMTrainer:
                     "advantage": float(scored.advantages[index]),
                 }
                 handle.write(json.dumps(entry, default=str) + "\n")
+        rows = [
+            [str(record.problem), scored.rollout.texts[index], round(float(scored.total_reward[index]), 4)]
+            for index, record in enumerate(scored.rollout.records[:count])
+        ]
+        log_text_table(self.accelerator, "train/completions", ["problem", "completion", "reward"], rows, step + 1)
 
     def save_checkpoint(self, step: int) -> None:
         """Crash-safe resumable checkpoint after ``step`` completed steps (weights, optimizer, RNG, data cursor,
@@ -792,10 +797,13 @@ class VLMTrainer:
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
                 manager.commit(step, self.run_folder.run_id)
-        except OSError as error:
+        except Exception as error:  # a full disk surfaces as OSError, SafetensorError or RuntimeError
+            message = manager.write_failure(step, error)
             if accelerator.is_main_process:
                 manager.discard_staging(step)
-            raise CheckpointWriteError(manager.write_failure(step, error)) from error
+            if message is None:
+                raise
+            raise CheckpointWriteError(message) from error
         accelerator.wait_for_everyone()
 
     def _resume(self) -> int:
