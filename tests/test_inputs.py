@@ -522,3 +522,37 @@ def test_unknown_names_are_reported_before_any_model_loads(override, message):
     with pytest.raises(ConfigError) as error:
         inputs.check_registered_names(config)
     assert message in str(error.value)
+
+
+# ----- the trainers read data with the same checks and honour data.bad_records ----------------------------------
+def test_generation_trainer_skips_bad_prompt_records(tmp_path):
+    from gen_rl.trainer import GenerationTrainer
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "a red ball"}\n{"text": "no prompt"}\n{"prompt": "a blue ball"}\n')
+    overrides = [f"data.train_prompts={prompts}", "data.eval_prompts=", f"log.output_dir={tmp_path / 'run'}"]
+    overrides += ["log.tracker=none", "log.progress=false", "log.monitors=false", "eval.gold=[]"]
+    with pytest.raises(DataError, match=f"{prompts}:2: each JSONL record needs"):
+        GenerationTrainer(load_config(GenerationConfig, DEMO, overrides))
+    trainer = GenerationTrainer(load_config(GenerationConfig, DEMO, [*overrides, "data.bad_records=skip"]))
+    assert trainer.train_set.prompts == ["a red ball", "a blue ball"]
+
+
+def test_vlm_trainer_curriculum_skips_bad_records(tmp_path):
+    from types import SimpleNamespace
+
+    from gen_rl.vlm.config import VLMConfig
+    from gen_rl.vlm.trainer import VLMTrainer
+
+    (tmp_path / "a.png").write_bytes(b"")
+    records = tmp_path / "records.jsonl"
+    records.write_text(
+        '{"image": "a.png", "problem": "p", "solution": "s"}\n{"image": "gone.png", "problem": "p", "solution": "s"}\n'
+    )
+    base = [f"data.stages=[{{files: [{records}]}}]", "reward.functions=[{name: exact}]", f"data.image_root={tmp_path}"]
+    config = load_config(VLMConfig, None, base)
+    with pytest.raises(DataError, match="gone.png does not exist"):
+        VLMTrainer._build_curriculum(SimpleNamespace(config=config))
+    config = load_config(VLMConfig, None, [*base, "data.bad_records=skip"])
+    curriculum = VLMTrainer._build_curriculum(SimpleNamespace(config=config))
+    assert [record.images for record in curriculum.stages[0].records] == [[str(tmp_path / "a.png")]]
