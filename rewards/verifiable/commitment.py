@@ -13,12 +13,17 @@ Every answer reward (choice, yes/no, numeric, counting, math) applies it in this
 
 Scoring 0 is at most the reward of every single candidate, so no listing, negating or hedging answer can
 beat committing to its worst candidate. Candidates are over-read on purpose, because a candidate the
-reader misses is a hedge that pays: digits glued to letters (``3or4``, ``3x4`` are two numbers), digits in
-any script (full-width ``４``, Arabic-Indic ``٤``), other Unicode numerals (``⁴``, ``④``, ``Ⅳ``, ``½``, ``四``,
-each read as a separate number), English number words next to digits ("3 or four"), and upper-case Roman
-numerals of two or more letters ("IV"); every standalone capital letter for multiple choice (``B or E`` with
-four options names two letters). The price is paid by verbose honest answers that mention a second number
-or a negation: reasoning belongs in ``<think>``, the ``<answer>`` holds the committed answer.
+reader misses is a hedge that pays. Answers are read in :func:`reading_form`: numerals of every script made
+ASCII (full-width ``４``, Arabic-Indic ``٤``, mathematical ``𝟒``; superscripts ``⁴``, circled ``④``, Roman
+``Ⅳ``, fractions ``½``, CJK ``四`` each as a separate number), NFKC (full-width and mathematical letters),
+invisible characters (zero-width space, invisible separator) as spaces, and, where letters are read, the
+Cyrillic / Greek look-alikes of Latin letters (:func:`latin_skeleton`: "nо", "Е"). Digits glued to
+letters are numbers (``3or4``, ``3x4`` are two); number words count in English and a few other languages
+("3 or four", "3 quatre"), so do upper-case Roman numerals of two or more letters ("IV"); for multiple
+choice every standalone capital counts, beyond the options too (``B or E`` with four options names two
+letters), as do lower-case option letters other than "a". The price is paid by verbose honest answers that
+mention a second number, a negation or a hedge word: reasoning belongs in ``<think>``, the ``<answer>`` holds
+the committed answer.
 
 Where the rule is enforced: :func:`uncommitted` (negations and hedges) in every answer reward;
 :func:`rewards.verifiable.answers.parse_numbers` (two numbers are two candidates, whatever separates them)
@@ -26,10 +31,10 @@ in numeric and counting; :func:`rewards.verifiable.answers.choice_letter` (every
 option texts named beside a letter) in multiple choice; :func:`rewards.verifiable.answers.math_candidates`
 (each delimited segment, each ``\\boxed``, cut at prose and separators, must verify) in math.
 
-Residual risk: a one-candidate hedge in a language whose connector is not listed ("3 plus ou moins" is
-caught, a connector in an unlisted language before a single number is not); a second candidate written as
-a number word of a language other than English ("3 quatre") beside one digit candidate. CJK numerals
-("3 四") are Unicode numerals and are read.
+Residual risk: a one-candidate hedge whose connector is in no list (an unlisted language's "or" before a
+single number); a second candidate written as a number word of an unlisted language; a lone capital "I"
+(read as the pronoun when there are at most 8 options). Two digit candidates are rejected whatever
+separates them, so the lists matter only for those cases.
 """
 
 from __future__ import annotations
