@@ -118,25 +118,33 @@ def eval_metrics(
         metrics["eval/reward/mean"] = metrics["eval/reward/greedy"]
     for name in reward_names:
         if greedy:
-            scores = [sample.scores[name] for sample in greedy if math.isfinite(sample.scores[name])]
-            metrics[f"eval/{name}/greedy"] = _mean(scores)
-        if not sampled:
-            continue
-        means, pass_k, pass_1 = [], [], []
-        for group in sampled.values():
-            scores = [sample.scores[name] for sample in group if math.isfinite(sample.scores[name])]
-            if not scores:
-                continue  # the reward does not apply to this record's task
-            passed = sum(score >= pass_threshold for score in scores)
-            means.append(_mean(scores))
-            pass_k.append(pass_at_k(len(scores), passed, min(num_samples, len(scores))))
-            pass_1.append(pass_at_k(len(scores), passed, 1))
-        metrics[f"eval/{name}/mean@{num_samples}"] = _mean(means)
-        metrics[f"eval/{name}/pass@{num_samples}"] = _mean(pass_k)
-        metrics[f"eval/{name}/pass@1"] = _mean(pass_1)
+            metrics[f"eval/{name}/greedy"] = _mean([sample.scores[name] for sample in greedy])
+        if sampled:
+            metrics.update(_sampled_metrics(name, list(sampled.values()), num_samples, pass_threshold))
     metrics["eval/completion_length"] = _mean([float(sample.length) for sample in samples])
     metrics["eval/dropped_samples"] = float(sum(not math.isfinite(sample.total) for sample in samples))
     return metrics
+
+
+def _sampled_metrics(
+    name: str, groups: Sequence[Sequence[EvalSample]], num_samples: int, pass_threshold: float
+) -> dict[str, float]:
+    """mean@k, pass@k and pass@1 of one reward over records (each record's scored samples, records where the
+    reward applies)."""
+    means, pass_k, pass_1 = [], [], []
+    for group in groups:
+        scores = [sample.scores[name] for sample in group if math.isfinite(sample.scores[name])]
+        if not scores:
+            continue  # the reward does not apply to this record's task
+        passed = sum(score >= pass_threshold for score in scores)
+        means.append(_mean(scores))
+        pass_k.append(pass_at_k(len(scores), passed, min(num_samples, len(scores))))
+        pass_1.append(pass_at_k(len(scores), passed, 1))
+    return {
+        f"eval/{name}/mean@{num_samples}": _mean(means),
+        f"eval/{name}/pass@{num_samples}": _mean(pass_k),
+        f"eval/{name}/pass@1": _mean(pass_1),
+    }
 
 
 class Evaluator:
@@ -179,7 +187,9 @@ class Evaluator:
         self._encoded: dict[int, tuple[EncodedPrompt, dict]] = {}
 
     def _prompt(self, index: int) -> tuple[EncodedPrompt, dict]:
-        if index not in self._encoded:  # the eval set is fixed: encode each record once
+        if (
+            index not in self._encoded
+        ):  # encoded once per evaluation (pixels are not kept between evaluations)
             self._encoded[index] = self.encode(self.records[index])
         return self._encoded[index]
 
@@ -233,15 +243,18 @@ class Evaluator:
     def local_samples(self, model, processor, step: int, rank: int, world: int) -> list[EvalSample]:
         """This process's scored completions: greedy, then ``num_samples`` samples per record."""
         indices = list(range(rank, len(self.records), world))
-        if not indices:
-            return []
-        samples = self._score(processor, model, indices, "greedy") if self.greedy else []
-        if self.num_samples:
-            devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-            with torch.random.fork_rng(devices=devices):
-                torch.manual_seed(derive_seed(self.seed, "eval", step, rank))
-                repeated = [index for index in indices for _ in range(self.num_samples)]
-                samples += self._score(processor, model, repeated, "sample")
+        samples = []
+        try:
+            if indices and self.greedy:
+                samples += self._score(processor, model, indices, "greedy")
+            if indices and self.num_samples:
+                devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+                with torch.random.fork_rng(devices=devices):
+                    torch.manual_seed(derive_seed(self.seed, "eval", step, rank))
+                    repeated = [index for index in indices for _ in range(self.num_samples)]
+                    samples += self._score(processor, model, repeated, "sample")
+        finally:
+            self._encoded.clear()
         return samples
 
     @torch.no_grad()
@@ -280,7 +293,7 @@ def write_completions(path: Path, step: int, samples: Sequence[EvalSample], reco
                 "mode": sample.mode,
                 "sample": sample.sample,
                 "completion": sample.text,
-                "reward": sample.total,
+                "reward": sample.total if math.isfinite(sample.total) else None,
                 "rewards": {
                     name: (value if math.isfinite(value) else None) for name, value in sample.scores.items()
                 },
