@@ -395,10 +395,8 @@ def token_log_probs(
         picked = row_logits.gather(-1, row_ids[:, None]).squeeze(-1)
         normaliser = torch.logsumexp(row_logits, dim=-1)
         rows.append(picked - normaliser)
-        if with_entropy:
-            with torch.no_grad():
-                probs = torch.exp(row_logits - normaliser[:, None])
-                entropies.append(-torch.special.xlogy(probs, probs).sum(dim=-1))
+        if with_entropy:  # -sum p log p; entr(0) = 0 for the suppressed tokens; detached: no graph
+            entropies.append(torch.special.entr(torch.softmax(row_logits.detach(), dim=-1)).sum(dim=-1))
     if with_entropy:
         return torch.stack(rows), torch.stack(entropies)
     return torch.stack(rows)
