@@ -94,7 +94,8 @@ def sample_frame_indices(
     By count (``num_frames = k > 0``): frame ``floor((j + 1/2) n / k)`` for ``j < k``, the centre of each of ``k``
     equal segments of the ``n`` source frames (``k`` capped at ``n``). By rate (``fps > 0``): the frame showing
     ``t_j = (j + 1/2) / fps`` (index ``floor(t_j r)``) for every ``t_j`` inside the clip (the middle frame of
-    a clip shorter than half a window), each source frame at most once. ``max_frames > 0`` caps either by the count rule.
+    a clip shorter than half a window), each source frame at most once. ``max_frames > 0`` caps either by the
+    count rule.
     """
     if num_source_frames < 1:
         raise ValueError("the video has no frames")
@@ -173,16 +174,32 @@ def _read_file(path: Path, sampling: VideoSampling) -> VideoClip:
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
         rate = float(stream.average_rate or stream.guessed_rate or 0)
-        count = sum(1 for _ in container.decode(stream))
+        count = int(stream.frames or 0)  # from the container header where it has one
     if not rate > 0:
         raise ValueError(f"video file {str(path)!r} reports no frame rate; convert it to a folder of frames")
+    if count <= 0:
+        count = _count_frames(av, path)
     indices = _indices(count, rate, sampling)
-    wanted = set(indices)
-    by_index = {}
+    by_index = _decode_frames(av, path, indices)
+    if len(by_index) < len(indices):  # the header over-counted: count by decoding, then pick again
+        count = _count_frames(av, path)
+        indices = _indices(count, rate, sampling)
+        by_index = _decode_frames(av, path, indices)
+    return VideoClip([by_index[index] for index in indices], indices, rate, count, str(path))
+
+
+def _count_frames(av, path: Path) -> int:
+    with av.open(str(path)) as container:
+        return sum(1 for _ in container.decode(container.streams.video[0]))
+
+
+def _decode_frames(av, path: Path, indices: list[int]) -> dict[int, Image.Image]:
+    """The frames at ``indices`` (sorted), decoding the file once up to the last of them."""
+    wanted, frames = set(indices), {}
     with av.open(str(path)) as container:
         for index, frame in enumerate(container.decode(container.streams.video[0])):
             if index in wanted:
-                by_index[index] = frame.to_image().convert("RGB")
+                frames[index] = frame.to_image().convert("RGB")
             if index >= indices[-1]:
                 break
-    return VideoClip([by_index[index] for index in indices], indices, rate, count, str(path))
+    return frames
