@@ -281,7 +281,14 @@ def test_the_frames_change_the_log_probs(qwen, tmp_path):
 
 
 def test_a_video_never_silently_becomes_text(tmp_path):
-    """A model whose processor takes no video (LLaVA) fails loudly on a video record."""
+    """A model whose processor takes no video (LLaVA) fails loudly on a video record: at trainer start-up,
+    before any step, and in encode_prompt itself."""
+    from gen_rl.vlm.trainer import VLMTrainer
+
+    overrides = [f"log.output_dir={tmp_path / 'run'}", "model.name_or_path=builtin:tiny-llava"]
+    with pytest.raises(ValueError, match="LlavaProcessor has no video processor"):
+        VLMTrainer(load_config(VLMConfig, TINY_VIDEO, overrides))
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
     _, processor = tiny_llava()
     clip = _clip(tmp_path, [RED] * 4)
     with pytest.raises(ValueError, match="no video processor"):

@@ -76,6 +76,7 @@ from gen_rl.vlm.policy import (
 from gen_rl.vlm.rollout import (
     Rollout,
     SamplingSettings,
+    check_video_support,
     completion_log_probs,
     encode_prompt,
     sample_rollout,
@@ -194,6 +195,7 @@ class VLMTrainer:
         self.reward_functions = build_reward_functions(config.reward.functions)
         self.stream = PromptStream(self._build_curriculum(), seed=config.seed, shuffle=config.data.shuffle)
         self.evaluator = self._build_evaluator()
+        self._check_video_support()
         if self.accelerator.is_main_process and config.log.tracker != "none":
             self.accelerator.init_trackers(config.log.run_name)
         self.metrics = MetricsLog(self.output_dir / "metrics.jsonl")
@@ -352,6 +354,14 @@ class VLMTrainer:
         if videos:  # seconds of each video (temporal grounding answers are in seconds)
             metadata.setdefault("video_duration", videos[0].duration)
         return prompt, metadata
+
+    def _check_video_support(self) -> None:
+        """Before training: records with a video need a processor that takes videos (never text only)."""
+        stages = self.stream.curriculum.stages
+        records = [record for stage in stages for record in stage.records]
+        records += self.evaluator.records if self.evaluator is not None else []
+        if any(record.videos for record in records):
+            check_video_support(self.processor)
 
     def _build_evaluator(self) -> Evaluator | None:
         section = self.config.eval
