@@ -138,6 +138,10 @@ def test_one_update_moves_log_probs_towards_the_advantages(tmp_path, model_name)
     trainer = VLMTrainer(
         _config(tmp_path, f"model.name_or_path={model_name}", "train.steps=1", "train.lr=0.002")
     )
+    # the reward sees every image's size as the model saw it, whatever the processor (model-agnostic path)
+    _, metadata = trainer._encode_record(trainer.stream.curriculum.stages[0].records[0])
+    seen = (28, 28) if "llava" in model_name else (56, 56)
+    assert metadata["original_sizes"] == [(56, 56)] and metadata["processed_sizes"] == [seen]
     for step in range(10):  # the first batch whose rewards differ within a group
         scored = trainer.collect(step)
         if float(scored.advantages.abs().sum()) > 0:
