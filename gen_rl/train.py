@@ -45,6 +45,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--describe", action="store_true", help="print every config key and exit")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an input error")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="check the config, data files, weights and names, then exit (no model loads)",
+    )
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-5")
     return parser.parse_args(argv)
 
@@ -103,7 +108,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.describe:
         print("\n".join(describe(config_class_of(task_of(args.config, args.overrides)))))
         return {}
-    return run(load_checked_config(args), resume=args.resume, overwrite=args.overwrite)
+    config = load_checked_config(args)
+    if args.check:
+        if config.task != "vlm":
+            from gen_rl.inputs import check_registered_names
+
+            check_registered_names(config)
+        print(f"{args.config}: config, data files and weights checked, no problem found")
+        return {}
+    return run(config, resume=args.resume, overwrite=args.overwrite)
 
 
 def one_line(error: BaseException) -> str:

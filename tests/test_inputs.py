@@ -556,3 +556,11 @@ def test_vlm_trainer_curriculum_skips_bad_records(tmp_path):
     config = load_config(VLMConfig, None, [*base, "data.bad_records=skip"])
     curriculum = VLMTrainer._build_curriculum(SimpleNamespace(config=config))
     assert [record.images for record in curriculum.stages[0].records] == [[str(tmp_path / "a.png")]]
+
+
+def test_check_flag_validates_everything_and_loads_nothing(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli(["--config", str(DEMO), "--check", f"log.output_dir={run}"]) == 0
+    assert "config, data files and weights checked, no problem found" in capsys.readouterr().out
+    assert not run.exists()  # nothing was written: no trainer was built
+    assert "unknown reward 'colr'" in cli_error(capsys, "--config", str(DEMO), "--check", "reward.terms=[{name: colr}]")
