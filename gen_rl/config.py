@@ -259,6 +259,9 @@ def _yaml_error_message(path: Path, text: str, error: yaml.YAMLError) -> str:
         return f"{where}: a tab character in the indentation; YAML indents with spaces only: replace the tab"
     if problem.startswith("duplicate key"):
         return f"{where}: {problem}; remove one of them"
+    if problem.startswith("could not determine a constructor for the tag"):
+        tag = problem.rsplit(" ", 1)[-1]
+        return f"{where}: the tag {tag} is not allowed (configs are plain YAML, loaded safely); remove it"
     return f"{where}: YAML syntax error: {problem}; check the indentation, quotes and brackets there"
 
 
