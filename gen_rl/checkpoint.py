@@ -98,14 +98,23 @@ class CheckpointManager:
         """Remove the staging folder of a failed save (best effort: the disk may be full)."""
         shutil.rmtree(self.staging_path(step), ignore_errors=True)
 
-    def write_failure(self, step: int, error: OSError) -> str:
-        """One line for a failed checkpoint write: what failed, that the previous one is intact, what to do."""
+    def write_failure(self, step: int, error: Exception) -> str | None:
+        """One line for a failed checkpoint write (what failed, that the previous one is intact, what to do), or
+        None when ``error`` is neither an OSError nor a full disk (a bug: let it raise as it is).
+
+        Call it before the staging folder is removed: a full disk is also recognised by its free space, since
+        safetensors and ``torch.save`` report it as ``SafetensorError`` / ``RuntimeError``.
+        """
+        full = disk_full(error, self.root)
+        if not (full or isinstance(error, OSError)):
+            return None
         previous = self.latest()
         intact = f"{previous} is intact" if previous else "no earlier checkpoint exists"
-        cause = "no space left on device" if error.errno in (errno.ENOSPC, errno.EDQUOT) else error.strerror
+        cause = "no space left on device" if full else error.strerror or str(error)
+        where = getattr(error, "filename", None) or "write"
         return (
-            f"writing checkpoint-{step:06d} under {self.root} failed: {cause} ({error.filename or 'write'}); "
-            f"{intact}. Free space (or fix the folder), then run the same command with --resume."
+            f"writing checkpoint-{step:06d} under {self.root} failed: {cause} ({where}); {intact}. Free space "
+            "(or fix the folder), then run the same command with --resume."
         )
 
     # ----- prune ---------------------------------------------------------------------------------------
@@ -234,6 +243,21 @@ def _manifest_run(folder: Path) -> str | None:
 
 
 # ----- files ---------------------------------------------------------------------------------------------
+_FULL_MARKERS = ("no space left on device", "os error 28", "disk quota exceeded")
+
+
+def disk_full(error: BaseException, folder: Path) -> bool:
+    """Whether ``error`` (an OSError, a SafetensorError, torch.save's RuntimeError, ...) came from a full disk."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if any(marker in str(error).lower() for marker in _FULL_MARKERS):
+        return True
+    try:
+        return shutil.disk_usage(folder).free < 1 << 20  # what a non-root writer may still use
+    except OSError:
+        return False
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:

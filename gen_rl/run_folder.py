@@ -96,10 +96,10 @@ def holdings(root: Path) -> list[str]:
     return held
 
 
-def claim(root: str | Path, *, resume: bool, overwrite: bool) -> RunFolder:
-    """Make ``root`` this run's folder (main process only): adopt its run on resume, else start a new one.
+def check_claim(root: str | Path, *, resume: bool, overwrite: bool) -> list[str]:
+    """Raise the RunFolderError :func:`claim` would raise, changing nothing; returns what ``root`` holds.
 
-    A fresh run into a folder holding a run is refused unless ``overwrite``, which moves that run aside.
+    Torch-free, for start-up checks before anything heavy is imported.
     """
     root = Path(root)
     if resume and overwrite:
@@ -107,15 +107,25 @@ def claim(root: str | Path, *, resume: bool, overwrite: bool) -> RunFolder:
             f"--resume continues the run in {root} and --overwrite moves it aside for a fresh one: pass only one"
         )
     held = holdings(root)
-    if resume:
-        run = _read_run(root)
-        return RunFolder(root, run["run_id"]) if run else _start(root)
-    if held and not overwrite:
+    if held and not resume and not overwrite:
         raise RunFolderError(
             f"log.output_dir {root} already holds a run ({'; '.join(held)}): continue it with --resume, choose "
             f"another log.output_dir, or pass --overwrite to move it aside to {root.name}.previous-<time> "
             "(nothing is deleted)"
         )
+    return held
+
+
+def claim(root: str | Path, *, resume: bool, overwrite: bool) -> RunFolder:
+    """Make ``root`` this run's folder (main process only): adopt its run on resume, else start a new one.
+
+    A fresh run into a folder holding a run is refused unless ``overwrite``, which moves that run aside.
+    """
+    root = Path(root)
+    held = check_claim(root, resume=resume, overwrite=overwrite)
+    if resume:
+        run = _read_run(root)
+        return RunFolder(root, run["run_id"]) if run else _start(root)
     if held:
         moved = move_aside(root)
         print(f"[gen-rl] --overwrite: moved the previous run in {root} to {moved} (nothing was deleted)")

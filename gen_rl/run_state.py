@@ -189,10 +189,13 @@ def save(trainer: GenerationTrainer, step: int) -> Path | None:
             _write_trainer_files(trainer, staging, step)
         accelerator.wait_for_everyone()
         final = manager.commit(step, trainer.run.run_id) if accelerator.is_main_process else None
-    except OSError as error:
+    except Exception as error:  # a full disk surfaces as OSError, SafetensorError or RuntimeError
+        message = manager.write_failure(step, error)
         if accelerator.is_main_process:
             manager.discard_staging(step)
-        raise CheckpointWriteError(manager.write_failure(step, error)) from error
+        if message is None:
+            raise
+        raise CheckpointWriteError(message) from error
     accelerator.wait_for_everyone()
     return final
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import pickle
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,14 @@ import torch
 from trainer_helpers import DEMO, lora_weights, small_config
 
 from gen_rl import faults
-from gen_rl.checkpoint import MANIFEST, CheckpointManager, RunError, write_manifest
+from gen_rl.checkpoint import (
+    MANIFEST,
+    CheckpointManager,
+    CheckpointWriteError,
+    RunError,
+    problem_of,
+    write_manifest,
+)
 from gen_rl.metrics import MetricsLog, read_metrics
 from gen_rl.run_folder import ConfigChangeError, RunFolderError, claim, read_history
 from gen_rl.trainer import GenerationTrainer
@@ -248,6 +256,58 @@ def test_a_full_disk_while_appending_metrics_is_one_clear_error(tmp_path, crash_
         log.append({"step": 0})
 
 
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MiB tmpfs: a disk that really fills up (needs root to mount; skipped where that is not allowed)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def _fill(disk: Path, leave: int) -> Path:
+    """Fill ``disk`` with one file, then give back ``leave`` bytes."""
+    filler = disk / "filler"
+    with filler.open("wb") as handle:
+        try:
+            while True:
+                handle.write(b"\0" * 65536)
+                handle.flush()
+        except OSError:
+            pass
+    size = filler.stat().st_size
+    with filler.open("r+b") as handle:
+        handle.truncate(size - leave)
+    return filler
+
+
+def test_a_really_full_disk_is_one_line_and_the_previous_checkpoint_resumes(small_disk):
+    config = small_config(
+        small_disk / "run", "checkpoint.every_steps=1", "eval.every_steps=0", "train.num_steps=3"
+    )
+    trainer = GenerationTrainer(config)
+    trainer.run_step(0)  # commits checkpoint-000001 (~300 KB)
+    filler = _fill(small_disk, leave=16384)  # room for a metrics line, not for a checkpoint
+    with pytest.raises(CheckpointWriteError) as failed:
+        trainer.run_step(1)
+    message = str(failed.value)
+    assert (
+        "\n" not in message
+        and "writing checkpoint-000002" in message
+        and "no space left on device" in message
+    )
+    assert f"{trainer.checkpoints.path(1)} is intact" in message
+    assert [path.name for path in trainer.checkpoints.root.iterdir()] == ["checkpoint-000001"]
+    filler.unlink()
+    resumed = GenerationTrainer(config, resume=True)
+    assert resumed.start_step == 1 and problem_of(trainer.checkpoints.path(1)) is None
+
+
 # ----- loading runs no code --------------------------------------------------------------------------------
 class _Payload:
     def __init__(self, marker: Path) -> None:
@@ -327,3 +387,30 @@ def test_pickle_payload_really_runs_code_when_unpickled(tmp_path):
     marker = tmp_path / "ran"
     pickle.loads(pickle.dumps(_Payload(marker)))
     assert marker.exists()
+
+
+# ----- the VLM trainer shares the run-folder rules ---------------------------------------------------------
+def test_vlm_resume_applies_a_changed_learning_rate_and_refuses_a_changed_lora_rank(tmp_path):
+    from gen_rl.config import load_config
+    from gen_rl.vlm.config import VLMConfig
+    from gen_rl.vlm.trainer import VLMTrainer
+
+    tiny = DEMO.parents[1] / "vlm" / "tiny_colour_cpu.yaml"
+    base = [f"log.output_dir={tmp_path}", "log.progress_bar=false", "log.checkpoint_every=1", "train.steps=2"]
+    base += ["model.lora.enabled=true", "model.lora.r=4", "model.lora.alpha=8", "sample.prompts_per_step=2"]
+
+    def config(*overrides: str) -> VLMConfig:
+        return load_config(VLMConfig, tiny, [*base, *overrides])
+
+    VLMTrainer(config()).run()
+    with pytest.raises(RunFolderError, match="already holds a run"):
+        VLMTrainer(config())
+    with pytest.raises(ConfigChangeError, match=r"model\.lora\.r: 4 -> 8 changed"):
+        VLMTrainer(config("model.lora.r=8", "train.steps=3"), resume=True)
+    resumed = VLMTrainer(config("train.lr=0.125", "train.steps=3"), resume=True)
+    assert resumed.start_step == 1  # checkpoint-000001: the last step is saved as final/, not as a checkpoint
+    assert [group["lr"] for group in resumed.optimizer.param_groups] == [0.125]
+    assert read_history(tmp_path)[-1]["changes"] == {
+        "train.lr": {"from": 0.005, "to": 0.125},
+        "train.steps": {"from": 2, "to": 3},
+    }
