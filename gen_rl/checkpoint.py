@@ -187,6 +187,20 @@ class CheckpointManager:
         return final
 
 
+def publish(staged: Path, final: Path) -> Path:
+    """Sync the finished folder ``staged`` and swap it in as ``final`` (an old ``final`` is set aside first, then
+    removed): ``final`` is at every moment absent, the old one whole, or the new one whole."""
+    _fsync_tree(staged)
+    aside = final.with_name(f".old-{final.name}")
+    _remove(aside)
+    if final.exists():
+        final.rename(aside)
+    staged.rename(final)
+    _fsync_dir(final.parent)
+    _remove(aside)
+    return final
+
+
 # ----- manifest ------------------------------------------------------------------------------------------
 def write_manifest(folder: Path, step: int, run_id: str) -> Path:
     """Write ``manifest.json`` (every file's size and sha256, the step, the run id) atomically and durably."""

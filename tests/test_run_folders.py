@@ -24,6 +24,7 @@ from gen_rl.checkpoint import (
     CheckpointWriteError,
     RunError,
     problem_of,
+    publish,
     write_manifest,
 )
 from gen_rl.metrics import MetricsLog, read_metrics
@@ -414,3 +415,13 @@ def test_vlm_resume_applies_a_changed_learning_rate_and_refuses_a_changed_lora_r
         "train.lr": {"from": 0.005, "to": 0.125},
         "train.steps": {"from": 2, "to": 3},
     }
+
+
+def test_publish_swaps_a_whole_folder_in_and_leaves_nothing_behind(tmp_path):
+    final, staged = tmp_path / "final", tmp_path / ".tmp-final"
+    for content in (b"first", b"second"):
+        staged.mkdir()
+        (staged / "adapter.safetensors").write_bytes(content)
+        publish(staged, final)
+        assert (final / "adapter.safetensors").read_bytes() == content
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["final"]

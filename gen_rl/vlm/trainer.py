@@ -30,6 +30,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +42,7 @@ import yaml
 from accelerate import Accelerator, DistributedDataParallelKwargs
 from tqdm.auto import tqdm
 
-from gen_rl.checkpoint import CheckpointManager, CheckpointWriteError
+from gen_rl.checkpoint import CheckpointManager, CheckpointWriteError, disk_full, publish
 from gen_rl.config import ConfigError, to_dict
 from gen_rl.metrics import MetricsLog
 from gen_rl.run_folder import VLM_TUNABLES
@@ -843,13 +844,29 @@ class VLMTrainer:
         return step
 
     def save_final(self) -> Path:
-        """``save_pretrained`` of the adapter (LoRA) or the whole model, plus the processor, into ``final/``."""
-        folder = self.output_dir / "final"
+        """``save_pretrained`` of the adapter (LoRA) or the whole model, plus the processor, into ``final/``.
+
+        Written to ``.tmp-final`` and swapped in whole: a crash never leaves a half-written ``final/``.
+        """
+        folder, staged = self.output_dir / "final", self.output_dir / ".tmp-final"
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             model = self.accelerator.unwrap_model(self.model)
-            model.save_pretrained(folder)
-            self.processor.save_pretrained(folder)
+            try:
+                shutil.rmtree(staged, ignore_errors=True)
+                model.save_pretrained(staged)
+                self.processor.save_pretrained(staged)
+                publish(staged, folder)
+            except Exception as error:  # a full disk surfaces as OSError, SafetensorError or RuntimeError
+                full = disk_full(error, self.output_dir)
+                shutil.rmtree(staged, ignore_errors=True)
+                if not (full or isinstance(error, OSError)):
+                    raise
+                cause = "no space left on device" if full else error
+                raise CheckpointWriteError(
+                    f"writing {folder} failed: {cause}; the last checkpoint is intact. Free space, then run the "
+                    "same command with --resume."
+                ) from error
         self.accelerator.wait_for_everyone()
         return folder
 
