@@ -337,3 +337,27 @@ def test_a_resumed_run_drops_the_evaluations_after_its_checkpoint(tmp_path):
     assert [entry["step"] for entry in _lines(path)] == [2, 2, 4]
     drop_completions_after(tmp_path / "missing.jsonl", 4)  # nothing to do
     assert not (tmp_path / "missing.jsonl").exists()
+
+
+def test_eval_data_files_are_read_and_checked_at_start_up(tmp_path):
+    """eval.data: JSONL records resolved against data.image_root, checked before training like the training
+    data (a missing image stops the run at start-up, naming the file and line)."""
+    from gen_rl.data import DataError
+    from gen_rl.vlm.synthetic import write_colour_dataset
+
+    held_out = write_colour_dataset(tmp_path / "held_out", 5, seed=7)
+    overrides = [
+        "train.steps=2", "eval.every_steps=2", f"eval.data=[{held_out}]", f"data.image_root={tmp_path / 'held_out'}",
+        "eval.num_samples=2",
+    ]  # fmt: skip
+    train(_config(tmp_path / "run", *overrides))
+    evaluated = [record for record in _lines(tmp_path / "run" / "metrics.jsonl") if "eval/records" in record]
+    assert [record["step"] for record in evaluated] == [2] and evaluated[0]["eval/records"] == 5
+    ids = {entry["id"] for entry in _lines(tmp_path / "run" / "eval_completions.jsonl")}
+    assert ids == {f"colour-{index}" for index in range(5)}
+
+    with held_out.open("a") as handle:
+        handle.write(json.dumps({"image": "images/missing.png", "problem": "q", "solution": "red"}) + "\n")
+    with pytest.raises(DataError, match="colour.jsonl:6.*missing.png does not exist"):
+        train(_config(tmp_path / "bad", *overrides))
+    assert not (tmp_path / "bad" / "metrics.jsonl").exists()

@@ -374,8 +374,11 @@ class VLMTrainer:
                 seed=derive_seed(self.config.seed, "eval-data"),
             )  # fmt: skip
         else:
+            data = self.config.data
             records = [
-                record for path in section.data for record in read_records(path, self.config.data.image_root)
+                record
+                for path in section.data
+                for record in read_checked_records(path, data.image_root, data.bad_records, key="eval.data")
             ]
         if section.max_records:
             records = records[: section.max_records]
