@@ -265,7 +265,10 @@ def check_vlm_inputs(config: Any) -> None:
 
 
 def check_registered_names(config: Any) -> None:
-    """Stage 2 for a ``GenerationConfig`` (imports torch, loads nothing): family, reward names and kwargs."""
+    """Stage 2 (imports torch, loads nothing): generation family, reward names and kwargs; VLM reward names."""
+    if config.task == "vlm":
+        _check_vlm_reward_names(config)
+        return
     from gen_rl.registry import resolve
     from pipelines import SAMPLERS
     from rewards.base import REWARDS, Reward, _check_arguments
@@ -284,3 +287,13 @@ def check_registered_names(config: Any) -> None:
             _check_arguments(reward_class, term.name, term.kwargs)
         except (TypeError, ValueError) as error:
             raise ConfigError(f"{key}: {error}") from error
+
+
+def _check_vlm_reward_names(config: Any) -> None:
+    from gen_rl.vlm.scoring import build_reward_functions
+
+    for index, spec in enumerate(config.reward.functions):
+        try:
+            build_reward_functions([spec])
+        except (TypeError, ValueError) as error:
+            raise ConfigError(f"reward.functions[{index}]: {error}") from error

@@ -91,14 +91,15 @@ def load_checked_config(args: argparse.Namespace) -> Any:
 
 def run(config: Any, resume: bool, overwrite: bool = False) -> dict[str, Any]:
     """Import the trainer (torch and the model libraries load here), check names, build and train."""
+    from gen_rl.inputs import check_registered_names
+
+    check_registered_names(config)
     if config.task == "vlm":
         from gen_rl.vlm.trainer import train
 
         return train(config, resume=resume, overwrite=overwrite)
-    from gen_rl.inputs import check_registered_names
     from gen_rl.trainer import GenerationTrainer
 
-    check_registered_names(config)
     return GenerationTrainer(config, resume=resume, overwrite=overwrite).train()
 
 
@@ -110,10 +111,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return {}
     config = load_checked_config(args)
     if args.check:
-        if config.task != "vlm":
-            from gen_rl.inputs import check_registered_names
+        from gen_rl.inputs import check_registered_names
 
-            check_registered_names(config)
+        check_registered_names(config)
         print(f"{args.config}: config, data files and weights checked, no problem found")
         return {}
     return run(config, resume=args.resume, overwrite=args.overwrite)

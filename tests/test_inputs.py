@@ -567,3 +567,13 @@ def test_check_flag_validates_everything_and_loads_nothing(tmp_path, capsys):
     assert "config, data files and weights checked, no problem found" in capsys.readouterr().out
     assert not run.exists()  # nothing was written: no trainer was built
     assert "unknown reward 'colr'" in cli_error(capsys, "--config", str(DEMO), "--check", "reward.terms=[{name: colr}]")
+
+
+def test_unknown_vlm_reward_names_are_reported_before_any_model_loads():
+    from gen_rl.vlm.config import VLMConfig
+
+    config = load_config(
+        VLMConfig, None, ["data.stages=[{synthetic: colour}]", "reward.functions=[{name: exact}, {name: exactt}]"]
+    )
+    with pytest.raises(ConfigError, match=r"reward.functions\[1\]: unknown verifiable reward 'exactt'. Did you mean"):
+        inputs.check_registered_names(config)
