@@ -32,6 +32,21 @@ from gen_rl.run_folder import ConfigChangeError, RunFolderError, claim, read_his
 from gen_rl.trainer import GenerationTrainer
 from rewards import Reward, RewardOutput
 
+ONE_STEP = ("checkpoint.every_steps=1", "eval.every_steps=0", "train.num_steps=1")
+
+
+@pytest.fixture(scope="module")
+def _trained_once(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("trained") / "run"
+    GenerationTrainer(small_config(folder, *ONE_STEP)).train()
+    return folder
+
+
+@pytest.fixture
+def finished_run(_trained_once, tmp_path):
+    """A copy of a finished one-step run (checkpoint-000001; metrics rows: step 0, final eval) for this test."""
+    return Path(shutil.copytree(_trained_once, tmp_path / "run"))
+
 
 @pytest.fixture
 def crash_at(monkeypatch):
@@ -125,15 +140,11 @@ def test_pruning_touches_only_this_runs_checkpoints(tmp_path):
 
 
 # ----- one run per folder ----------------------------------------------------------------------------------
-def test_a_fresh_run_into_a_used_folder_is_refused_with_the_three_ways_on(tmp_path):
-    trainer = GenerationTrainer(
-        small_config(tmp_path / "run", "train.num_steps=1", "checkpoint.every_steps=1")
-    )
-    trainer.train()
+def test_a_fresh_run_into_a_used_folder_is_refused_with_the_three_ways_on(finished_run):
     with pytest.raises(RunFolderError) as refused:
-        GenerationTrainer(small_config(tmp_path / "run", "train.num_steps=1"))
+        GenerationTrainer(small_config(finished_run, *ONE_STEP))
     message = str(refused.value)
-    assert "\n" not in message and f"log.output_dir {tmp_path / 'run'} already holds a run" in message
+    assert "\n" not in message and f"log.output_dir {finished_run} already holds a run" in message
     assert "1 checkpoint(s), newest checkpoint-000001" in message and "metrics.jsonl with 2 row(s)" in message
     for way in ("--resume", "another log.output_dir", "--overwrite"):
         assert way in message
@@ -154,6 +165,21 @@ def test_overwrite_moves_the_old_run_aside_and_deletes_nothing(tmp_path):
     assert after == before  # every file of the old run, byte for byte
     assert new.run_id != old.run_id and sorted(path.name for path in root.iterdir()) == ["run.json"]
     assert json.loads((moved / "run.json").read_text())["run_id"] == old.run_id
+
+
+def test_resume_names_what_it_skips_and_clears_what_interrupted_saves_left(finished_run, capsys):
+    checkpoints = finished_run / "checkpoints"
+    (checkpoints / ".tmp-checkpoint-000002").mkdir()  # a save killed before its manifest
+    (checkpoints / ".tmp-checkpoint-000002" / "model.safetensors").write_bytes(b"half")
+    (checkpoints / ".trash-checkpoint-000000").mkdir()  # a prune killed before its delete
+    resumed = GenerationTrainer(small_config(finished_run, *ONE_STEP), resume=True)
+    assert resumed.start_step == 1
+    assert capsys.readouterr().out.splitlines() == [
+        "[gen-rl] --resume: skipped .tmp-checkpoint-000002: no manifest.json (its save was interrupted before "
+        "it completed)",
+        f"[gen-rl] --resume: continuing from {checkpoints / 'checkpoint-000001'} (step 1)",
+    ]
+    assert [path.name for path in checkpoints.iterdir()] == ["checkpoint-000001"]
 
 
 def test_resume_without_a_checkpoint_starts_fresh_metrics(tmp_path):
@@ -211,16 +237,13 @@ def test_resume_applies_a_changed_learning_rate_and_records_it(tmp_path, capsys)
     }
 
 
-def test_resume_refuses_a_changed_lora_rank_before_the_model_loads(tmp_path, monkeypatch):
-    base = ("checkpoint.every_steps=1", "eval.every_steps=0", "train.num_steps=1")
-    GenerationTrainer(small_config(tmp_path / "run", *base)).train()
-
+def test_resume_refuses_a_changed_lora_rank_before_the_model_loads(finished_run, monkeypatch):
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded before the config was checked")
 
     monkeypatch.setattr("gen_rl.trainer.load_sampler", no_model)
     changed = small_config(
-        tmp_path / "run", *base, "model.lora_rank=4", "sample.group_size=2", "train.lr=0.5"
+        finished_run, *ONE_STEP, "model.lora_rank=4", "sample.group_size=2", "train.lr=0.5"
     )
     with pytest.raises(ConfigChangeError) as refused:
         GenerationTrainer(changed, resume=True)
@@ -319,17 +342,13 @@ class _Payload:
 
 
 @pytest.mark.parametrize("victim", ["trainer_state.pt", "accelerate/optimizer.bin"])
-def test_a_checkpoint_holding_pickled_code_is_refused_unrun(tmp_path, victim):
-    config = small_config(
-        tmp_path / "run", "checkpoint.every_steps=1", "eval.every_steps=0", "train.num_steps=1"
-    )
-    GenerationTrainer(config).train()
-    checkpoint = tmp_path / "run" / "checkpoints" / "checkpoint-000001"
+def test_a_checkpoint_holding_pickled_code_is_refused_unrun(finished_run, tmp_path, victim):
+    checkpoint = finished_run / "checkpoints" / "checkpoint-000001"
     marker = tmp_path / "code-ran"
     torch.save({"state": _Payload(marker)}, checkpoint / victim)
-    write_manifest(checkpoint, 1, json.loads((tmp_path / "run" / "run.json").read_text())["run_id"])
+    write_manifest(checkpoint, 1, json.loads((finished_run / "run.json").read_text())["run_id"])
     with pytest.raises(RunError, match="pickled objects beyond tensors and plain data.*refused"):
-        GenerationTrainer(config, resume=True)
+        GenerationTrainer(small_config(finished_run, *ONE_STEP), resume=True)
     assert not marker.exists()
 
 
