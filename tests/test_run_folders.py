@@ -11,6 +11,7 @@ import json
 import pickle
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -28,7 +29,7 @@ from gen_rl.checkpoint import (
     write_manifest,
 )
 from gen_rl.metrics import MetricsLog, read_metrics
-from gen_rl.run_folder import ConfigChangeError, RunFolderError, claim, read_history
+from gen_rl.run_folder import ConfigChangeError, RunFolderError, claim, holdings, read_history
 from gen_rl.trainer import GenerationTrainer
 from rewards import Reward, RewardOutput
 
@@ -148,6 +149,25 @@ def test_a_fresh_run_into_a_used_folder_is_refused_with_the_three_ways_on(finish
     assert "1 checkpoint(s), newest checkpoint-000001" in message and "metrics.jsonl with 2 row(s)" in message
     for way in ("--resume", "another log.output_dir", "--overwrite"):
         assert way in message
+
+
+def test_the_command_line_refuses_a_used_folder_in_one_line_before_importing_torch(tmp_path):
+    root = tmp_path / "run"
+    claim(root, resume=False, overwrite=False)
+    (root / "metrics.jsonl").write_text('{"step": 0}\n')
+    script = (
+        "import runpy, sys\n"
+        f"sys.argv = ['train.py', '--config', {str(DEMO)!r}, 'log.output_dir={root}', 'log.tracker=none']\n"
+        "try:\n    runpy.run_path('gen_rl/train.py', run_name='__main__')\n"
+        "except SystemExit as exit_:\n    print('exit', exit_.code, 'torch' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=DEMO.parents[2], capture_output=True, text=True)
+    assert done.stdout.splitlines() == ["exit 1 False"], done.stderr
+    assert done.stderr.splitlines() == [
+        f"error: log.output_dir {root} already holds a run ({'; '.join(holdings(root))}): continue it with "
+        "--resume, choose another log.output_dir, or pass --overwrite to move it aside to run.previous-<time> "
+        "(nothing is deleted)"
+    ]
 
 
 def test_overwrite_moves_the_old_run_aside_and_deletes_nothing(tmp_path):
