@@ -150,16 +150,17 @@ class CheckpointManager:
                 return path
         return None
 
-    def newest_complete(self, run_id: str | None) -> tuple[Path | None, list[str]]:
+    def newest_complete(self, run_id: str | None, promote: bool = True) -> tuple[Path | None, list[str]]:
         """The newest checkpoint that fully verifies, and one line per newer folder skipped with the reason.
 
-        A staged (or set-aside) folder whose manifest verifies is complete: it is renamed into place first.
+        A staged (or set-aside) folder whose manifest verifies is complete: it is renamed into place first
+        (unless ``promote`` is False: a look without changing anything).
         """
         skipped = []
         for step, _, path in reversed(self._candidates()):
             problem = problem_of(path, run_id=run_id)
             if problem is None:
-                return self._promote(path, step), skipped
+                return (self._promote(path, step) if promote else path), skipped
             skipped.append(f"{path.name}: {problem}")
         return None, skipped
 

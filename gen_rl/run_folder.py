@@ -17,7 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from gen_rl.checkpoint import CheckpointManager, RunError
+from gen_rl.config import to_dict
 
 RUN_FILE = "run.json"
 HISTORY_FILE = "config_history.jsonl"
@@ -114,6 +117,20 @@ def check_claim(root: str | Path, *, resume: bool, overwrite: bool) -> list[str]
             "(nothing is deleted)"
         )
     return held
+
+
+def check_start(config: Any, *, resume: bool, overwrite: bool) -> None:
+    """Start-up check of the run folder before anything heavy is imported (changes nothing): a used folder on a
+    fresh run, and on ``--resume`` a config change the newest complete checkpoint's state forbids."""
+    check_claim(config.log.output_dir, resume=resume, overwrite=overwrite)
+    root, run = Path(config.log.output_dir), _read_run(Path(config.log.output_dir))
+    if not resume or run is None:
+        return
+    checkpoint, _ = CheckpointManager(root, 1).newest_complete(run["run_id"], promote=False)
+    if checkpoint is not None and (checkpoint / "config.yaml").is_file():
+        saved = yaml.safe_load((checkpoint / "config.yaml").read_text(encoding="utf-8"))
+        tunables = VLM_TUNABLES if config.task == "vlm" else GENERATION_TUNABLES
+        check_resume_config(saved, to_dict(config), tunables, checkpoint)
 
 
 def claim(root: str | Path, *, resume: bool, overwrite: bool) -> RunFolder:

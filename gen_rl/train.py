@@ -77,7 +77,7 @@ def config_class_of(task: str) -> type:
 def load_checked_config(args: argparse.Namespace) -> Any:
     """The validated config with every input checked that can be checked before torch is imported."""
     from gen_rl import inputs
-    from gen_rl.run_folder import check_claim
+    from gen_rl.run_folder import check_start
 
     task = task_of(args.config, args.overrides)
     if not args.config:
@@ -87,7 +87,7 @@ def load_checked_config(args: argparse.Namespace) -> Any:
         inputs.check_vlm_inputs(config)
     else:
         inputs.check_generation_inputs(config)
-    check_claim(config.log.output_dir, resume=args.resume, overwrite=args.overwrite)  # a used folder, before torch
+    check_start(config, resume=args.resume, overwrite=args.overwrite)  # used folder, config change on resume
     return config
 
 

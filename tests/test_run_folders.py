@@ -151,23 +151,43 @@ def test_a_fresh_run_into_a_used_folder_is_refused_with_the_three_ways_on(finish
         assert way in message
 
 
-def test_the_command_line_refuses_a_used_folder_in_one_line_before_importing_torch(tmp_path):
-    root = tmp_path / "run"
-    claim(root, resume=False, overwrite=False)
-    (root / "metrics.jsonl").write_text('{"step": 0}\n')
+def _train_script(*args: str) -> tuple[list[str], list[str]]:
+    """Run gen_rl/train.py with ``args``: (stdout lines ending with 'exit <code> <torch imported?>', stderr lines)."""
     script = (
         "import runpy, sys\n"
-        f"sys.argv = ['train.py', '--config', {str(DEMO)!r}, 'log.output_dir={root}', 'log.tracker=none']\n"
+        f"sys.argv = ['gen_rl/train.py', *{list(args)!r}]\n"
         "try:\n    runpy.run_path('gen_rl/train.py', run_name='__main__')\n"
         "except SystemExit as exit_:\n    print('exit', exit_.code, 'torch' in sys.modules)\n"
     )
     done = subprocess.run([sys.executable, "-c", script], cwd=DEMO.parents[2], capture_output=True, text=True)
-    assert done.stdout.splitlines() == ["exit 1 False"], done.stderr
-    assert done.stderr.splitlines() == [
+    return done.stdout.splitlines(), done.stderr.splitlines()
+
+
+def test_the_command_line_refuses_a_used_folder_in_one_line_before_importing_torch(tmp_path):
+    root = tmp_path / "run"
+    claim(root, resume=False, overwrite=False)
+    (root / "metrics.jsonl").write_text('{"step": 0}\n')
+    out, err = _train_script("--config", str(DEMO), f"log.output_dir={root}", "log.tracker=none")
+    assert out == ["exit 1 False"], err
+    assert err == [
         f"error: log.output_dir {root} already holds a run ({'; '.join(holdings(root))}): continue it with "
         "--resume, choose another log.output_dir, or pass --overwrite to move it aside to run.previous-<time> "
         "(nothing is deleted)"
     ]
+
+
+def test_the_command_line_refuses_a_changed_lora_rank_on_resume_before_importing_torch(finished_run):
+    out, err = _train_script(
+        "--config",
+        str(DEMO),
+        "--resume",
+        f"log.output_dir={finished_run}",
+        "log.tracker=none",
+        "model.lora_rank=4",
+    )
+    assert out == ["exit 1 False"], err
+    assert len(err) == 1 and err[0].startswith(f"error: --resume from {finished_run / 'checkpoints'}")
+    assert "model.lora_rank: 8 -> 4" in err[0] and "the saved state depends on them" in err[0]
 
 
 def test_overwrite_moves_the_old_run_aside_and_deletes_nothing(tmp_path):
