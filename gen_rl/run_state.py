@@ -98,43 +98,43 @@ def open_run(
     def work() -> RunFolder:
         run = claim(config.log.output_dir, resume=resume, overwrite=overwrite)
         current = to_dict(config)
-        if not resume:
-            record_history(run.root, {"event": "start", "step": 0, "config": current})
-            return run
-        manager = CheckpointManager(run.root, keep_last)
-        run.resume_from, skipped = manager.newest_complete(run.run_id)
-        manager.clear_leftovers()  # what is left of interrupted saves is older or broken
-        for line in skipped:
-            print(f"[gen-rl] --resume: skipped {line}")
+        if resume:
+            run.resume_from = _resume_point(run, current, keep_last, tunables)
         if run.resume_from is None:
-            print(
-                f"[gen-rl] --resume: no complete checkpoint under {run.root / 'checkpoints'}; starting at step 0"
-            )
             record_history(run.root, {"event": "start", "step": 0, "config": current})
-            return run
-        saved_config = run.resume_from / "config.yaml"
-        changes = {}
-        if saved_config.is_file():
-            saved = yaml.safe_load(saved_config.read_text(encoding="utf-8"))
-            changes = check_resume_config(saved, current, tunables, run.resume_from)
-        else:
-            print(f"[gen-rl] --resume: {run.resume_from} has no config.yaml; the config was not compared")
-        step = CheckpointManager.step_of(run.resume_from)
-        print(f"[gen-rl] --resume: continuing from {run.resume_from} (step {step})")
-        if changes:
-            print(f"[gen-rl] --resume: applying changed settings: {describe_changes(changes)}")
-        record_history(
-            run.root,
-            {
-                "event": "resume",
-                "step": step,
-                "checkpoint": run.resume_from.name,
-                "changes": {key: {"from": old, "to": new} for key, (old, new) in changes.items()},
-            },
-        )
         return run
 
     return _on_main_then_share(accelerator, work)
+
+
+def _resume_point(
+    run: RunFolder, current: dict[str, Any], keep_last: int, tunables: tuple[str, ...]
+) -> Path | None:
+    """The checkpoint to continue from (None: start at step 0); prints what was skipped, taken and changed, and
+    records the resume with its changes in the config history."""
+    manager = CheckpointManager(run.root, keep_last)
+    checkpoint, skipped = manager.newest_complete(run.run_id)
+    manager.clear_leftovers()  # what is left of interrupted saves is older or broken
+    for line in skipped:
+        print(f"[gen-rl] --resume: skipped {line}")
+    if checkpoint is None:
+        print(f"[gen-rl] --resume: no complete checkpoint under {manager.root}; starting at step 0")
+        return None
+    changes = {}
+    if (checkpoint / "config.yaml").is_file():
+        saved = yaml.safe_load((checkpoint / "config.yaml").read_text(encoding="utf-8"))
+        changes = check_resume_config(saved, current, tunables, checkpoint)
+    else:
+        print(f"[gen-rl] --resume: {checkpoint} has no config.yaml; the config was not compared")
+    step = CheckpointManager.step_of(checkpoint)
+    print(f"[gen-rl] --resume: continuing from {checkpoint} (step {step})")
+    if changes:
+        print(f"[gen-rl] --resume: applying changed settings: {describe_changes(changes)}")
+    changed = {key: {"from": old, "to": new} for key, (old, new) in changes.items()}
+    record_history(
+        run.root, {"event": "resume", "step": step, "checkpoint": checkpoint.name, "changes": changed}
+    )
+    return checkpoint
 
 
 def _on_main_then_share(accelerator: Accelerator, work: Callable[[], RunFolder]) -> RunFolder:
