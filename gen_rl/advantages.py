@@ -184,15 +184,7 @@ def group_advantages(
     _validate_advantage_args(std_mode, eps, clip, ddof)
 
     stats = _group_statistics(rewards, group_ids, ddof)
-    advantages = _advantages_from_stats(stats, std_mode=std_mode, eps=eps, ddof=ddof)
-    if clip is not None:
-        advantages = advantages.clamp(-clip, clip)
-    return AdvantageOutput(
-        advantages=advantages.to(torch.float32),
-        num_groups=int(stats.group_mean.shape[0]),
-        num_zero_std_groups=int(stats.group_is_zero_std.sum().item()),
-        num_invalid=int((~stats.is_valid).sum().item()),
-    )
+    return _advantage_output(_advantages_from_stats(stats, std_mode=std_mode, eps=eps, ddof=ddof), stats, clip)
 
 
 class PerPromptStatTracker:

@@ -17,7 +17,9 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from gen_rl import faults
 
@@ -186,6 +188,39 @@ class CheckpointManager:
         path.rename(final)
         _fsync_dir(self.root)
         return final
+
+
+ACCELERATE_DIR = "accelerate"  # accelerate's save_state folder inside a checkpoint
+
+
+def write_checkpoint(
+    accelerator: Any, manager: CheckpointManager, step: int, run_id: str, write_files: Callable[[Path], None]
+) -> Path | None:
+    """Stage checkpoint ``step`` (accelerate state from every process, then ``write_files(staging)`` on the main
+    process), then commit it; the committed folder on the main process, None elsewhere. Both trainers save
+    through this one writer. A failed write (a full disk) removes the staged folder and raises
+    :class:`CheckpointWriteError` with one line; the previous checkpoint is untouched.
+    """
+    accelerator.wait_for_everyone()
+    try:
+        if accelerator.is_main_process:
+            manager.staging_dir(step)
+        accelerator.wait_for_everyone()
+        staging = manager.staging_path(step)
+        accelerator.save_state(str(staging / ACCELERATE_DIR))
+        if accelerator.is_main_process:
+            write_files(staging)
+        accelerator.wait_for_everyone()
+        final = manager.commit(step, run_id) if accelerator.is_main_process else None
+    except Exception as error:  # a full disk surfaces as OSError, SafetensorError or RuntimeError
+        message = manager.write_failure(step, error)
+        if accelerator.is_main_process:
+            manager.discard_staging(step)
+        if message is None:
+            raise
+        raise CheckpointWriteError(message) from error
+    accelerator.wait_for_everyone()
+    return final
 
 
 def publish(staged: Path, final: Path) -> Path:

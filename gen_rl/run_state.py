@@ -21,7 +21,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from gen_rl.checkpoint import CheckpointManager, CheckpointWriteError, RunError
+from gen_rl.checkpoint import ACCELERATE_DIR, CheckpointManager, RunError, write_checkpoint
 from gen_rl.config import to_dict
 from gen_rl.run_folder import (
     ConfigChangeError,
@@ -38,7 +38,6 @@ if TYPE_CHECKING:
     from gen_rl.trainer import GenerationTrainer
 
 TRAINER_STATE = "trainer_state.pt"
-ACCELERATE_DIR = "accelerate"
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -177,27 +176,13 @@ def save(trainer: GenerationTrainer, step: int) -> Path | None:
     A failed write (a full disk) removes the staged folder and raises CheckpointWriteError with one line; the
     previous checkpoint is untouched.
     """
-    accelerator, manager = trainer.accelerator, trainer.checkpoints
-    accelerator.wait_for_everyone()
-    try:
-        if accelerator.is_main_process:
-            manager.staging_dir(step)
-        accelerator.wait_for_everyone()
-        staging = manager.staging_path(step)
-        accelerator.save_state(str(staging / ACCELERATE_DIR))
-        if accelerator.is_main_process:
-            _write_trainer_files(trainer, staging, step)
-        accelerator.wait_for_everyone()
-        final = manager.commit(step, trainer.run.run_id) if accelerator.is_main_process else None
-    except Exception as error:  # a full disk surfaces as OSError, SafetensorError or RuntimeError
-        message = manager.write_failure(step, error)
-        if accelerator.is_main_process:
-            manager.discard_staging(step)
-        if message is None:
-            raise
-        raise CheckpointWriteError(message) from error
-    accelerator.wait_for_everyone()
-    return final
+    return write_checkpoint(
+        trainer.accelerator,
+        trainer.checkpoints,
+        step,
+        trainer.run.run_id,
+        lambda staging: _write_trainer_files(trainer, staging, step),
+    )
 
 
 def _write_trainer_files(trainer: GenerationTrainer, staging: Path, step: int) -> None:

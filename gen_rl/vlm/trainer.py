@@ -42,7 +42,14 @@ import yaml
 from accelerate import Accelerator, DistributedDataParallelKwargs
 from tqdm.auto import tqdm
 
-from gen_rl.checkpoint import CheckpointManager, CheckpointWriteError, disk_full, publish
+from gen_rl.checkpoint import (
+    ACCELERATE_DIR,
+    CheckpointManager,
+    CheckpointWriteError,
+    disk_full,
+    publish,
+    write_checkpoint,
+)
 from gen_rl.config import ConfigError, to_dict
 from gen_rl.metrics import MetricsLog
 from gen_rl.run_folder import VLM_TUNABLES
@@ -796,29 +803,13 @@ class VLMTrainer:
     def save_checkpoint(self, step: int) -> None:
         """Crash-safe resumable checkpoint after ``step`` completed steps (weights, optimizer, RNG, data cursor,
         config), committed by :meth:`CheckpointManager.commit`; a failed write raises CheckpointWriteError."""
-        accelerator, manager = self.accelerator, self.checkpoints
-        accelerator.wait_for_everyone()
-        try:
-            if accelerator.is_main_process:
-                manager.staging_dir(step)
-            accelerator.wait_for_everyone()
-            staging = manager.staging_path(step)
-            accelerator.save_state(str(staging / "accelerate"))
-            if accelerator.is_main_process:
-                state = {"step": step, "stream": self.stream.state_dict()}
-                (staging / TRAINER_STATE).write_text(json.dumps(state))
-                (staging / "config.yaml").write_text(yaml.safe_dump(to_dict(self.config), sort_keys=False))
-            accelerator.wait_for_everyone()
-            if accelerator.is_main_process:
-                manager.commit(step, self.run_folder.run_id)
-        except Exception as error:  # a full disk surfaces as OSError, SafetensorError or RuntimeError
-            message = manager.write_failure(step, error)
-            if accelerator.is_main_process:
-                manager.discard_staging(step)
-            if message is None:
-                raise
-            raise CheckpointWriteError(message) from error
-        accelerator.wait_for_everyone()
+
+        def write_files(staging: Path) -> None:
+            state = {"step": step, "stream": self.stream.state_dict()}
+            (staging / TRAINER_STATE).write_text(json.dumps(state))
+            (staging / "config.yaml").write_text(yaml.safe_dump(to_dict(self.config), sort_keys=False))
+
+        write_checkpoint(self.accelerator, self.checkpoints, step, self.run_folder.run_id, write_files)
 
     def _resume(self) -> int:
         """Restore the checkpoint ``open_run`` chose (0 and fresh logs when there is none); the config's
@@ -830,7 +821,7 @@ class VLMTrainer:
                 (self.output_dir / "completions.jsonl").unlink(missing_ok=True)
             return 0
         with refusing_code(checkpoint):
-            self.accelerator.load_state(str(checkpoint / "accelerate"))
+            self.accelerator.load_state(str(checkpoint / ACCELERATE_DIR))
         train = self.config.train
         apply_optimizer_settings(
             self.optimizer,
