@@ -35,6 +35,7 @@ from gen_rl.seeding import derive_seed
 from gen_rl.step_selection import sde_window, train_step_indices
 from gen_rl.trainer_config import GenerationConfig
 from pipelines import Rollout, RolloutOptions
+from pipelines.base import worst_log_prob_mismatch
 from rewards import build_reward
 
 ALL_NAN_STEP_LIMIT = 3  # consecutive steps with no finite reward at all before the run stops
@@ -370,13 +371,13 @@ class GenerationTrainer:
         with self.accelerator.autocast():
             recomputed, stds = self.sampler.recompute_log_probs(rollout, train.microbatch_size)
         convention = train.log_prob_convention
-        stored = log_probs_in_convention(rollout.log_probs.float().to(stds.device), stds, convention)
-        difference = (log_probs_in_convention(recomputed, stds, convention) - stored).abs()
-        difference = torch.where(rollout.stochastic.to(stds.device), difference, torch.zeros_like(difference))
-        per_step = difference.amax(dim=0)
-        worst_step = int(per_step.argmax())
+        worst_step, worst = worst_log_prob_mismatch(
+            log_probs_in_convention(recomputed, stds, convention),
+            log_probs_in_convention(rollout.log_probs.float().to(stds.device), stds, convention),
+            rollout.stochastic,
+        )
         # every process decides on the largest floor of any process, so all stop together (no hung collective)
-        floor = float(self.accelerator.gather(per_step[worst_step].reshape(1).to(self.accelerator.device)).max())
+        floor = float(self.accelerator.gather(worst.reshape(1).to(self.accelerator.device)).max())
         clip = min(train.clip_range, train.clip_range_high or train.clip_range)
         tolerance = train.ratio_check_fraction * clip
         if not floor <= tolerance:

@@ -396,11 +396,8 @@ class FlowMatchSampler(ABC):
         if atol is None:
             atol = 1e-4 if self.dtype == torch.float32 else 5e-2
         recomputed, _ = self.recompute_log_probs(rollout, microbatch_size)
-        difference = (recomputed - rollout.log_probs.float()).abs()
-        difference = torch.where(rollout.stochastic, difference, torch.zeros_like(difference))
-        worst_per_step = difference.amax(dim=0)
-        index = int(worst_per_step.argmax())
-        worst = float(worst_per_step[index])
+        index, worst = worst_log_prob_mismatch(recomputed, rollout.log_probs, rollout.stochastic)
+        worst = float(worst)
         if not worst <= atol:
             raise RuntimeError(
                 f"log-prob mismatch at denoising step {index}: recomputed differs from stored by "
@@ -475,6 +472,19 @@ class FlowMatchSampler(ABC):
                 "has no log-prob. Train only steps where rollout.stochastic is True."
             )
         return indices
+
+
+def worst_log_prob_mismatch(recomputed: Tensor, stored: Tensor, stochastic: Tensor) -> tuple[int, Tensor]:
+    """The step index and value of the largest ``|recomputed - stored|`` log-prob over stochastic steps.
+
+    ``recomputed`` / ``stored`` ``[B, S]`` (NaN on deterministic steps, which are ignored), ``stochastic``
+    ``[B, S]`` bool. A NaN at a stochastic step propagates, so it can never pass a tolerance.
+    """
+    difference = (recomputed.float() - stored.float().to(recomputed.device)).abs()
+    difference = torch.where(stochastic.to(difference.device), difference, torch.zeros_like(difference))
+    per_step = difference.amax(dim=0)
+    index = int(per_step.argmax())
+    return index, per_step[index]
 
 
 def _log_prob_of_stored(stored_next: Tensor, out: StepOutput) -> Tensor:
