@@ -148,7 +148,7 @@ def step_loss(
     )
     policy_loss = (surrogate.loss[:, 0] * weight).mean()
     kl_mean = (kl * weight).mean() if kl is not None else policy_loss.new_zeros(())
-    loss = policy_loss + train.kl_coef * kl_mean if kl is not None else policy_loss
+    loss = policy_loss + train.kl_coef * kl_mean
     log_ratio = (log_probs - old_log_probs).detach().float()
     ratio = surrogate.ratio.detach()
     stats: dict[str, Any] = {
