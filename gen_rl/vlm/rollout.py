@@ -308,28 +308,26 @@ def sampling_generation_config(settings: SamplingSettings, return_scores: bool =
         encoder_repetition_penalty=1.0,
         no_repeat_ngram_size=0,
         min_new_tokens=0,
-        max_new_tokens=settings.max_new_tokens,
-        eos_token_id=list(settings.eos_token_ids),
-        pad_token_id=settings.pad_token_id,
-        suppress_tokens=list(settings.suppress_token_ids) or None,
-        use_cache=True,
-        return_dict_in_generate=True,
         output_scores=return_scores,
+        **_budget_and_stops(settings),
     )
 
 
 def greedy_generation_config(settings: SamplingSettings) -> GenerationConfig:
     """Greedy decoding (argmax after suppressing the vision tokens) with the rollout's budget and EOS ids."""
-    return GenerationConfig(
-        do_sample=False,
-        num_beams=1,
-        max_new_tokens=settings.max_new_tokens,
-        eos_token_id=list(settings.eos_token_ids),
-        pad_token_id=settings.pad_token_id,
-        suppress_tokens=list(settings.suppress_token_ids) or None,
-        use_cache=True,
-        return_dict_in_generate=True,
-    )
+    return GenerationConfig(do_sample=False, num_beams=1, **_budget_and_stops(settings))
+
+
+def _budget_and_stops(settings: SamplingSettings) -> dict:
+    """The generate settings sampled and greedy decoding share: token budget, EOS / pad / suppressed ids."""
+    return {
+        "max_new_tokens": settings.max_new_tokens,
+        "eos_token_id": list(settings.eos_token_ids),
+        "pad_token_id": settings.pad_token_id,
+        "suppress_tokens": list(settings.suppress_token_ids) or None,
+        "use_cache": True,
+        "return_dict_in_generate": True,
+    }
 
 
 def completion_mask(completion_ids: Tensor, eos_token_ids: Sequence[int]) -> tuple[Tensor, Tensor]:

@@ -121,7 +121,8 @@ def build_word_tokenizer(extra_special_tokens: tuple[str, ...] = ()) -> PreTrain
     return tokenizer
 
 
-def _text_config(tokenizer, ids: dict[str, int]) -> dict:
+def _text_config(tokenizer, ids: dict[str, int], **extra: object) -> dict:
+    """The tiny decoder every tiny VLM shares (2 layers, width 32), plus the architecture's ``extra`` keys."""
     return {
         "vocab_size": len(tokenizer),
         "hidden_size": 32,
@@ -130,11 +131,14 @@ def _text_config(tokenizer, ids: dict[str, int]) -> dict:
         "num_attention_heads": 4,
         "num_key_value_heads": 2,
         "max_position_embeddings": 512,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 1, 1]},
         "bos_token_id": ids["<|endoftext|>"],
         "eos_token_id": ids["<|im_end|>"],
         "pad_token_id": ids["<|endoftext|>"],
+        **extra,
     }
+
+
+QWEN_ROPE = {"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 1, 1]}  # multimodal RoPE
 
 
 def _special_token_config(ids: dict[str, int]) -> dict:
@@ -167,7 +171,7 @@ def tiny_qwen2_vl(seed: int = 0) -> tuple[Qwen2VLForConditionalGeneration, Qwen2
     tokenizer = build_word_tokenizer()
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIAL_TOKENS}
     config = Qwen2VLConfig(
-        text_config=_text_config(tokenizer, ids),
+        text_config=_text_config(tokenizer, ids, rope_parameters=QWEN_ROPE),
         vision_config={
             "depth": 2,
             "embed_dim": 32,
@@ -187,7 +191,7 @@ def tiny_qwen2_5_vl(seed: int = 0) -> tuple[Qwen2_5_VLForConditionalGeneration, 
     tokenizer = build_word_tokenizer()
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIAL_TOKENS}
     config = Qwen2_5_VLConfig(
-        text_config=_text_config(tokenizer, ids),
+        text_config=_text_config(tokenizer, ids, rope_parameters=QWEN_ROPE),
         vision_config={
             "depth": 2,
             "hidden_size": 32,
@@ -227,19 +231,7 @@ def tiny_llava(seed: int = 0) -> tuple[LlavaForConditionalGeneration, LlavaProce
             "image_size": 28,
             "patch_size": 14,
         },
-        text_config={
-            "model_type": "llama",
-            "vocab_size": len(tokenizer),
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "max_position_embeddings": 512,
-            "bos_token_id": ids["<|endoftext|>"],
-            "eos_token_id": ids["<|im_end|>"],
-            "pad_token_id": ids["<|endoftext|>"],
-        },
+        text_config=_text_config(tokenizer, ids, model_type="llama"),
         image_token_index=ids[LLAVA_IMAGE_TOKEN],
         image_seq_length=4,
         vision_feature_select_strategy="default",
