@@ -91,6 +91,11 @@ def _grid(num_steps: int, shift: float = 3.0) -> torch.Tensor:
     return shift * t / (1 + (shift - 1) * t)
 
 
+def _step_sigmas(grid: torch.Tensor, index: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[B]`` sigma and next sigma of step ``index`` of ``grid`` for every sample."""
+    return grid[index].expand(batch), grid[index + 1].expand(batch)
+
+
 def _batch(seed: int = 0, groups: int = 2, group_size: int = 6):
     generator = torch.Generator().manual_seed(seed)
     n = groups * group_size
@@ -135,8 +140,7 @@ def test_flow_grpo_recipes_reproduce_flow_grpo(path, step_index):
     torch.testing.assert_close(ours.advantages, theirs.float(), rtol=1e-6, atol=1e-6)
 
     grid = _grid(config.sample.num_steps)
-    sigma = grid[step_index].expand(len(x))
-    sigma_next = grid[step_index + 1].expand(len(x))
+    sigma, sigma_next = _step_sigmas(grid, step_index, len(x))
     loss, log_ratio, x_next = _ours(config, x, v_old, v_new, v_ref, noise, sigma, sigma_next, theirs)
     a, sigma_1 = config.sample.noise_level, float(grid[1])
     mean_new, g, log_prob_new = flow_grpo_sde(x, v_new, sigma, sigma_next, sigma_1, a, x_next)
@@ -174,8 +178,7 @@ def test_dance_grpo_recipe_reproduces_dance_grpo():
     grid = _grid(config.sample.num_steps, shift=config.sample.shift)
     eta = config.sample.noise_level
     for step_index in (0, 7, 14):
-        sigma = grid[step_index].expand(len(x))
-        sigma_next = grid[step_index + 1].expand(len(x))
+        sigma, sigma_next = _step_sigmas(grid, step_index, len(x))
         loss, log_ratio, x_next = _ours(config, x, v_old, v_new, v_ref, noise, sigma, sigma_next, theirs)
         _, _, log_prob_new = dance_grpo_step(x, v_new, sigma, sigma_next, eta, x_next)
         _, _, log_prob_old = dance_grpo_step(x, v_old, sigma, sigma_next, eta, x_next)
@@ -205,8 +208,7 @@ def test_cps_recipe_reproduces_flow_grpo_cps():
     grid = _grid(config.sample.num_steps)
     a = config.sample.noise_level
     for step_index in range(5):  # the window range [0, 5)
-        sigma = grid[step_index].expand(len(x))
-        sigma_next = grid[step_index + 1].expand(len(x))
+        sigma, sigma_next = _step_sigmas(grid, step_index, len(x))
         loss, log_ratio, x_next = _ours(config, x, v_old, v_new, v_ref, noise, sigma, sigma_next, theirs)
         _, _, log_prob_new = flow_grpo_cps(x, v_new, sigma, sigma_next, a, x_next)
         _, _, log_prob_old = flow_grpo_cps(x, v_old, sigma, sigma_next, a, x_next)
@@ -235,7 +237,7 @@ def test_the_exact_kl_is_the_flow_grpo_kl_over_the_step_size():
     grid = scheduler.sigmas.float()
     ratios = []
     for index in range(10):
-        sigma, sigma_next = grid[index].expand(len(x)), grid[index + 1].expand(len(x))
+        sigma, sigma_next = _step_sigmas(grid, index, len(x))
         step = get_flow_step("flow_grpo")(x, v_new, sigma, sigma_next, 0.7)
         ref = get_flow_step("flow_grpo")(x, v_ref, sigma, sigma_next, 0.7)
         exact = transition_kl(
