@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from trainer_helpers import lora_weights, small_config  # noqa: E402
+from trainer_helpers import finish_processes, lora_weights, small_config  # noqa: E402
 
 from gen_rl.trainer import GenerationTrainer  # noqa: E402
 
@@ -32,3 +32,4 @@ if __name__ == "__main__":
     trainer = GenerationTrainer(small_config(output, *sys.argv[2:]))
     result = one_step(trainer)
     torch.save(result, output / f"rank{trainer.accelerator.process_index}.pt")
+    finish_processes()

@@ -77,3 +77,16 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+def finish_processes() -> None:
+    """End a multi-process test worker: every process waits for the others, then the process group is destroyed.
+
+    A gloo group left open can abort a process at exit (SIGABRT, "terminate called without an active
+    exception") when its peer has already gone, which fails the launch although every result was written.
+    """
+    from accelerate import PartialState
+
+    state = PartialState()
+    state.wait_for_everyone()
+    state.destroy_process_group()

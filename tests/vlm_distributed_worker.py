@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import torch
+from trainer_helpers import finish_processes
 
 from gen_rl.config import load_config
 from gen_rl.vlm.config import VLMConfig
@@ -73,3 +74,4 @@ if __name__ == "__main__":
     output = Path(sys.argv[1])
     trainer = VLMTrainer(config(output))
     torch.save(one_step(trainer), output / f"rank{trainer.accelerator.process_index}.pt")
+    finish_processes()

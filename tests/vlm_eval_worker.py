@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from trainer_helpers import finish_processes
+
 from gen_rl.config import load_config
 from gen_rl.vlm.config import VLMConfig
 from gen_rl.vlm.trainer import VLMTrainer
@@ -35,3 +37,4 @@ if __name__ == "__main__":
     metrics = evaluate(folder)
     if metrics and folder.joinpath("eval_completions.jsonl").exists():
         folder.joinpath("metrics.json").write_text(json.dumps(metrics))
+    finish_processes()
