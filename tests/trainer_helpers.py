@@ -80,13 +80,21 @@ def free_port() -> int:
 
 
 def finish_processes() -> None:
-    """End a multi-process test worker: every process waits for the others, then the process group is destroyed.
+    """End a multi-process test worker once its results are written: wait for the other processes, destroy the
+    process group, then leave without the interpreter's teardown.
 
-    A gloo group left open can abort a process at exit (SIGABRT, "terminate called without an active
-    exception") when its peer has already gone, which fails the launch although every result was written.
+    At teardown a native thread can abort the process (SIGABRT, "terminate called without an active
+    exception"): seen in 2 of 60 two-process eval runs, always after every result was written, and still with
+    the group destroyed. ``os._exit`` skips that teardown; the test then checks the written results as before.
     """
+    import os
+    import sys
+
     from accelerate import PartialState
 
     state = PartialState()
     state.wait_for_everyone()
     state.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
