@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from gen_rl.seeding import make_generators
+from gen_rl.core.seeding import make_generators
 from pipelines import FluxSampler, RolloutOptions, SD3Sampler
 from pipelines.tiny import tiny_flux_pipeline, tiny_sd3_pipeline
 

@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gen_rl.config import load_config  # noqa: E402
+from gen_rl.core.config import load_config  # noqa: E402
 from gen_rl.trainer import GenerationTrainer  # noqa: E402
 from gen_rl.trainer_config import GenerationConfig  # noqa: E402
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from gen_rl.config import from_dict
+from gen_rl.core.config import from_dict
 from gen_rl.vlm.config import VLMConfig
 from gen_rl.vlm.data import load_images, read_records
 from gen_rl.vlm.policy import load_policy

@@ -12,8 +12,8 @@ from collections.abc import Sequence
 
 import torch
 
-from gen_rl.dtypes import DTYPES
-from gen_rl.images import save_image_grid
+from gen_rl.core.dtypes import DTYPES
+from gen_rl.core.images import save_image_grid
 from pipelines import SAMPLERS, RolloutOptions, build_sampler
 from pipelines.tiny import tiny_flux_pipeline
 

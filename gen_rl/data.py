@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from gen_rl.config import ConfigError, resolve_path
+from gen_rl.core.config import ConfigError, resolve_path
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,9 @@ def read_text_lines(path: Path, what: str, key: str = "") -> list[str]:
     """
     name = f"{what} {path} ({key})" if key else f"{what} {path}"
     if not path.exists():
-        raise DataError(f"{name} does not exist; fix the path (relative paths start at the working directory)")
+        raise DataError(
+            f"{name} does not exist; fix the path (relative paths start at the working directory)"
+        )
     if not path.is_file():
         raise DataError(f"{name} is a folder, not a file; point the config at the file")
     try:
@@ -82,7 +84,9 @@ def read_text_lines(path: Path, what: str, key: str = "") -> list[str]:
         ) from error
 
 
-def report_bad_records(path: Path, problems: list[tuple[int, str]], bad_records: BadRecords, total: int) -> None:
+def report_bad_records(
+    path: Path, problems: list[tuple[int, str]], bad_records: BadRecords, total: int
+) -> None:
     """Abort with every bad record in the message, or log one line per record and go on (``skip``).
 
     ``problems`` holds ``(line number, what is wrong)``; ``total`` is the number of records in the file.
@@ -101,7 +105,9 @@ def report_bad_records(path: Path, problems: list[tuple[int, str]], bad_records:
         logger.warning("skipping %s:%d: %s", path, number, problem)
 
 
-def _parse_jsonl(numbered: list[tuple[int, str]]) -> tuple[list[str], list[dict[str, Any]], list[tuple[int, str]]]:
+def _parse_jsonl(
+    numbered: list[tuple[int, str]],
+) -> tuple[list[str], list[dict[str, Any]], list[tuple[int, str]]]:
     prompts, metadata, problems = [], [], []
     for number, line in numbered:
         try:
@@ -126,7 +132,7 @@ def prompt_indices_for_step(num_prompts: int, step: int, groups_per_step: int, s
     """
     import torch  # here, not at the top: the entry point checks prompt files before torch is imported
 
-    from gen_rl.seeding import derive_seed
+    from gen_rl.core.seeding import derive_seed
 
     permutations: dict[int, list[int]] = {}
     indices = []

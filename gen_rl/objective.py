@@ -32,8 +32,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gen_rl.advantages import AdvantageOutput, PerPromptStatTracker, combine_rewards
-from gen_rl.losses import clipped_surrogate, gaussian_kl
+from gen_rl.core.advantages import AdvantageOutput, PerPromptStatTracker, combine_rewards
+from gen_rl.core.losses import clipped_surrogate, gaussian_kl
 from gen_rl.trainer_config import RewardConfig, TrainConfig
 
 __all__ = [

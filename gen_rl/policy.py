@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from peft import LoraConfig
 
-from gen_rl.dtypes import DTYPES
+from gen_rl.core.dtypes import DTYPES
 from gen_rl.export import lora_target_modules
 from gen_rl.trainer_config import ModelConfig
 from pipelines import FlowMatchSampler, build_sampler

@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from gen_rl.checkpoint import CheckpointManager, RunError
-from gen_rl.config import to_dict
+from gen_rl.core.config import to_dict
 
 RUN_FILE = "run.json"
 HISTORY_FILE = "config_history.jsonl"

@@ -22,7 +22,7 @@ import yaml
 from safetensors.torch import load_file
 
 from gen_rl.checkpoint import ACCELERATE_DIR, CheckpointManager, RunError, write_checkpoint
-from gen_rl.config import to_dict
+from gen_rl.core.config import to_dict
 from gen_rl.run_folder import (
     ConfigChangeError,
     RunFolder,
@@ -35,7 +35,6 @@ from gen_rl.run_folder import (
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
-    from gen_rl.trainer import GenerationTrainer
 
 TRAINER_STATE = "trainer_state.pt"
 
@@ -170,7 +169,7 @@ def apply_optimizer_settings(
     scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
-def save(trainer: GenerationTrainer, step: int) -> Path | None:
+def save(trainer: Any, step: int) -> Path | None:
     """Write checkpoint ``step`` and commit it (every process takes part; the main process commits).
 
     A failed write (a full disk) removes the staged folder and raises CheckpointWriteError with one line; the
@@ -185,7 +184,7 @@ def save(trainer: GenerationTrainer, step: int) -> Path | None:
     )
 
 
-def _write_trainer_files(trainer: GenerationTrainer, staging: Path, step: int) -> None:
+def _write_trainer_files(trainer: Any, staging: Path, step: int) -> None:
     state = {
         "step": step,
         "lr_scheduler": trainer.lr_scheduler.state_dict(),
@@ -198,7 +197,7 @@ def _write_trainer_files(trainer: GenerationTrainer, staging: Path, step: int) -
         _export_lora(trainer, staging / "lora")
 
 
-def _export_lora(trainer: GenerationTrainer, directory: Path) -> None:
+def _export_lora(trainer: Any, directory: Path) -> None:
     from gen_rl.export import save_lora
 
     if trainer.ema is not None:
@@ -208,7 +207,7 @@ def _export_lora(trainer: GenerationTrainer, directory: Path) -> None:
         save_lora(trainer.sampler, directory)
 
 
-def load(trainer: GenerationTrainer) -> int:
+def load(trainer: Any) -> int:
     """Restore the checkpoint :func:`open_run` chose; returns the step to continue from (0: none, fresh metrics).
 
     The config's learning rate and AdamW settings replace the saved ones (a changed ``train.lr`` is used).

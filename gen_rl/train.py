@@ -21,7 +21,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gen_rl.checkpoint import RunError  # noqa: E402
-from gen_rl.config import ConfigError, describe, load_config, merge, parse_overrides, read_yaml  # noqa: E402
+from gen_rl.core.config import ConfigError, describe, load_config, merge, parse_overrides, read_yaml  # noqa: E402
 
 EXIT_BAD_INPUT = 2
 

@@ -21,18 +21,18 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from gen_rl import run_state
-from gen_rl.advantages import AdvantageOutput, PerPromptStatTracker
 from gen_rl.checkpoint import CheckpointManager, RunError
-from gen_rl.config import to_dict
+from gen_rl.core.advantages import AdvantageOutput, PerPromptStatTracker
+from gen_rl.core.config import to_dict
+from gen_rl.core.ema import ParameterEMA
+from gen_rl.core.seeding import derive_seed
+from gen_rl.core.step_selection import sde_window, train_step_indices
 from gen_rl.data import PromptSet, load_prompts, prompt_indices_for_step
-from gen_rl.ema import ParameterEMA
 from gen_rl.metrics import MetricsLog, plot_reward_curve
 from gen_rl.monitoring import HackingMonitor
 from gen_rl.objective import compute_advantages, log_probs_in_convention, step_loss, transition_kl
 from gen_rl.policy import load_sampler, make_trainable
 from gen_rl.run_folder import GENERATION_TUNABLES
-from gen_rl.seeding import derive_seed
-from gen_rl.step_selection import sde_window, train_step_indices
 from gen_rl.trainer_config import GenerationConfig
 from pipelines import Rollout, RolloutOptions
 from pipelines.base import worst_log_prob_mismatch
@@ -85,7 +85,9 @@ class GenerationTrainer:
         data = config.data
         self.train_set = load_prompts(data.train_prompts, data.bad_records, "data.train_prompts")
         self.eval_set: PromptSet | None = (
-            load_prompts(data.eval_prompts, data.bad_records, "data.eval_prompts") if data.eval_prompts else None
+            load_prompts(data.eval_prompts, data.bad_records, "data.eval_prompts")
+            if data.eval_prompts
+            else None
         )
         self.reward_models = {
             _reward_key(i, term.name): build_reward(term.name, **term.kwargs)
@@ -465,7 +467,8 @@ class GenerationTrainer:
                         calls += 1
                 grad_norms.append(self._optimizer_step())
         record = {
-            key: float(value) if key == "ratio_max_abs_dev" else float(value) / calls for key, value in totals.items()
+            key: float(value) if key == "ratio_max_abs_dev" else float(value) / calls
+            for key, value in totals.items()
         }
         record["grad_norm"] = sum(grad_norms) / len(grad_norms)
         record["trained_steps"] = num_trained
@@ -544,7 +547,7 @@ class GenerationTrainer:
         return self._eval_record(step, gathered)
 
     def _eval_record(self, step: int, gathered: list) -> dict[str, Any]:
-        from gen_rl.images import save_image_grid
+        from gen_rl.core.images import save_image_grid
 
         record: dict[str, Any] = {}
         combined = torch.zeros(0)

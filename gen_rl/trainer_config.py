@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from gen_rl.config import ConfigError, check_finite, option, section
+from gen_rl.core.config import ConfigError, check_finite, option, section
 
 STEP_SELECTIONS = ("all", "random_fraction", "first", "random_window", "sliding_window")
 
@@ -143,7 +143,8 @@ class DataConfig:
     train_prompts: str = option("", "text file (one prompt per line) or JSONL with a 'prompt' key")
     eval_prompts: str = option("", "held-out prompts (same formats); empty: no evaluation")
     bad_records: Literal["abort", "skip"] = option(
-        "abort", "a bad JSONL record in a prompt file: stop at start-up listing every one, or skip it (warned)"
+        "abort",
+        "a bad JSONL record in a prompt file: stop at start-up listing every one, or skip it (warned)",
     )
 
 
@@ -288,7 +289,9 @@ def _check_values(config: GenerationConfig) -> None:
     check_finite(config)
     train, sample, reward = config.train, config.sample, config.reward
     if train.lr <= 0:
-        raise ConfigError(f"train.lr must be > 0 (the AdamW learning rate), got {train.lr}; e.g. train.lr=1e-5")
+        raise ConfigError(
+            f"train.lr must be > 0 (the AdamW learning rate), got {train.lr}; e.g. train.lr=1e-5"
+        )
     if sample.group_size < 2 and not reward.per_prompt_tracker:
         raise ConfigError(
             f"sample.group_size is {sample.group_size}: each sample's advantage is its reward minus its group's "
@@ -308,7 +311,9 @@ def _check_values(config: GenerationConfig) -> None:
             "reward.tracker_min_count": (reward.tracker_min_count, 1),
         }
     )
-    _open_unit_interval({"train.adam_betas[0]": train.adam_betas[0], "train.adam_betas[1]": train.adam_betas[1]})
+    _open_unit_interval(
+        {"train.adam_betas[0]": train.adam_betas[0], "train.adam_betas[1]": train.adam_betas[1]}
+    )
     _open_unit_interval({"train.ema_decay": train.ema_decay} if train.ema else {})
     for key, value in {
         "train.adam_eps": train.adam_eps,
@@ -362,7 +367,9 @@ def _check_combinations(config: GenerationConfig) -> None:
             "trained; use e.g. 0.7 (Flow-GRPO a) or 0.3 (DanceGRPO eta)"
         )
     if reward.std_ddof not in (0, 1):
-        raise ConfigError(f"reward.std_ddof must be 0 (population std) or 1 (sample std), got {reward.std_ddof}")
+        raise ConfigError(
+            f"reward.std_ddof must be 0 (population std) or 1 (sample std), got {reward.std_ddof}"
+        )
     if reward.std_eps < 0:
         raise ConfigError(f"reward.std_eps must be >= 0, got {reward.std_eps}")
     if reward.per_prompt_tracker and (reward.std_mode != "group" or reward.combine != "sum_then_normalize"):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gen_rl.registry import resolve
+from gen_rl.core.registry import resolve
 from pipelines.base import FlowMatchSampler, Rollout, RolloutOptions, StepLogProbs
 from pipelines.flux import FluxSampler
 from pipelines.sd3 import SD3Sampler

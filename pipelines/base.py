@@ -22,7 +22,7 @@ import torch
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 from torch import Tensor
 
-from gen_rl.seeding import derive_seed, draw_noise, make_generators
+from gen_rl.core.seeding import derive_seed, draw_noise, make_generators
 from pipelines.sde import StepOutput, flow_sde_step, gaussian_log_prob, get_flow_step
 
 NEGATIVE_PREFIX = "negative_"
@@ -363,7 +363,9 @@ class FlowMatchSampler(ABC):
         return StepLogProbs(torch.stack(log_probs, 1), torch.stack(means, 1), torch.stack(stds, 1))
 
     @torch.no_grad()
-    def recompute_log_probs(self, rollout: Rollout, microbatch_size: int | None = None) -> tuple[Tensor, Tensor]:
+    def recompute_log_probs(
+        self, rollout: Rollout, microbatch_size: int | None = None
+    ) -> tuple[Tensor, Tensor]:
         """Every stochastic step's log-prob recomputed as training recomputes it, and the step stds.
 
         Rows are recomputed ``microbatch_size`` at a time (default: all at once), one step per call, so the

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import CLIPConfig, CLIPVisionModelWithProjection
 
-from gen_rl.dtypes import resolve_device, resolve_dtype
+from gen_rl.core.dtypes import resolve_device, resolve_dtype
 from rewards.base import Reward, RewardOutput, register_reward
 from rewards.clip_similarity import CLIP_PUBLISHED
 from rewards.preprocess import ImagePreprocess

@@ -18,7 +18,7 @@ from typing import Any, ClassVar, TypeVar
 import torch
 from torch import Tensor
 
-from gen_rl.registry import resolve
+from gen_rl.core.registry import resolve
 
 PIXEL_TOLERANCE = 1e-4
 MODALITY_LAYOUTS = {"image": "[B, C, H, W]", "video": "[B, C, T, H, W]"}

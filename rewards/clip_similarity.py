@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import AutoProcessor, CLIPModel
 
-from gen_rl.dtypes import resolve_device, resolve_dtype
+from gen_rl.core.dtypes import resolve_device, resolve_dtype
 from rewards.base import Reward, RewardOutput, deduplicate, register_reward
 from rewards.preprocess import ImagePreprocess
 from rewards.weights import load_pretrained

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from gen_rl.images import to_uint8
+from gen_rl.core.images import to_uint8
 from rewards.base import Reward, RewardOutput, register_reward
 
 BYTES_PER_KB = 1000

@@ -15,7 +15,7 @@ from PIL import Image
 from torch import Tensor
 from transformers import Dinov2Model
 
-from gen_rl.dtypes import resolve_device, resolve_dtype
+from gen_rl.core.dtypes import resolve_device, resolve_dtype
 from rewards.base import Reward, RewardOutput, register_reward
 from rewards.preprocess import ImagePreprocess
 from rewards.weights import load_pretrained

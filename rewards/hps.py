@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gen_rl.dtypes import resolve_device, resolve_dtype
+from gen_rl.core.dtypes import resolve_device, resolve_dtype
 from rewards.base import Reward, RewardOutput, deduplicate, register_reward
 from rewards.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImagePreprocess
 from rewards.weights import resolve_file

@@ -178,7 +178,9 @@ class RewardServer:
             threading.Thread(
                 target=httpd.serve_forever, kwargs={"poll_interval": _POLL_S}, name="reward-http", daemon=True
             ),
-            threading.Thread(target=httpd.watch.run, args=(self._stopping,), name="reward-watch", daemon=True),
+            threading.Thread(
+                target=httpd.watch.run, args=(self._stopping,), name="reward-watch", daemon=True
+            ),
         ]
         for thread in self._threads:
             thread.start()
@@ -419,7 +421,9 @@ class _ConnectionWatch:
             lingering, self._lingering = self._lingering, []
         for connection in expired:
             _cut_off(connection)
-        kept = [(connection, until) for connection, until in lingering if not _drained(connection, until, now)]
+        kept = [
+            (connection, until) for connection, until in lingering if not _drained(connection, until, now)
+        ]
         with self._lock:
             self._lingering.extend(kept)
 
@@ -570,7 +574,8 @@ class _Handler(BaseHTTPRequestHandler):
             raise
         except Exception as error:  # noqa: BLE001 - the payload is at fault whatever broke on it
             raise RequestRejected(
-                400, f"the request does not decode ({type(error).__name__}: {error}); build it with encode_request"
+                400,
+                f"the request does not decode ({type(error).__name__}: {error}); build it with encode_request",
             ) from error
 
     def _check_head(self) -> None:
@@ -732,7 +737,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def reward_spec(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     """``(name, kwargs)`` from ``--config`` then ``--reward`` / ``--kwargs`` (which override it) and ``--device``."""
-    from gen_rl.config import read_yaml
+    from gen_rl.core.config import read_yaml
 
     config = read_yaml(args.config) if args.config else {}
     unknown = set(config) - {"name", "kwargs"}
@@ -764,7 +769,9 @@ def read_token(args: argparse.Namespace, environ: dict[str, str] | None = None) 
             raise ValueError(f"--token-file {args.token_file} is empty; write the token into it")
         return token
     if args.token_env and args.token_env not in environ:
-        raise ValueError(f"--token-env {args.token_env}: ${args.token_env} is not set; export the token first")
+        raise ValueError(
+            f"--token-env {args.token_env}: ${args.token_env} is not set; export the token first"
+        )
     name = args.token_env or TOKEN_ENV
     if name not in environ:
         return None
@@ -806,7 +813,7 @@ def build_server(args: argparse.Namespace) -> RewardServer:
 
 
 def _check_device_argument(name: str, kwargs: dict[str, Any]) -> None:
-    from gen_rl.registry import resolve
+    from gen_rl.core.registry import resolve
     from rewards.base import REWARDS
 
     parameters = inspect.signature(resolve(REWARDS, name, "reward").__init__).parameters

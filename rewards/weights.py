@@ -2,7 +2,7 @@
 
 A missing checkpoint raises ``MissingWeightsError`` naming the file expected, where it was looked for and
 where the weights are published, so the fix is one download command away. When ``HF_HUB_OFFLINE=1`` is set or
-the hub cannot be reached (``gen_rl.inputs.hub_unusable_reason``), hub ids resolve from the local cache only
+the hub cannot be reached (``gen_rl.core.hub.hub_unusable_reason``), hub ids resolve from the local cache only
 (``local_files_only``): a missing model fails at once instead of after a minute of retries.
 """
 
@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from gen_rl.inputs import MissingWeightsError, hub_unusable_reason, looks_like_local_path
+from gen_rl.core.hub import MissingWeightsError, hub_unusable_reason, looks_like_local_path
 
 __all__ = ["MissingWeightsError", "load_pretrained", "resolve_file"]
 

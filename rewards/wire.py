@@ -291,7 +291,9 @@ def _check_pixels_entry(header: dict[str, Any], limits: RequestLimits) -> None:
         )
     entry = header[PIXELS_KEY]
     if not isinstance(entry, dict):
-        raise RequestRejected(400, f"the safetensors entry {PIXELS_KEY!r} is not an object; use encode_request")
+        raise RequestRejected(
+            400, f"the safetensors entry {PIXELS_KEY!r} is not an object; use encode_request"
+        )
     dtype, shape = entry.get("dtype"), entry.get("shape")
     if dtype not in _SAFETENSORS_DTYPES:
         raise RequestRejected(

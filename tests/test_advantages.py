@@ -1,4 +1,4 @@
-"""Tests for gen_rl.advantages: hand-worked numbers plus independent (numpy / plain-python) cross-checks."""
+"""Tests for gen_rl.core.advantages: hand-worked numbers plus independent (numpy / plain-python) cross-checks."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from gen_rl.advantages import (
+from gen_rl.core.advantages import (
     AdvantageOutput,
     PerPromptStatTracker,
     combine_rewards,

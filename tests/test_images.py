@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from gen_rl.images import make_grid, save_image_grid, to_uint8
+from gen_rl.core.images import make_grid, save_image_grid, to_uint8
 
 
 def test_to_uint8_rounds_and_clamps():

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from gen_rl import inputs
-from gen_rl.config import ConfigError, load_config, parse_overrides, read_yaml
+from gen_rl.core import hub
+from gen_rl.core.config import ConfigError, load_config, parse_overrides, read_yaml
 from gen_rl.data import DataError, load_prompts
 from gen_rl.train import cli
 from gen_rl.trainer_config import GenerationConfig
@@ -37,7 +38,12 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
     """The real command line in a fresh interpreter, from the repository root, offline."""
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
     return subprocess.run(
-        [sys.executable, "-c", RUN_CLI, *args], cwd=ROOT, env=environment, capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", RUN_CLI, *args],
+        cwd=ROOT,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 
@@ -77,7 +83,11 @@ def subprocess_cases(files: Path) -> dict[str, tuple[list[str], dict[str, str], 
     vlm_stage = f"data.stages=[{{files: [{files / 'vlm.jsonl'}]}}]"
     return {
         "typo": ([*demo, "train.lrr=1e-4"], {}, "unknown config key 'train.lrr'. Did you mean 'train.lr'?"),
-        "tab_yaml": (["--config", str(files / "tabs.yaml")], {}, f"{files / 'tabs.yaml'}:3:1: a tab character"),
+        "tab_yaml": (
+            ["--config", str(files / "tabs.yaml")],
+            {},
+            f"{files / 'tabs.yaml'}:3:1: a tab character",
+        ),
         "negative_lr": ([*demo, "train.lr=-1e-4"], {}, "train.lr must be > 0"),
         "nan_lr": ([*demo, "train.lr=.nan"], {}, "train.lr is nan; give a finite number"),
         "group_of_one": ([*demo, "sample.group_size=1"], {}, "sample.group_size is 1: "),
@@ -194,11 +204,17 @@ def test_command_line_mistakes(capsys, monkeypatch, args, message):
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("train:\n  lr: 1\n\tseed: 2\n", ":3:1: a tab character in the indentation; YAML indents with spaces only"),
+        (
+            "train:\n  lr: 1\n\tseed: 2\n",
+            ":3:1: a tab character in the indentation; YAML indents with spaces only",
+        ),
         ("train: [1, 2\nsample: {}\n", ":2:7: YAML syntax error: expected ',' or ']'"),
         ("train:\n  lr: 1\n  lr: 2\n", ":3:3: duplicate key 'lr' (YAML keeps only the last one); remove one"),
         ("train:\n  lr: 1\n seed: 2\n", ":3:2: YAML syntax error: expected <block end>, but found"),
-        ("train:\n  lr: 1\n  seed: 2 x: 3\n", ":3:12: YAML syntax error: mapping values are not allowed here"),
+        (
+            "train:\n  lr: 1\n  seed: 2 x: 3\n",
+            ":3:12: YAML syntax error: mapping values are not allowed here",
+        ),
         ("- train\n- sample\n", "must hold a mapping of sections, got list"),
         (
             "x: !!python/object/apply:os.system [ls]\n",
@@ -226,7 +242,7 @@ def test_config_file_that_is_not_utf8_or_a_folder(tmp_path):
 
 def test_yaml_reads_1e_minus_5_as_a_number():
     config = load_config(GenerationConfig, None, [f"data.train_prompts={PROMPTS}"])
-    from gen_rl.config import from_dict
+    from gen_rl.core.config import from_dict
 
     assert from_dict(type(config.train), {"lr": "1e-5"}).lr == 1e-5  # PyYAML gives the string '1e-5'
     with pytest.raises(ConfigError, match="train.lr must be float, got 'nan'"):
@@ -274,7 +290,11 @@ def test_group_of_one_is_fine_with_the_per_prompt_tracker():
     config = load_config(
         GenerationConfig,
         DEMO,
-        ["sample.group_size=1", "reward.per_prompt_tracker=true", "train={samples_per_update: 4, microbatch_size: 4}"],
+        [
+            "sample.group_size=1",
+            "reward.per_prompt_tracker=true",
+            "train={samples_per_update: 4, microbatch_size: 4}",
+        ],
     )
     assert config.sample.group_size == 1
     with pytest.raises(ConfigError, match=r"tracker_min_count \(9\) exceeds reward.tracker_buffer \(8\)"):
@@ -288,7 +308,9 @@ def test_group_of_one_is_fine_with_the_per_prompt_tracker():
 # ----- data files -----------------------------------------------------------------------------------------------
 def test_every_bad_jsonl_record_is_named_with_its_line(tmp_path):
     path = tmp_path / "prompts.jsonl"
-    path.write_text('{"prompt": "a red cat"}\n{"prompt": \n\n{"text": "no prompt"}\n{"prompt": "a dog", "n": 1}\n')
+    path.write_text(
+        '{"prompt": "a red cat"}\n{"prompt": \n\n{"text": "no prompt"}\n{"prompt": "a dog", "n": 1}\n'
+    )
     with pytest.raises(DataError) as error:
         load_prompts(path)
     message = str(error.value)
@@ -317,9 +339,13 @@ def test_prompt_file_errors_show_the_resolved_path(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "sub").mkdir()
     (tmp_path / "empty.txt").write_text("\n \n")
-    with pytest.raises(DataError, match=f"prompt file {tmp_path / 'missing.txt'} \\(data.eval_prompts\\) does not"):
+    with pytest.raises(
+        DataError, match=f"prompt file {tmp_path / 'missing.txt'} \\(data.eval_prompts\\) does not"
+    ):
         load_prompts("missing.txt", key="data.eval_prompts")
-    with pytest.raises(DataError, match=f"prompt file {tmp_path / 'empty.txt'} \\(data.train_prompts\\) is empty"):
+    with pytest.raises(
+        DataError, match=f"prompt file {tmp_path / 'empty.txt'} \\(data.train_prompts\\) is empty"
+    ):
         load_prompts("empty.txt")
     with pytest.raises(DataError, match=f"{tmp_path / 'sub'} .* is a folder, not a file"):
         load_prompts("sub")
@@ -329,7 +355,9 @@ def test_paths_in_a_yaml_resolve_against_the_working_directory(tmp_path, monkeyp
     folder = tmp_path / "elsewhere"
     folder.mkdir()
     (folder / "prompts.txt").write_text("a cat\n")
-    (folder / "run.yaml").write_text(f"data:\n  train_prompts: prompts.txt\nlog:\n  output_dir: {tmp_path / 'run'}\n")
+    (folder / "run.yaml").write_text(
+        f"data:\n  train_prompts: prompts.txt\nlog:\n  output_dir: {tmp_path / 'run'}\n"
+    )
     config = load_config(GenerationConfig, folder / "run.yaml", ["log.tracker=none"])
     monkeypatch.chdir(tmp_path)
     with pytest.raises(DataError, match=f"prompt file {tmp_path / 'prompts.txt'} "):
@@ -366,7 +394,9 @@ def test_vlm_records_are_checked_whole_at_start_up(tmp_path, caplog):
     assert f"{path}:2: {tmp_path / 'gone.png'} does not exist (record 'b')" in message
     assert f"{path}:3: missing ['solution']" in message
     assert f"{path}:4: {tmp_path / 'also_gone.png'} does not exist (record 'd')" in message
-    assert f"{path}:5: not valid JSON (Expecting property name enclosed in double quotes at column 2)" in message
+    assert (
+        f"{path}:5: not valid JSON (Expecting property name enclosed in double quotes at column 2)" in message
+    )
     assert "(4 bad records of 5)" in message
     with caplog.at_level("WARNING", logger="gen_rl.data"):
         records = read_checked_records(path, tmp_path, bad_records="skip")
@@ -393,7 +423,9 @@ def test_vlm_image_root_must_be_a_folder(tmp_path):
 # ----- environment: run folder, tracker, weights ----------------------------------------------------------------
 def test_output_dir_must_be_writable(tmp_path):
     (tmp_path / "file").write_text("")
-    with pytest.raises(ConfigError, match=f"log.output_dir {tmp_path / 'file' / 'run'} cannot be made: .* is a file"):
+    with pytest.raises(
+        ConfigError, match=f"log.output_dir {tmp_path / 'file' / 'run'} cannot be made: .* is a file"
+    ):
         inputs.check_output_dir(str(tmp_path / "file" / "run"))
     with pytest.raises(ConfigError, match="log.output_dir /proc/gen_rl_run is not writable"):
         inputs.check_output_dir("/proc/gen_rl_run")  # /proc refuses new entries even for root
@@ -410,20 +442,26 @@ def _installed(module: str) -> bool:
 
 def test_tracker_must_be_installed(monkeypatch):
     monkeypatch.setitem(inputs.TRACKER_MODULES, "wandb", ("gen_rl_no_such_module",))
-    with pytest.raises(ConfigError, match="log.tracker is 'wandb' but gen_rl_no_such_module is not installed; pip"):
+    with pytest.raises(
+        ConfigError, match="log.tracker is 'wandb' but gen_rl_no_such_module is not installed; pip"
+    ):
         inputs.check_tracker("wandb")
     inputs.check_tracker("tensorboard")  # installed with the dev extras
     inputs.check_tracker("none")
 
 
 def test_local_weights_must_exist_and_be_complete(tmp_path):
-    with pytest.raises(inputs.MissingWeightsError, match=f"model.pretrained: {tmp_path / 'nope'} does not exist"):
-        inputs.check_weights(str(tmp_path / "nope"), "model.pretrained", "model_index.json")
-    with pytest.raises(inputs.MissingWeightsError, match=f"{tmp_path} has no model_index.json"):
-        inputs.check_weights(str(tmp_path), "model.pretrained", "model_index.json")
+    with pytest.raises(
+        hub.MissingWeightsError, match=f"model.pretrained: {tmp_path / 'nope'} does not exist"
+    ):
+        hub.check_weights(str(tmp_path / "nope"), "model.pretrained", "model_index.json")
+    with pytest.raises(hub.MissingWeightsError, match=f"{tmp_path} has no model_index.json"):
+        hub.check_weights(str(tmp_path), "model.pretrained", "model_index.json")
     (tmp_path / "model_index.json").write_text("{}")
-    inputs.check_weights(str(tmp_path), "model.pretrained", "model_index.json")
-    assert issubclass(inputs.MissingWeightsError, ConfigError) and issubclass(inputs.MissingWeightsError, OSError)
+    hub.check_weights(str(tmp_path), "model.pretrained", "model_index.json")
+    assert issubclass(hub.MissingWeightsError, ConfigError) and issubclass(
+        hub.MissingWeightsError, OSError
+    )
 
 
 def test_an_unreachable_hub_fails_at_once_and_turns_the_process_offline(monkeypatch):
@@ -431,18 +469,20 @@ def test_an_unreachable_hub_fails_at_once_and_turns_the_process_offline(monkeypa
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     monkeypatch.delenv("HTTPS_PROXY", raising=False)
     monkeypatch.delenv("https_proxy", raising=False)
-    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing listens, refused at once
-    monkeypatch.setenv(inputs._PROBE_MARK, "")
-    inputs.hub_reachable.cache_clear()
+    monkeypatch.setenv(
+        "HF_ENDPOINT", "http://127.0.0.1:9"
+    )  # the discard port: nothing listens, refused at once
+    monkeypatch.setenv(hub._PROBE_MARK, "")
+    hub.hub_reachable.cache_clear()
     try:
         start = time.perf_counter()
         unreachable = "not in the local hub cache and the hub cannot be reached"
-        with pytest.raises(inputs.MissingWeightsError, match=unreachable):
-            inputs.check_weights("no-such-owner/no-such-model", "model.pretrained", "model_index.json")
-        assert time.perf_counter() - start < inputs.HUB_PROBE_SECONDS + 0.5
+        with pytest.raises(hub.MissingWeightsError, match=unreachable):
+            hub.check_weights("no-such-owner/no-such-model", "model.pretrained", "model_index.json")
+        assert time.perf_counter() - start < hub.HUB_PROBE_SECONDS + 0.5
         assert os.environ["HF_HUB_OFFLINE"] == "1"  # every later loader goes to the cache only
     finally:
-        inputs.hub_reachable.cache_clear()
+        hub.hub_reachable.cache_clear()
 
 
 def test_reward_weights_fail_fast_offline():
@@ -454,8 +494,12 @@ def test_reward_weights_fail_fast_offline():
     with pytest.raises(MissingWeightsError, match="HF_HUB_OFFLINE=1 is set") as error:
         resolve_file("no-such-owner/no-such-weights", "weights.pt", what="test head", published="nowhere")
     assert "\n" not in str(error.value) and isinstance(error.value, ConfigError)
-    with pytest.raises(MissingWeightsError, match="could not load from the hub repo .* \\(HF_HUB_OFFLINE=1 is set\\)"):
-        load_pretrained(CLIPConfig.from_pretrained, "no-such-owner/no-such-clip", what="CLIP", published="nowhere")
+    with pytest.raises(
+        MissingWeightsError, match="could not load from the hub repo .* \\(HF_HUB_OFFLINE=1 is set\\)"
+    ):
+        load_pretrained(
+            CLIPConfig.from_pretrained, "no-such-owner/no-such-clip", what="CLIP", published="nowhere"
+        )
     assert time.perf_counter() - start < 5.0
 
 
@@ -500,11 +544,16 @@ def test_tiny_model_table_matches_the_tiny_pipelines():
     assert set(inputs.TINY_GENERATORS) == set(TINY_MODELS)
     flux, sd3 = tiny_flux_pipeline(seed=0), tiny_sd3_pipeline(seed=0)
     assert inputs.TINY_GENERATORS["tiny:flux"] == ("flux", flux.vae_scale_factor * 2)
-    assert inputs.TINY_GENERATORS["tiny:sd3"] == ("sd3", sd3.vae_scale_factor * sd3.transformer.config.patch_size)
+    assert inputs.TINY_GENERATORS["tiny:sd3"] == (
+        "sd3",
+        sd3.vae_scale_factor * sd3.transformer.config.patch_size,
+    )
 
 
 def test_tiny_model_must_match_the_family(tmp_path):
-    config = load_config(GenerationConfig, DEMO, ["model.family=sd3", f"log.output_dir={tmp_path}", "log.tracker=none"])
+    config = load_config(
+        GenerationConfig, DEMO, ["model.family=sd3", f"log.output_dir={tmp_path}", "log.tracker=none"]
+    )
     with pytest.raises(ConfigError, match="'tiny:flux-pixel' is a flux model but model.family is 'sd3'; set"):
         inputs.check_generation_inputs(config)
 
@@ -514,8 +563,14 @@ def test_tiny_model_must_match_the_family(tmp_path):
     ("override", "message"),
     [
         ("reward.terms=[{name: colr}]", "reward.terms[0]: unknown reward 'colr'. Did you mean"),
-        ("reward.terms=[{name: colour, kwargs: {bogus: 1}}]", "reward.terms[0]: reward 'colour' (ColourReward)"),
-        ("eval.gold=[{name: clip_scor}]", "eval.gold[0]: unknown reward 'clip_scor'. Did you mean 'clip_score'"),
+        (
+            "reward.terms=[{name: colour, kwargs: {bogus: 1}}]",
+            "reward.terms[0]: reward 'colour' (ColourReward)",
+        ),
+        (
+            "eval.gold=[{name: clip_scor}]",
+            "eval.gold[0]: unknown reward 'clip_scor'. Did you mean 'clip_score'",
+        ),
         ("eval.gold=[{name: 'os.path:join'}]", "eval.gold[0]: 'os.path:join' resolves to"),
         ("model.family=sdxl", "model.family: unknown model family 'sdxl'"),
     ],
@@ -552,7 +607,11 @@ def test_vlm_trainer_curriculum_skips_bad_records(tmp_path):
     records.write_text(
         '{"image": "a.png", "problem": "p", "solution": "s"}\n{"image": "gone.png", "problem": "p", "solution": "s"}\n'
     )
-    base = [f"data.stages=[{{files: [{records}]}}]", "reward.functions=[{name: exact}]", f"data.image_root={tmp_path}"]
+    base = [
+        f"data.stages=[{{files: [{records}]}}]",
+        "reward.functions=[{name: exact}]",
+        f"data.image_root={tmp_path}",
+    ]
     config = load_config(VLMConfig, None, base)
     with pytest.raises(DataError, match="gone.png does not exist"):
         VLMTrainer._build_curriculum(SimpleNamespace(config=config))
@@ -566,14 +625,20 @@ def test_check_flag_validates_everything_and_loads_nothing(tmp_path, capsys):
     assert cli(["--config", str(DEMO), "--check", f"log.output_dir={run}"]) == 0
     assert "config, data files and weights checked, no problem found" in capsys.readouterr().out
     assert not run.exists()  # nothing was written: no trainer was built
-    assert "unknown reward 'colr'" in cli_error(capsys, "--config", str(DEMO), "--check", "reward.terms=[{name: colr}]")
+    assert "unknown reward 'colr'" in cli_error(
+        capsys, "--config", str(DEMO), "--check", "reward.terms=[{name: colr}]"
+    )
 
 
 def test_unknown_vlm_reward_names_are_reported_before_any_model_loads():
     from gen_rl.vlm.config import VLMConfig
 
     config = load_config(
-        VLMConfig, None, ["data.stages=[{synthetic: colour}]", "reward.functions=[{name: exact}, {name: exactt}]"]
+        VLMConfig,
+        None,
+        ["data.stages=[{synthetic: colour}]", "reward.functions=[{name: exact}, {name: exactt}]"],
     )
-    with pytest.raises(ConfigError, match=r"reward.functions\[1\]: unknown verifiable reward 'exactt'. Did you mean"):
+    with pytest.raises(
+        ConfigError, match=r"reward.functions\[1\]: unknown verifiable reward 'exactt'. Did you mean"
+    ):
         inputs.check_registered_names(config)

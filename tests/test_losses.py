@@ -1,4 +1,4 @@
-"""Tests for gen_rl.losses: hand-worked PPO clipping cases, KL cross-checks and aggregation by hand."""
+"""Tests for gen_rl.core.losses: hand-worked PPO clipping cases, KL cross-checks and aggregation by hand."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.distributions import Categorical, Normal, kl_divergence
 
-from gen_rl.losses import (
+from gen_rl.core.losses import (
     SurrogateOutput,
     aggregate,
     clipped_surrogate,

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from trainer_helpers import small_config
 
-from gen_rl.config import ConfigError
+from gen_rl.core.config import ConfigError
 from gen_rl.metrics import plot_reward_curve
 from gen_rl.monitoring import HackingMonitor
 from gen_rl.trainer import GenerationTrainer

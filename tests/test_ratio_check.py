@@ -52,7 +52,9 @@ def test_a_non_reproducible_model_stops_the_run_before_the_first_update(tmp_path
 
 def test_the_tolerance_follows_the_clip_range(tmp_path):
     """The same mismatch passes a loose trust region and stops a tight one: the tolerance is derived, not fixed."""
-    loose = GenerationTrainer(small_config(tmp_path / "loose", "train.clip_range=1.0", "train.ratio_check_fraction=1"))
+    loose = GenerationTrainer(
+        small_config(tmp_path / "loose", "train.clip_range=1.0", "train.ratio_check_fraction=1")
+    )
     _hook(loose, 1e-2)
     batch, _ = loose.sample(0)
     floor = loose.ratio_check_record["log_prob_floor"]
@@ -65,7 +67,9 @@ def test_the_tolerance_follows_the_clip_range(tmp_path):
 
 
 def test_the_check_recomputes_at_the_training_microbatch_size(tmp_path):
-    trainer = GenerationTrainer(small_config(tmp_path, "train.microbatch_size=2", "train.samples_per_update=8"))
+    trainer = GenerationTrainer(
+        small_config(tmp_path, "train.microbatch_size=2", "train.samples_per_update=8")
+    )
     jitter = _hook(trainer, 0.0)
     trainer.sample(0)
     rollout_calls = trainer.config.sample.num_steps * 2  # two groups per process, one rollout call each
@@ -77,7 +81,9 @@ def test_the_check_recomputes_at_the_training_microbatch_size(tmp_path):
 def test_the_check_runs_on_resume_too(tmp_path):
     config = small_config(tmp_path, "checkpoint.every_steps=1", "train.num_steps=1")
     GenerationTrainer(config).train()
-    resumed = GenerationTrainer(small_config(tmp_path, "checkpoint.every_steps=1", "train.num_steps=2"), resume=True)
+    resumed = GenerationTrainer(
+        small_config(tmp_path, "checkpoint.every_steps=1", "train.num_steps=2"), resume=True
+    )
     _hook(resumed, 1e-2)
     with pytest.raises(RatioCheckError):
         resumed.run_step(1)

@@ -12,9 +12,9 @@ import pytest
 import torch
 from trainer_helpers import DEMO, lora_weights
 
-from gen_rl.config import load_config
+from gen_rl.core.config import load_config
+from gen_rl.core.step_selection import sde_window, train_step_indices
 from gen_rl.objective import compute_advantages, log_probs_in_convention, step_loss, transition_kl
-from gen_rl.step_selection import sde_window, train_step_indices
 from gen_rl.train import task_of
 from gen_rl.trainer_config import GenerationConfig
 from pipelines.sde import get_flow_step
@@ -82,7 +82,9 @@ def dance_grpo_advantages(rewards, group_size, clip):
 
 def ppo_loss(log_prob, old_log_prob, advantages, clip):
     ratio = torch.exp(log_prob - old_log_prob)
-    return torch.mean(torch.maximum(-advantages * ratio, -advantages * torch.clamp(ratio, 1 - clip, 1 + clip)))
+    return torch.mean(
+        torch.maximum(-advantages * ratio, -advantages * torch.clamp(ratio, 1 - clip, 1 + clip))
+    )
 
 
 # ----- fixed tensors ------------------------------------------------------------------------------------------------
@@ -122,8 +124,13 @@ def _ours(config: GenerationConfig, x, v_old, v_new, v_ref, noise, sigma, sigma_
     kl = None
     if config.train.kl_coef > 0:
         kl = transition_kl(
-            new.mean, ref.mean, new.std, sigma, sigma_next,
-            sde_type=config.sample.sde_type, estimator=config.train.kl_estimator,
+            new.mean,
+            ref.mean,
+            new.std,
+            sigma,
+            sigma_next,
+            sde_type=config.sample.sde_type,
+            estimator=config.train.kl_estimator,
         )
     loss, _ = step_loss(config.train, log_probs, old_log_probs, advantages.float(), torch.ones(len(x)), kl)
     return loss, (log_probs - old_log_probs)[:, 0], old.next_sample
@@ -160,7 +167,11 @@ def test_flow_grpo_trains_the_first_nine_of_ten_steps():
     stochastic = torch.ones(3, config.sample.num_steps, dtype=torch.bool)
     train = config.train
     steps = train_step_indices(
-        stochastic, train.step_selection, fraction=train.step_fraction, seed=0, step=5,
+        stochastic,
+        train.step_selection,
+        fraction=train.step_fraction,
+        seed=0,
+        step=5,
         trainable=train.trainable_steps,
     )
     assert steps.tolist() == [list(range(int(10 * 0.99)))] * 3
@@ -192,7 +203,11 @@ def test_dance_grpo_recipe_reproduces_dance_grpo():
     train = config.train
     chosen = [
         train_step_indices(
-            stochastic, train.step_selection, fraction=train.step_fraction, seed=0, step=step,
+            stochastic,
+            train.step_selection,
+            fraction=train.step_fraction,
+            seed=0,
+            step=step,
             trainable=train.trainable_steps,
         )
         for step in range(20)
@@ -219,8 +234,14 @@ def test_cps_recipe_reproduces_flow_grpo_cps():
     train = config.train
     windows = {
         sde_window(
-            train.step_selection, step, config.sample.num_steps, window_size=train.window_size,
-            window_range=train.window_range, stride=train.window_stride, every=train.window_every, seed=0,
+            train.step_selection,
+            step,
+            config.sample.num_steps,
+            window_size=train.window_size,
+            window_range=train.window_range,
+            stride=train.window_stride,
+            every=train.window_every,
+            seed=0,
         )
         for step in range(40)
     }
@@ -273,7 +294,9 @@ TINY = {"flux": ("tiny:flux", 16), "sd3": ("tiny:sd3", 32)}
 
 
 @pytest.mark.parametrize("path", GENERATION, ids=[str(p.relative_to(CONFIGS)) for p in GENERATION])
-def test_every_generation_config_trains_two_steps_on_tiny_models(path, tmp_path, tiny_heads, fresh_accelerator):
+def test_every_generation_config_trains_two_steps_on_tiny_models(
+    path, tmp_path, tiny_heads, fresh_accelerator
+):
     """Each YAML as shipped (dtype, mixed precision, KL, EMA, CFG, step selection, rewards by name), pointed at tiny
     models and tiny reward checkpoints, and shrunk to two steps of two groups."""
     from gen_rl.trainer import GenerationTrainer

@@ -155,7 +155,7 @@ def test_registry_errors_name_the_fix():
     with pytest.raises(TypeError, match=r"'colour' \(ColourReward\).*'colors'.*accepts: colours"):
         build_reward("colour", colors={"red": [1, 0, 0]})
     with pytest.raises(TypeError, match="not a Reward subclass"):
-        build_reward("gen_rl.images:to_uint8")
+        build_reward("gen_rl.core.images:to_uint8")
 
 
 def test_deduplicate_keeps_first_seen_order_and_maps_every_prompt():

@@ -451,7 +451,7 @@ def test_pickle_payload_really_runs_code_when_unpickled(tmp_path):
 
 # ----- the VLM trainer shares the run-folder rules ---------------------------------------------------------
 def test_vlm_resume_applies_a_changed_learning_rate_and_refuses_a_changed_lora_rank(tmp_path):
-    from gen_rl.config import load_config
+    from gen_rl.core.config import load_config
     from gen_rl.vlm.config import VLMConfig
     from gen_rl.vlm.trainer import VLMTrainer
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from gen_rl.checkpoint import CheckpointManager
-from gen_rl.ema import ParameterEMA
+from gen_rl.core.ema import ParameterEMA
+from gen_rl.core.step_selection import sde_window, train_step_indices
 from gen_rl.metrics import MetricsLog, plot_reward_curve
-from gen_rl.step_selection import sde_window, train_step_indices
 
 WINDOW = {"window_size": 3, "window_range": None, "stride": 2, "every": 2, "seed": 0}
 

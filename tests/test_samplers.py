@@ -8,7 +8,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from gen_rl.seeding import make_generators
+from gen_rl.core.seeding import make_generators
 from pipelines import FluxSampler, Rollout, RolloutOptions, SD3Sampler, build_sampler
 
 FAMILIES = ["flux", "flux_schnell", "sd3"]

@@ -5,13 +5,16 @@ from __future__ import annotations
 import pytest
 from trainer_helpers import small_config
 
-from gen_rl.config import ConfigError
+from gen_rl.core.config import ConfigError
 
 
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (("model.lora=false", "train.kl_coef=0.01"), "there is none. Set model.lora: true or train.kl_coef: 0"),
+        (
+            ("model.lora=false", "train.kl_coef=0.01"),
+            "there is none. Set model.lora: true or train.kl_coef: 0",
+        ),
         (("train.log_prob_convention=flow_grpo_cps",), "sample.sde_type: cps"),
         (("sample.noise_level=0",), "nothing can be trained"),
         (("train.trainable_steps=[3,3]",), "0 <= lo < hi"),

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from trainer_helpers import small_config
 
-from gen_rl.config import ConfigError, describe, load_config
+from gen_rl.core.config import ConfigError, describe, load_config
 from gen_rl.data import DataError, load_prompts, prompt_indices_for_step
 from gen_rl.train import main, task_of
 from gen_rl.trainer_config import GenerationConfig

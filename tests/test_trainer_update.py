@@ -106,14 +106,21 @@ def _hand_objective(trainer, base, rollout, advantages, steps, kl_coef, estimato
         sigma, sigma_next = rollout.sigmas[rows, steps], rollout.sigmas[rows, steps + 1]
         squared = (out.means - reference.means).square().flatten(2).mean(dim=2)  # [B, K]
         g = _flow_grpo_g(sigma, sigma_next, float(rollout.sigmas[0, 1]), rollout.noise_level)
-        variance = g**2 * (sigma - sigma_next) if estimator == "gaussian" else g**2  # step variance, or theirs
+        variance = (
+            g**2 * (sigma - sigma_next) if estimator == "gaussian" else g**2
+        )  # step variance, or theirs
         loss = loss + kl_coef * (squared / (2 * variance)).mean()
     return loss
 
 
 @pytest.mark.parametrize(
     ("selection", "kl_coef", "estimator"),
-    [("all", 0.0, "gaussian"), ("first", 0.0, "gaussian"), ("all", 2.0, "gaussian"), ("first", 2.0, "flow_grpo")],
+    [
+        ("all", 0.0, "gaussian"),
+        ("first", 0.0, "gaussian"),
+        ("all", 2.0, "gaussian"),
+        ("first", 2.0, "flow_grpo"),
+    ],
 )
 def test_sgd_update_equals_minus_lr_times_the_hand_written_gradient(tmp_path, selection, kl_coef, estimator):
     lr = 0.5
@@ -189,7 +196,9 @@ def _ddpo_tracker(history, prompts, rewards, buffer, min_count, eps=1e-6):
     out = []
     for prompt, reward in zip(prompts, rewards.tolist(), strict=True):
         past = torch.tensor(list(history[prompt]), dtype=torch.float64)
-        mean, std = (batch_mean, batch_std) if len(past) < min_count else (past.mean(), past.std(correction=0))
+        mean, std = (
+            (batch_mean, batch_std) if len(past) < min_count else (past.mean(), past.std(correction=0))
+        )
         out.append((reward - float(mean)) / (float(std) + eps))
     return torch.tensor(out, dtype=torch.float32)
 
@@ -226,7 +235,8 @@ def test_step_loss_clips_above_at_clip_range_high_and_below_at_clip_range():
     # PPO by hand: max(-A rho, -A clip(rho, 0.9, 1.5)); the clipped branch carries no gradient
     clipped = [False, True, True, False, False]
     per_sample = [
-        max(-a * r, -a * min(max(r, 0.9), 1.5)) for a, r in zip(advantages.tolist(), ratios.tolist(), strict=True)
+        max(-a * r, -a * min(max(r, 0.9), 1.5))
+        for a, r in zip(advantages.tolist(), ratios.tolist(), strict=True)
     ]
     assert loss.item() == pytest.approx(sum(per_sample) / 5, rel=1e-6)
     gradient = log_probs.grad[:, 0]
@@ -257,7 +267,9 @@ def test_random_fraction_draws_new_steps_every_training_step_and_respects_the_tr
 
 # ----- the other paths the shipped configs use ---------------------------------------------------------------------
 def test_a_second_pass_over_the_batch_sees_the_updated_policy_and_clips(tmp_path):
-    config = small_config(tmp_path, "train.inner_epochs=2", "train.samples_per_update=8", "train.clip_range=1e-5")
+    config = small_config(
+        tmp_path, "train.inner_epochs=2", "train.samples_per_update=8", "train.clip_range=1e-5"
+    )
     trainer = GenerationTrainer(config)
     record = trainer.run_step(0)
     assert record["updates"] == 2  # one optimizer update per pass

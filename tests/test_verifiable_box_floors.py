@@ -58,7 +58,9 @@ DETECTION = {
     "weighted_recall_heavy": lambda answer, meta: detection_weighted_reward(
         answer, TARGETS, {**meta, "precision_weight": 0.2, "recall_weight": 0.8}
     ),
-    "weighted_iou": lambda answer, meta: detection_weighted_reward(answer, TARGETS, {**meta, "iou_weighted": True}),
+    "weighted_iou": lambda answer, meta: detection_weighted_reward(
+        answer, TARGETS, {**meta, "iou_weighted": True}
+    ),
 }
 
 
@@ -132,7 +134,9 @@ def test_grounding_spray_earns_its_first_box_only(name, boxes):
 def test_grounding_far_boxes_earn_nothing(name):
     # any box disjoint from the target earns 0 (under (GIoU + 1) / 2 each earned 0.25 .. 0.5)
     rewards = [GROUNDING[name](tagged(str(box)), TARGET, META) for box in random_spray(200, seed=2)]
-    disjoint = [r for r, box in zip(rewards, random_spray(200, seed=2), strict=True) if box_iou(box, TARGET) == 0]
+    disjoint = [
+        r for r, box in zip(rewards, random_spray(200, seed=2), strict=True) if box_iou(box, TARGET) == 0
+    ]
     assert disjoint and max(disjoint) == 0.0
     assert float(np.mean(rewards)) < 0.05
 

@@ -24,7 +24,9 @@ def assert_no_better_than_worst(reward, hack, candidates, metadata=None, golds=N
     for gold in golds or candidates:
         worst = min(reward(tagged(str(candidate)), gold, metadata) for candidate in candidates)
         assert reward(tagged(str(gold)), gold, metadata) == 1.0, f"honest answer {gold!r} must pay"
-        assert reward(tagged(hack), gold, metadata) <= worst, f"{hack!r} beat its worst candidate (gold {gold})"
+        assert reward(tagged(hack), gold, metadata) <= worst, (
+            f"{hack!r} beat its worst candidate (gold {gold})"
+        )
 
 
 NUMBER_REWARDS = [counting_reward, numeric_reward, math_reward]
@@ -52,7 +54,9 @@ def test_math_negation_that_the_solution_states_is_allowed():
     assert math_reward(tagged("$x \\neq 0$"), "x \\neq 0", {}) == 1.0
 
 
-@pytest.mark.parametrize("hack", ["not B", "The answer is not A", "Not C.", "anything except D", "B is wrong"])
+@pytest.mark.parametrize(
+    "hack", ["not B", "The answer is not A", "Not C.", "anything except D", "B is wrong"]
+)
 def test_negated_choice_earns_nothing(hack):
     assert_no_better_than_worst(choice_reward, hack, list("ABCD"), {"choices": CHOICES})
 
@@ -81,7 +85,19 @@ def test_yes_no_leading_word_commits():
 # ----------------------------------------------------------------------------------------------------
 
 GLUED = ["3or4", "3x4", "3OR4", "3and4", "3,4", "3/4or4", "3-4", "3–4", "3+"]
-NON_ASCII = ["3 or ⁴", "3 or ④", "3 or Ⅳ", "3 or ４", "3 ⁴", "3 ④", "3 Ⅳ", "3 ４", "3 ٤", "3 or four", "3 or IV"]
+NON_ASCII = [
+    "3 or ⁴",
+    "3 or ④",
+    "3 or Ⅳ",
+    "3 or ４",
+    "3 ⁴",
+    "3 ④",
+    "3 Ⅳ",
+    "3 ４",
+    "3 ٤",
+    "3 or four",
+    "3 or IV",
+]
 
 
 @pytest.mark.parametrize("reward", NUMBER_REWARDS)
@@ -116,13 +132,30 @@ def test_letter_plus_another_options_text(hack):
     assert_no_better_than_worst(choice_reward, hack, ["A", "B"], {"choices": CHOICES})
 
 
-@pytest.mark.parametrize("hack", ["yes или нет", "yes nein", "probably yes", "yes?", "yes, maybe", "да или нет"])
+@pytest.mark.parametrize(
+    "hack", ["yes или нет", "yes nein", "probably yes", "yes?", "yes, maybe", "да или нет"]
+)
 def test_yes_no_hedges(hack):
     assert_no_better_than_worst(yes_no_reward, hack, ["yes", "no"], golds=["yes"])
 
 
 # a generated family: every pair of distinct candidates, every separator, every digit form
-SEPARATORS = [" or ", "or", " ", "", ", ", " / ", " | ", " \\\\ ", "; ", " или ", " oder ", " 或 ", " and ", "\n"]
+SEPARATORS = [
+    " or ",
+    "or",
+    " ",
+    "",
+    ", ",
+    " / ",
+    " | ",
+    " \\\\ ",
+    "; ",
+    " или ",
+    " oder ",
+    " 或 ",
+    " and ",
+    "\n",
+]
 DIGIT_FORMS = [str, lambda d: chr(0xFF10 + d), lambda d: "⁰¹²³⁴⁵⁶⁷⁸⁹"[d], lambda d: chr(0x2460 + d - 1)]
 
 
@@ -151,7 +184,8 @@ def test_ascii_numerals():
 
 
 @pytest.mark.parametrize(
-    ("text", "found"), [("not 3", "not"), ("isn't", "n't"), ("3 ≠ 4", "≠"), ("nothing here", None), ("3", None)]
+    ("text", "found"),
+    [("not 3", "not"), ("isn't", "n't"), ("3 ≠ 4", "≠"), ("nothing here", None), ("3", None)],
 )
 def test_negation_reader(text, found):
     assert negation(text) == found
@@ -159,7 +193,15 @@ def test_negation_reader(text, found):
 
 @pytest.mark.parametrize(
     ("text", "found"),
-    [("3or4", "or"), ("for", None), ("3 | 4", "|"), ("3+", "3+"), ("3+4", None), ("либо", "либо"), ("3", None)],
+    [
+        ("3or4", "or"),
+        ("for", None),
+        ("3 | 4", "|"),
+        ("3+", "3+"),
+        ("3+4", None),
+        ("либо", "либо"),
+        ("3", None),
+    ],
 )
 def test_hedge_reader(text, found):
     assert hedge(text) == found
@@ -216,13 +258,17 @@ def test_choice_obfuscated_second_letter(hack):
     assert_no_better_than_worst(choice_reward, hack, ["B", "C"], {"choices": CHOICES}, golds=["B"])
 
 
-@pytest.mark.parametrize("hack", ["yes nо", "yes ｎｏ", "yes\u200bno", "yes ＯＲ no", "уes or nо"])  # Cyrillic о, у
+@pytest.mark.parametrize(
+    "hack", ["yes nо", "yes ｎｏ", "yes\u200bno", "yes ＯＲ no", "уes or nо"]
+)  # Cyrillic о, у
 def test_yes_no_obfuscated_second_word(hack):
     assert_no_better_than_worst(yes_no_reward, hack, ["yes", "no"], golds=["yes"])
 
 
 @pytest.mark.parametrize("reward", NUMBER_REWARDS)
-@pytest.mark.parametrize("hack", ["3 quatre", "3 четыре", "3 vier", "3\u20634", "3\u200b4", "3 𝟒", "3 ₄", "3 ❹"])
+@pytest.mark.parametrize(
+    "hack", ["3 quatre", "3 четыре", "3 vier", "3\u20634", "3\u200b4", "3 𝟒", "3 ₄", "3 ❹"]
+)
 def test_obfuscated_second_number(reward, hack):
     assert_no_better_than_worst(reward, hack, [3, 4])
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from gen_rl.config import ConfigError, describe, load_config, to_dict
+from gen_rl.core.config import ConfigError, describe, load_config, to_dict
 from gen_rl.vlm.config import LOSS_NAMES, VLMConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "vlm"
@@ -24,7 +24,7 @@ def test_every_vlm_config_loads(path):
 
 
 def from_round_trip(config: VLMConfig) -> VLMConfig:
-    from gen_rl.config import from_dict
+    from gen_rl.core.config import from_dict
 
     return from_dict(VLMConfig, to_dict(config))
 
@@ -91,7 +91,7 @@ def test_describe_documents_every_key():
 
 
 def test_dtype_names_match_the_torch_table_without_importing_torch():
-    from gen_rl.dtypes import DTYPES as TORCH_DTYPES
+    from gen_rl.core.dtypes import DTYPES as TORCH_DTYPES
     from gen_rl.vlm.config import DTYPES
 
     assert tuple(TORCH_DTYPES) == DTYPES  # vlm/config.py lists them itself so that it imports no torch

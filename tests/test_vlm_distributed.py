@@ -61,7 +61,8 @@ def test_two_vlm_processes_equal_one_process(tmp_path):
     assert not torch.allclose(halves[0], halves[1])  # each rank's slice is its own (not vacuous)
     assert single["stats"]["entropy/trained_token_fraction"] < 0.75  # the entropy gate is on
     loss_tokens = [
-        int((rank["rollout"].completion_mask & ~rank["rollout"].is_truncated[:, None]).sum()) for rank in ranks
+        int((rank["rollout"].completion_mask & ~rank["rollout"].is_truncated[:, None]).sum())
+        for rank in ranks
     ]
     assert loss_tokens[0] != loss_tokens[1]  # token-mean denominators differ between the ranks
     for key in ("entropy/mean", "entropy/trained_token_fraction"):

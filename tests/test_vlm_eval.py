@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from gen_rl.config import ConfigError, load_config
+from gen_rl.core.config import ConfigError, load_config
 from gen_rl.vlm.config import VLMConfig
 from gen_rl.vlm.evaluation import EvalSample, drop_completions_after, eval_metrics, pass_at_k
 from gen_rl.vlm.trainer import train

@@ -266,10 +266,12 @@ def test_every_aggregation_with_every_loss_matches_the_scalar_loop(name, aggrega
     """train.loss_aggregation is independent of the loss: each pair against its written-out formula."""
     log_probs, old, ref, advantages, mask = _batch(seed=1)
     mine = _value_and_grad(
-        lambda lp: _library_loss(name, lp, old, ref, advantages, mask, BETA, aggregation=aggregation), log_probs
+        lambda lp: _library_loss(name, lp, old, ref, advantages, mask, BETA, aggregation=aggregation),
+        log_probs,
     )
     theirs = _value_and_grad(
-        lambda lp: reference_loss(name, lp, old, ref, advantages, mask, BETA, aggregation=aggregation), log_probs
+        lambda lp: reference_loss(name, lp, old, ref, advantages, mask, BETA, aggregation=aggregation),
+        log_probs,
     )
     torch.testing.assert_close(mine[0], theirs[0], rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(mine[1], theirs[1], rtol=1e-9, atol=1e-12)
@@ -307,7 +309,9 @@ def test_dual_clip_matches_ye_et_al(name):
     bound_tokens = mask & (advantages[:, None] < 0) & (ratio > dual_clip)
     assert bound_tokens.any()
     # a capped token gets no policy gradient (only its KL term remains)
-    kl_only = _value_and_grad(lambda lp: _library_loss(name, lp, old, ref, advantages * 0, mask, BETA), log_probs)
+    kl_only = _value_and_grad(
+        lambda lp: _library_loss(name, lp, old, ref, advantages * 0, mask, BETA), log_probs
+    )
     torch.testing.assert_close(mine[1][bound_tokens], kl_only[1][bound_tokens], rtol=1e-9, atol=1e-12)
 
 
@@ -320,7 +324,8 @@ def test_token_weights_gate_the_policy_term_only(name):
         lambda lp: _library_loss(name, lp, old, ref, advantages, mask, BETA, token_weights=weights), log_probs
     )
     theirs = _value_and_grad(
-        lambda lp: reference_loss(name, lp, old, ref, advantages, mask, BETA, token_weights=weights), log_probs
+        lambda lp: reference_loss(name, lp, old, ref, advantages, mask, BETA, token_weights=weights),
+        log_probs,
     )
     torch.testing.assert_close(mine[0], theirs[0], rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(mine[1], theirs[1], rtol=1e-9, atol=1e-12)
@@ -350,9 +355,13 @@ def test_sapo_gradient_is_the_soft_gate_times_the_policy_gradient():
     log_probs, old, _, advantages, mask = _batch()
     leaf = log_probs.clone().requires_grad_(True)
     options = {"clip_low": CLIP_LOW, "clip_high": CLIP_LOW, "max_completion_length": MAX_LENGTH}
-    policy_loss("sapo", leaf, old, advantages, mask, tau_pos=TAU_POS, tau_neg=TAU_NEG, **options).loss.backward()
+    policy_loss(
+        "sapo", leaf, old, advantages, mask, tau_pos=TAU_POS, tau_neg=TAU_NEG, **options
+    ).loss.backward()
     ratio = torch.exp(log_probs - old)
-    tau = torch.tensor([TAU_POS if a > 0 else TAU_NEG for a in advantages.tolist()], dtype=torch.float64)[:, None]
+    tau = torch.tensor([TAU_POS if a > 0 else TAU_NEG for a in advantages.tolist()], dtype=torch.float64)[
+        :, None
+    ]
     gate = torch.sigmoid(tau * (ratio - 1))
     lengths = mask.sum(dim=1, keepdim=True).clamp_min(1)
     expected = -4 * gate * (1 - gate) * ratio * advantages[:, None] / lengths / int(mask.any(dim=1).sum())
@@ -368,7 +377,7 @@ def test_sapo_gradient_is_the_soft_gate_times_the_policy_gradient():
 # advantages: RLOO and REINFORCE++ against scalar loops
 # ------------------------------------------------------------------------------------------------------
 
-from gen_rl.advantages import reinforce_pp_advantages, rloo_advantages  # noqa: E402
+from gen_rl.core.advantages import reinforce_pp_advantages, rloo_advantages  # noqa: E402
 
 REWARDS = [1.0, 0.0, 0.5, float("nan"), 2.0, 2.0, 3.0, 0.25, 7.0, 1.0, 4.0]
 GROUPS = [0, 0, 0, 0, 1, 1, 2, 2, 3, 4, 4]  # a NaN in group 0, a zero-spread group 1, a lone group 3
@@ -433,7 +442,8 @@ def test_token_entropy_matches_the_definition_with_temperature_and_suppression()
     for n in range(2):
         for c in range(3):
             weights = [
-                math.exp(float(logits[n, c, v]) / temperature) if v not in suppressed else 0.0 for v in range(6)
+                math.exp(float(logits[n, c, v]) / temperature) if v not in suppressed else 0.0
+                for v in range(6)
             ]
             probs = [weight / sum(weights) for weight in weights]
             expected = -sum(p * math.log(p) for p in probs if p > 0)
@@ -457,7 +467,7 @@ def test_entropy_threshold_keeps_the_top_fraction(fraction):
 
 
 def test_config_names_are_the_tables_names():
-    from gen_rl.advantages import ADVANTAGE_ESTIMATORS
+    from gen_rl.core.advantages import ADVANTAGE_ESTIMATORS
     from gen_rl.vlm import config
     from gen_rl.vlm.objectives import ADVANTAGE_FUNCTIONS
 
@@ -481,7 +491,7 @@ def test_config_names_are_the_tables_names():
     ],
 )
 def test_impossible_objective_options_are_refused(overrides, message):
-    from gen_rl.config import ConfigError, load_config
+    from gen_rl.core.config import ConfigError, load_config
     from gen_rl.vlm.config import VLMConfig
 
     tiny = Path(__file__).resolve().parent.parent / "configs" / "vlm" / "tiny_colour_cpu.yaml"
@@ -501,7 +511,7 @@ SMALL = (
 
 
 def _trainer(tmp_path, *overrides):
-    from gen_rl.config import load_config
+    from gen_rl.core.config import load_config
     from gen_rl.vlm.config import VLMConfig
     from gen_rl.vlm.trainer import VLMTrainer
 
@@ -557,7 +567,7 @@ def test_entropy_is_logged_every_step_as_the_sampling_entropy(tmp_path):
 
 @pytest.mark.parametrize("estimator", ["rloo", "reinforce_pp", "reinforce_pp_baseline"])
 def test_the_configured_advantage_estimator_reaches_the_batch(tmp_path, estimator):
-    from gen_rl.advantages import reinforce_pp_advantages, rloo_advantages
+    from gen_rl.core.advantages import reinforce_pp_advantages, rloo_advantages
 
     trainer = _trainer(tmp_path, "sample.max_new_tokens=3", f"train.advantage_estimator={estimator}")
     scored = trainer.collect(0)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from gen_rl.config import load_config
+from gen_rl.core.config import load_config
 from gen_rl.train import task_of
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "vlm"
@@ -22,7 +22,12 @@ RECORDS = {
     "grounding": {"problem": "the red square", "solution": "<answer>[0, 0, 28, 28]</answer>"},
     "counting": {"problem": "How many red squares?", "solution": "1"},
     "math": {"problem": "What is 1 + 1?", "solution": "2"},
-    "temporal": {"problem": "the screen turns red", "solution": "[0.5, 1.5]", "video": "clip", "video_fps": 2.0},
+    "temporal": {
+        "problem": "the screen turns red",
+        "solution": "[0.5, 1.5]",
+        "video": "clip",
+        "video_fps": 2.0,
+    },
 }
 
 
@@ -37,7 +42,9 @@ def _write_stage(folder: Path, name: str, tasks: list[str]) -> Path:
     for index, colour in enumerate([(0, 0, 0), (200, 30, 30), (200, 30, 30), (0, 0, 0)]):
         Image.new("RGB", (56, 56), colour).save(folder / "clip" / f"{index:03d}.png")
     records = [{"task": task, **RECORDS[task]} for task in tasks for _ in range(4)]
-    lines = [json.dumps(record if "video" in record else {"image": "red.png", **record}) for record in records]
+    lines = [
+        json.dumps(record if "video" in record else {"image": "red.png", **record}) for record in records
+    ]
     path = folder / f"{name}.jsonl"
     path.write_text("\n".join(lines) + "\n")
     return path

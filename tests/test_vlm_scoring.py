@@ -92,7 +92,9 @@ RECORDS = [VLMRecord(images=[], problem="q", solution="blue", task="colour", key
 TEXTS = ["blue", "red", "green", "blue"]
 
 
-@pytest.mark.parametrize(("broken", "what"), [("nan_on_red", "returned nan"), ("raise_on_red", "RuntimeError")])
+@pytest.mark.parametrize(
+    ("broken", "what"), [("nan_on_red", "returned nan"), ("raise_on_red", "RuntimeError")]
+)
 def test_a_failing_reward_stops_the_run_under_abort(broken, what):
     functions = build_reward_functions([_spec("exact"), _spec(f"tests.test_vlm_scoring:{broken}")])
     with pytest.raises(RewardError, match=rf"{broken}.*{what}.*sample 1 \(record 'r1'.*nan_policy: drop"):
@@ -249,11 +251,13 @@ def nan_on_odd_length(completion, solution, metadata):
 def _trainer_config(tmp_path, *overrides):
     from pathlib import Path
 
-    from gen_rl.config import load_config
+    from gen_rl.core.config import load_config
     from gen_rl.vlm.config import VLMConfig
 
     tiny = Path(__file__).resolve().parent.parent / "configs" / "vlm" / "tiny_colour_cpu.yaml"
-    functions = "reward.functions=[{name: exact}, {name: 'tests.test_vlm_scoring:nan_on_odd_length', weight: 0.5}]"
+    functions = (
+        "reward.functions=[{name: exact}, {name: 'tests.test_vlm_scoring:nan_on_odd_length', weight: 0.5}]"
+    )
     return load_config(
         VLMConfig, tiny, [f"log.output_dir={tmp_path}", "log.progress_bar=false", functions, *overrides]
     )
@@ -310,7 +314,9 @@ def test_a_cropping_processor_reports_no_frame_so_boxes_are_not_misread():
     processor.image_processor.size = {"shortest_edge": 28}
     prompt = encode_prompt(processor, "where ?", [Image.new("RGB", (112, 56))])
     assert prompt.processed_sizes == []
-    metadata = reward_metadata(VLMRecord(images=[], problem="", solution=""), [(56, 112)], prompt.processed_sizes)
+    metadata = reward_metadata(
+        VLMRecord(images=[], problem="", solution=""), [(56, 112)], prompt.processed_sizes
+    )
     (iou,) = build_reward_functions([_spec("iou")])
     with pytest.raises(ValueError, match="box_format"):
         iou.function("<answer>[0, 0, 14, 14]</answer>", "[0, 0, 56, 28]", metadata)

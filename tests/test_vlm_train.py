@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gen_rl.config import load_config
+from gen_rl.core.config import load_config
 from gen_rl.vlm.config import VLMConfig
 from gen_rl.vlm.policy import load_policy
 from gen_rl.vlm.trainer import VLMTrainer, train

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from gen_rl.config import load_config
+from gen_rl.core.config import load_config
 from gen_rl.vlm.config import VLMConfig
 from gen_rl.vlm.data import load_videos, parse_record, read_records
 from gen_rl.vlm.policy import eos_token_ids

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from gen_rl.config import load_config
+from gen_rl.core.config import load_config
 from gen_rl.trainer_config import GenerationConfig
 from rewards import Reward, RewardOutput
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from trainer_helpers import finish_processes
 
-from gen_rl.config import load_config
+from gen_rl.core.config import load_config
 from gen_rl.vlm.config import VLMConfig
 from gen_rl.vlm.trainer import VLMTrainer
 
@@ -53,7 +53,11 @@ def one_step(trainer: VLMTrainer) -> dict:
     gradients = []
     trainer.optimizer.optimizer.register_step_pre_hook(
         lambda *unused: gradients.append(
-            {name: value.grad.detach().clone() for name, value in model.named_parameters() if value.grad is not None}
+            {
+                name: value.grad.detach().clone()
+                for name, value in model.named_parameters()
+                if value.grad is not None
+            }
         )
     )
     scored = trainer.collect(0)

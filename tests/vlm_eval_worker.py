@@ -9,7 +9,7 @@ from pathlib import Path
 
 from trainer_helpers import finish_processes
 
-from gen_rl.config import load_config
+from gen_rl.core.config import load_config
 from gen_rl.vlm.config import VLMConfig
 from gen_rl.vlm.trainer import VLMTrainer
 

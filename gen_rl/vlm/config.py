@@ -1,6 +1,6 @@
 """Typed config of the vision-language GRPO trainer (``task: vlm``), one dataclass per YAML section.
 
-``VLMConfig`` is loaded by ``gen_rl.config.load_config`` (YAML + dotted overrides) and checked by
+``VLMConfig`` is loaded by ``gen_rl.core.config.load_config`` (YAML + dotted overrides) and checked by
 ``VLMConfig.validate``; ``gen_rl/train.py --describe`` prints every key with its default and unit.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gen_rl.config import ConfigError, check_finite, option, section
+from gen_rl.core.config import ConfigError, check_finite, option, section
 
 __all__ = [
     "LOSS_NAMES",
@@ -33,7 +33,7 @@ LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", 
 ADVANTAGE_ESTIMATORS = ("grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
 REFERENCE_MODES = ("auto", "disable_adapter", "frozen_copy")
 SYNTHETIC_NAMES = ("colour", "video_colour")
-DTYPES = ("float32", "bfloat16", "float16")  # gen_rl.dtypes.DTYPES's names, without importing torch here
+DTYPES = ("float32", "bfloat16", "float16")  # gen_rl.core.dtypes.DTYPES's names, without importing torch here
 
 
 @dataclass
@@ -143,7 +143,7 @@ class SampleSection:
 
 @dataclass
 class TrainSection:
-    """Policy-gradient updates on the shared core (gen_rl.advantages / gen_rl.losses)."""
+    """Policy-gradient updates on the shared core (gen_rl.core.advantages / gen_rl.core.losses)."""
 
     steps: int = option(100, "rollout batches (each followed by num_iterations x mini-batch updates)")
     loss: str = option("grpo", "objective: grpo | dr_grpo | dapo | gspo | gspo_token | cispo | sapo")
@@ -343,7 +343,9 @@ class VLMConfig:
         check_finite(self)
         train, model, data = self.train, self.model, self.data
         if train.lr <= 0:
-            raise ConfigError(f"train.lr must be > 0 (the AdamW learning rate), got {train.lr}; e.g. train.lr=1e-6")
+            raise ConfigError(
+                f"train.lr must be > 0 (the AdamW learning rate), got {train.lr}; e.g. train.lr=1e-6"
+            )
         if len(train.adam_betas) != 2 or not all(0 <= beta < 1 for beta in train.adam_betas):
             raise ConfigError(f"train.adam_betas must be two numbers in [0, 1), got {train.adam_betas}")
         if data.bad_records not in ("abort", "skip"):
@@ -486,7 +488,9 @@ class VLMConfig:
         if train.dual_clip and not train.dual_clip > 1:
             raise ConfigError(f"train.dual_clip must be 0 (off) or > 1 (Ye et al.: 3), got {train.dual_clip}")
         if train.dual_clip and train.loss in ("cispo", "sapo"):
-            raise ConfigError(f"train.dual_clip bounds the PPO clipped surrogate; train.loss={train.loss} has none")
+            raise ConfigError(
+                f"train.dual_clip bounds the PPO clipped surrogate; train.loss={train.loss} has none"
+            )
         if not (train.sapo_tau_pos > 0 and train.sapo_tau_neg > 0):
             raise ConfigError("train.sapo_tau_pos and train.sapo_tau_neg must be > 0 (SAPO: 1.0 and 1.05)")
         if not 0 < train.top_entropy_fraction <= 1:

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from gen_rl.seeding import derive_seed
+from gen_rl.core.seeding import derive_seed
 from gen_rl.vlm.video import VideoClip, VideoSampling, read_video
 
 __all__ = [
@@ -120,7 +120,7 @@ def read_checked_records(
     Every bad record is named with its line (and ``id``); ``bad_records="abort"`` raises one ``DataError``
     listing them, ``"skip"`` logs one warning per bad record and returns the others. Paths show resolved.
     """
-    from gen_rl.config import resolve_path
+    from gen_rl.core.config import resolve_path
     from gen_rl.data import read_text_lines, report_bad_records
 
     shown = resolve_path(path)

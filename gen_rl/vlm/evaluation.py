@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from accelerate.utils import gather_object
 
-from gen_rl.seeding import derive_seed
+from gen_rl.core.seeding import derive_seed
 from gen_rl.vlm.rollout import (
     EncodedPrompt,
     SamplingSettings,

@@ -1,4 +1,4 @@
-"""GRPO-family objectives for completion tokens, built on the shared core (gen_rl.advantages / gen_rl.losses).
+"""GRPO-family objectives for completion tokens, built on the shared core (gen_rl.core.advantages / gen_rl.core.losses).
 
 Every mode minimises ``policy term + beta * KL term`` over a mini-batch of completions with per-token
 ``log_probs`` (current policy, with gradient), ``old_log_probs`` (sampling policy) and one advantage per
@@ -46,8 +46,8 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from gen_rl.advantages import AdvantageOutput, reinforce_pp_advantages, rloo_advantages
-from gen_rl.losses import SurrogateOutput, aggregate, clipped_surrogate, surrogate_stats, token_kl
+from gen_rl.core.advantages import AdvantageOutput, reinforce_pp_advantages, rloo_advantages
+from gen_rl.core.losses import SurrogateOutput, aggregate, clipped_surrogate, surrogate_stats, token_kl
 
 __all__ = [
     "AGGREGATIONS",
@@ -226,7 +226,9 @@ def _sapo_surrogate(new, old, log_probs, advantages, options: SurrogateOptions) 
         torch.full_like(unit_advantages, options.tau_neg),
     )
     gate = torch.sigmoid(tau * (ratio - 1.0)) * (4.0 / tau)
-    return SurrogateOutput(loss=-gate * unit_advantages, ratio=ratio, clipped=torch.zeros_like(ratio, dtype=torch.bool))
+    return SurrogateOutput(
+        loss=-gate * unit_advantages, ratio=ratio, clipped=torch.zeros_like(ratio, dtype=torch.bool)
+    )
 
 
 SURROGATES: dict[str, Callable[..., SurrogateOutput]] = {

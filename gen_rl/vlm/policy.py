@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 from torch import nn
 from transformers import AutoModelForImageTextToText, GenerationConfig
 
-from gen_rl.dtypes import DTYPES, resolve_dtype
+from gen_rl.core.dtypes import DTYPES, resolve_dtype
 from gen_rl.vlm.compat import load_processor
 
 __all__ = [

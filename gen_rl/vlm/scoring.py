@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gen_rl.advantages import AdvantageOutput, combine_rewards
+from gen_rl.core.advantages import AdvantageOutput, combine_rewards
 
 __all__ = [
     "NAN_POLICIES",
@@ -104,11 +104,15 @@ def reward_metadata(
 
 def _failure(reward: RewardFunction, index: int, record: Any, what: str) -> str:
     key = getattr(record, "key", None)
-    where = f"sample {index}" + (f" (record {key!r}, task {record.task!r})" if key else f" (task {record.task!r})")
+    where = f"sample {index}" + (
+        f" (record {key!r}, task {record.task!r})" if key else f" (task {record.task!r})"
+    )
     return f"reward {reward.name!r} {what} for {where}"
 
 
-def _score_one(reward: RewardFunction, text: str, record: Any, metadata: Mapping[str, Any]) -> tuple[float, str]:
+def _score_one(
+    reward: RewardFunction, text: str, record: Any, metadata: Mapping[str, Any]
+) -> tuple[float, str]:
     """``(score, "")`` or ``(nan, what went wrong)``."""
     try:
         value = float(reward.function(text, record.solution, metadata))
@@ -147,7 +151,9 @@ def score_completions(
                     "reward.nan_policy: drop to drop such samples (counted in dropped_samples)"
                 )
             if what:
-                report(f"gen-rl: {_failure(reward, index, record, what)}; sample dropped (reward.nan_policy: drop)")
+                report(
+                    f"gen-rl: {_failure(reward, index, record, what)}; sample dropped (reward.nan_policy: drop)"
+                )
                 failed.add(index)
             columns[reward.name][index] = value
     for index in failed:
@@ -177,7 +183,8 @@ def advantages_of(
     """
     dropped = unscored(scores)
     filled = {
-        name: torch.where(dropped, values, torch.nan_to_num(values, nan=0.0)) for name, values in scores.items()
+        name: torch.where(dropped, values, torch.nan_to_num(values, nan=0.0))
+        for name, values in scores.items()
     }
     weights = {reward.name: reward.weight for reward in functions}
     total = sum(weights[name] * values for name, values in filled.items())

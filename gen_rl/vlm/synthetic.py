@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from gen_rl.seeding import derive_seed
+from gen_rl.core.seeding import derive_seed
 from gen_rl.vlm.tiny import COLOURS
 
 __all__ = [

@@ -107,7 +107,10 @@ def build_word_tokenizer(extra_special_tokens: tuple[str, ...] = ()) -> PreTrain
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     backend.add_special_tokens(
-        [AddedToken(token, special=True, normalized=False) for token in (*SPECIAL_TOKENS, *extra_special_tokens)]
+        [
+            AddedToken(token, special=True, normalized=False)
+            for token in (*SPECIAL_TOKENS, *extra_special_tokens)
+        ]
     )
     backend.add_tokens([AddedToken(token, special=False, normalized=False) for token in TAG_TOKENS])
     tokenizer = PreTrainedTokenizerFast(

@@ -50,11 +50,11 @@ from gen_rl.checkpoint import (
     publish,
     write_checkpoint,
 )
-from gen_rl.config import ConfigError, to_dict
+from gen_rl.core.config import ConfigError, to_dict
+from gen_rl.core.seeding import derive_seed
 from gen_rl.metrics import MetricsLog
 from gen_rl.run_folder import VLM_TUNABLES
 from gen_rl.run_state import apply_optimizer_settings, install_hooks, open_run, refusing_code
-from gen_rl.seeding import derive_seed
 from gen_rl.vlm.config import VLMConfig
 from gen_rl.vlm.data import (
     Curriculum,
@@ -477,7 +477,10 @@ class VLMTrainer:
         estimator = config.train.advantage_estimator
         if estimator != "grpo":  # on the weighted reward sum, over the whole batch
             output = ADVANTAGE_FUNCTIONS[estimator](
-                total, all_group_ids, eps=config.reward.advantage_eps, clip=config.reward.advantage_clip or None
+                total,
+                all_group_ids,
+                eps=config.reward.advantage_eps,
+                clip=config.reward.advantage_clip or None,
             )
         start = self.accelerator.process_index * len(rollout)
         local = slice(start, start + len(rollout))
@@ -625,7 +628,9 @@ class VLMTrainer:
         local = sampling_entropy[loss_mask].float()
         padded = self.accelerator.pad_across_processes(local, dim=0, pad_index=float("nan"))
         everyone = self.accelerator.gather(padded)
-        threshold = entropy_threshold(everyone[~torch.isnan(everyone)], self.config.train.top_entropy_fraction)
+        threshold = entropy_threshold(
+            everyone[~torch.isnan(everyone)], self.config.train.top_entropy_fraction
+        )
         return ((sampling_entropy >= threshold) & loss_mask).float()
 
     def update(
@@ -798,7 +803,9 @@ class VLMTrainer:
             [str(record.problem), scored.rollout.texts[index], round(float(scored.total_reward[index]), 4)]
             for index, record in enumerate(scored.rollout.records[:count])
         ]
-        log_text_table(self.accelerator, "train/completions", ["problem", "completion", "reward"], rows, step + 1)
+        log_text_table(
+            self.accelerator, "train/completions", ["problem", "completion", "reward"], rows, step + 1
+        )
 
     def save_checkpoint(self, step: int) -> None:
         """Crash-safe resumable checkpoint after ``step`` completed steps (weights, optimizer, RNG, data cursor,

@@ -34,7 +34,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from gen_rl.registry import resolve
+from gen_rl.core.registry import resolve
 from rewards.verifiable.answers import choice_reward, exact_reward, math_reward, numeric_reward, yes_no_reward
 from rewards.verifiable.boxes import (
     detection_f1_reward,

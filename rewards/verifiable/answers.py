@@ -57,9 +57,7 @@ def normalize_text(text: Any) -> str:
 _NUMBER = r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?|[-+]?\.\d+(?:[eE][-+]?\d+)?"
 # a number may touch letters ("3or4", "3x4" are two numbers: a candidate the reader misses is a hedge that
 # pays); "1.2.5" reads 1.2 and .5, "3..4" 3 and 4
-_NUMBER_TOKEN = re.compile(
-    rf"(?<!\d)(?:(?P<num>{_NUMBER})\s*/\s*(?P<den>{_NUMBER})|(?P<single>{_NUMBER}))"
-)
+_NUMBER_TOKEN = re.compile(rf"(?<!\d)(?:(?P<num>{_NUMBER})\s*/\s*(?P<den>{_NUMBER})|(?P<single>{_NUMBER}))")
 _NUMBER_WORDS = {
     "zero": 0, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8,
     "nine": 9, "ten": 10, "eleven": 11, "twelve": 12, "thirteen": 13, "fourteen": 14, "fifteen": 15,
@@ -323,7 +321,7 @@ _LEADING_ANSWER = re.compile(r"\s*[^\W\d_]+\s*(?:[,.!;:]|$)")  # "No," / "Yes." 
 
 
 def _polarity(text: str) -> str | None:
-    """"yes", "no" or ``None`` (both, neither, a hedge, or a negation that is not a leading answer word)."""
+    """ "yes", "no" or ``None`` (both, neither, a hedge, or a negation that is not a leading answer word)."""
     text = reading_form(text)
     bare = _BARE_BOOLEANS.get(normalize_text(text))
     if bare is not None:

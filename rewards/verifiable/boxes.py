@@ -533,7 +533,9 @@ def _targets(solution: Any) -> list[LabeledBox]:
     solution = extract_solution(solution)
     boxes = parse_labeled_boxes(solution, keep_unreadable=True)
     if not all(_readable(box) for _, box in boxes):
-        raise ValueError(f"box solution holds a box that is not [x1, y1, x2, y2]: {solution!r}; fix the record")
+        raise ValueError(
+            f"box solution holds a box that is not [x1, y1, x2, y2]: {solution!r}; fix the record"
+        )
     if not boxes and not (isinstance(solution, list | tuple) and len(solution) == 0) and solution != "[]":
         raise ValueError(f"box solution holds no [x1, y1, x2, y2] box: {solution!r}")
     return boxes
@@ -543,7 +545,9 @@ def _predictions(completion: str, metadata: Mapping[str, Any] | None) -> tuple[s
     """The answer text and its boxes in original pixels, unreadable attempts kept as NaN boxes."""
     answer = answer_text(completion, metadata)
     boxes = parse_labeled_boxes(answer, keep_unreadable=True)
-    return answer, [(label, box_to_original(box, metadata) if _readable(box) else box) for label, box in boxes]
+    return answer, [
+        (label, box_to_original(box, metadata) if _readable(box) else box) for label, box in boxes
+    ]
 
 
 def iou_reward(

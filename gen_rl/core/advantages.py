@@ -2,7 +2,7 @@
 
 The functions here are unit-agnostic: an advantage is one number per *sample* (an image / video generated
 from a prompt, or a VLM completion) and is later broadcast over that sample's units (trained denoising
-steps or completion tokens) by :mod:`gen_rl.losses`.
+steps or completion tokens) by :mod:`gen_rl.core.losses`.
 
 References
 ----------
@@ -184,7 +184,9 @@ def group_advantages(
     _validate_advantage_args(std_mode, eps, clip, ddof)
 
     stats = _group_statistics(rewards, group_ids, ddof)
-    return _advantage_output(_advantages_from_stats(stats, std_mode=std_mode, eps=eps, ddof=ddof), stats, clip)
+    return _advantage_output(
+        _advantages_from_stats(stats, std_mode=std_mode, eps=eps, ddof=ddof), stats, clip
+    )
 
 
 class PerPromptStatTracker:

@@ -24,7 +24,7 @@ import math
 import torch
 from torch import Tensor
 
-from gen_rl.seeding import derive_seed
+from gen_rl.core.seeding import derive_seed
 
 
 def sde_window(

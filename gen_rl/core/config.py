@@ -97,6 +97,8 @@ def _join(where: str, name: str) -> str:
 def _coerce(annotation: Any, value: Any, where: str) -> Any:
     """Check ``value`` against a field annotation; ints become floats, lists become tuples where declared."""
     origin = typing.get_origin(annotation)
+    if hasattr(annotation, "from_config_mapping"):  # a section whose class depends on its content
+        return annotation.from_config_mapping(value, where)
     if dataclasses.is_dataclass(annotation):
         return from_dict(annotation, value, where)
     if origin in (Union, types.UnionType):
@@ -219,7 +221,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
             f"config file {shown} is not UTF-8 text (bad byte at offset {error.start}); save it as UTF-8"
         ) from error
     except OSError as error:
-        raise ConfigError(f"cannot read config file {shown} ({error.strerror}); check its permissions") from error
+        raise ConfigError(
+            f"cannot read config file {shown} ({error.strerror}); check its permissions"
+        ) from error
     try:
         data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as error:

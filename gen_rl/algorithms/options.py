@@ -1,0 +1,116 @@
+"""The ``algorithm`` config section: ``name`` picks a registered algorithm (or ``package.module:Class``), the other
+keys are that algorithm's options, checked against its options dataclass when the config loads.
+
+This module imports neither torch nor a model library, so a bad ``algorithm.*`` key fails in the first second.
+Built-in algorithms declare their options here; a user algorithm class may carry an ``Options`` dataclass that
+subclasses :class:`AlgorithmOptions` (its module is imported when the config loads).
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from gen_rl.core.config import ConfigError, from_dict, option
+
+STEP_SELECTIONS = ("all", "random_fraction", "first", "random_window", "sliding_window")
+
+
+@dataclass
+class AlgorithmOptions:
+    """The training algorithm and its options (one section; ``name`` picks the algorithm)."""
+
+    name: str = option("flow_grpo", "flow_grpo | dance_grpo | diffusion_nft | package.module:Class")
+
+    @classmethod
+    def from_config_mapping(cls, data: Any, where: str) -> AlgorithmOptions:
+        """The options dataclass of the algorithm that ``data['name']`` names, filled from ``data``."""
+        data = {} if data is None else data
+        if not isinstance(data, dict):
+            raise ConfigError(f"{where} must be a mapping with a 'name' key, got {type(data).__name__}")
+        name = data.get("name", AlgorithmOptions.name)
+        if not isinstance(name, str):
+            raise ConfigError(f"{where}.name must be a string, got {name!r}")
+        return from_dict(options_class(name, where), data, where)
+
+
+@dataclass
+class PolicyGradientOptions(AlgorithmOptions):
+    """Likelihood-ratio policy gradient over SDE steps: PPO's clipped surrogate per trained step (Flow-GRPO eq. 8,
+    DanceGRPO eq. 9) plus an optional KL to the LoRA-disabled reference; the step selection picks which steps
+    are stochastic and trained (Flow-GRPO-Fast and MixGRPO windows are selections)."""
+
+    clip_low: float = option(1e-4, "PPO clip epsilon below 1: ratios under 1 - clip_low are clipped")
+    clip_high: float | None = option(None, "PPO clip epsilon above 1; null: equal to clip_low")
+    kl_coef: float = option(0.0, "beta of the KL to the reference (LoRA disabled); 0: no reference pass")
+    kl_estimator: Literal["gaussian", "flow_grpo"] = option(
+        "gaussian",
+        "gaussian: exact step KL |mu-mu_ref|^2/(2 std^2); flow_grpo: Flow-GRPO's /(2 g^2) = exact x |ds|",
+    )
+    log_prob_convention: Literal["gaussian", "flow_grpo_cps"] = option(
+        "gaussian", "gaussian: exact mean log-density; flow_grpo_cps: Flow-GRPO's CPS -mean((x-mu)^2)"
+    )
+    step_selection: Literal["all", "random_fraction", "first", "random_window", "sliding_window"] = option(
+        "all", "which denoising steps are stochastic and trained (gen_rl/core/step_selection.py)"
+    )
+    step_fraction: float = option(1.0, "fraction of stochastic steps trained (random_fraction / first)")
+    window_size: int = option(4, "SDE window length in steps (random_window / sliding_window)")
+    window_range: tuple[int, int] | None = option(None, "[lo, hi) steps the window may cover; null: all")
+    window_stride: int = option(1, "sliding_window: steps the window advances each time it moves")
+    window_every: int = option(1, "sliding_window: training steps between moves")
+    trainable_steps: tuple[int, int] | None = option(
+        None, "[lo, hi) denoising steps that may be trained; null: all (DanceGRPO: [0, S-1))"
+    )
+
+    @property
+    def clip_high_or_low(self) -> float:
+        """The upper clip epsilon (``clip_low`` when ``clip_high`` is null)."""
+        return self.clip_low if self.clip_high is None else self.clip_high
+
+
+@dataclass
+class DiffusionNFTOptions(AlgorithmOptions):
+    """DiffusionNFT (Zheng et al. 2025): negative-aware fine-tuning on the forward process, no likelihoods."""
+
+    beta: float = option(1.0, "guidance strength beta of the implicit positive / negative policies")
+    reward_clip: float = option(1.0, "advantages are clipped to [-c, c] and mapped to r = 0.5 + A / (2c)")
+    old_ema_decay: float = option(0.0, "EMA decay of the 'old' policy after each update (0: copy each step)")
+    step_fraction: float = option(1.0, "fraction of the sampling grid's timesteps trained per sample")
+    adaptive_weight: bool = option(
+        True, "divide each loss by the stop-grad mean |x0_hat - x0| (adaptive weight)"
+    )
+
+
+# name -> options class (the algorithm classes live in modules that import torch, see ALGORITHMS in __init__)
+BUILTIN_OPTIONS: dict[str, type[AlgorithmOptions]] = {
+    "flow_grpo": PolicyGradientOptions,
+    "dance_grpo": PolicyGradientOptions,
+    "diffusion_nft": DiffusionNFTOptions,
+}
+
+
+def options_class(name: str, where: str = "algorithm") -> type[AlgorithmOptions]:
+    """The options dataclass for algorithm ``name`` (built-in or ``package.module:Class``); ConfigError if unknown."""
+    if name in BUILTIN_OPTIONS:
+        return BUILTIN_OPTIONS[name]
+    if ":" in name:
+        module_name, _, attribute = name.partition(":")
+        try:
+            algorithm = getattr(importlib.import_module(module_name), attribute)
+        except (ImportError, AttributeError) as error:
+            raise ConfigError(
+                f"{where}.name {name!r} cannot be imported ({error}); make the module importable (pip install -e "
+                "your package, or put it on PYTHONPATH)"
+            ) from error
+        options = getattr(algorithm, "Options", AlgorithmOptions)
+        if not (isinstance(options, type) and issubclass(options, AlgorithmOptions)):
+            raise ConfigError(f"{name}.Options must subclass gen_rl.algorithms.options.AlgorithmOptions")
+        return options
+    close = difflib.get_close_matches(name, list(BUILTIN_OPTIONS), n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise ConfigError(
+        f"unknown algorithm {where}.name={name!r}.{hint} Known: {', '.join(sorted(BUILTIN_OPTIONS))}; or give "
+        "'package.module:Class' of your own (see gen_rl/algorithms/base.py)"
+    )
