@@ -459,9 +459,7 @@ def test_local_weights_must_exist_and_be_complete(tmp_path):
         hub.check_weights(str(tmp_path), "model.pretrained", "model_index.json")
     (tmp_path / "model_index.json").write_text("{}")
     hub.check_weights(str(tmp_path), "model.pretrained", "model_index.json")
-    assert issubclass(hub.MissingWeightsError, ConfigError) and issubclass(
-        hub.MissingWeightsError, OSError
-    )
+    assert issubclass(hub.MissingWeightsError, ConfigError) and issubclass(hub.MissingWeightsError, OSError)
 
 
 def test_an_unreachable_hub_fails_at_once_and_turns_the_process_offline(monkeypatch):

@@ -55,7 +55,9 @@ def test_samplers_and_rewards_import_only_the_core(path):
     bad = sorted(
         n for n in imported_modules(path) if n.startswith("gen_rl") and not allowed_for_core_users(n)
     )
-    assert not bad, f"{path.relative_to(ROOT)} imports {bad}; pipelines/ and rewards/ may use gen_rl.core only"
+    assert not bad, (
+        f"{path.relative_to(ROOT)} imports {bad}; pipelines/ and rewards/ may use gen_rl.core only"
+    )
 
 
 @pytest.mark.parametrize("path", files_under("gen_rl"), ids=lambda p: str(p.relative_to(ROOT)))
