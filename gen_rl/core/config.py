@@ -2,7 +2,9 @@
 
 Any dataclass tree works (the generation trainer's tree is in ``gen_rl/trainer_config.py``); every field is
 declared with ``option(default, "one-line doc with its unit")`` so that ``describe`` can print the reference.
-Unknown keys fail with the closest valid name; values are checked against the field's type.
+Unknown keys fail with the closest valid name; values are checked against the field's type. A root config
+class may declare ``renamed_keys: ClassVar[dict[str, str]]`` (old dotted key -> new dotted key): a YAML or
+override that still uses an old key fails with one line naming the new one (``check_renamed_keys``).
 
 Relative paths in a YAML (prompt files, data files, output folders, weights) resolve against the working
 directory, not the YAML's folder; ``resolve_path`` does it and every file error shows the resolved path.
@@ -65,6 +67,7 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
         raise ConfigError(
             f"{where or 'config'} must be a mapping of keys to values, got {type(data).__name__}"
         )
+    check_renamed_keys(cls, data, where)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     for key in data:
@@ -77,6 +80,35 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
         if isinstance(error, ConfigError):
             raise
         raise ConfigError(f"{where or 'config'}: {error}") from error
+
+
+def check_renamed_keys(cls: type, data: dict[str, Any], where: str = "") -> None:
+    """Raise a one-line ConfigError for the first key of ``data`` that ``cls.renamed_keys`` lists as renamed.
+
+    ``renamed_keys`` (a ``ClassVar`` of the config class) maps an old dotted key to its new dotted key, both
+    relative to ``cls``; the raw mapping is walked (sections and their keys, YAML order) before any dataclass
+    is built, so an old key is named as renamed rather than reported as unknown.
+    """
+    renamed: dict[str, str] = getattr(cls, "renamed_keys", None) or {}
+    if not renamed:
+        return
+    for key in _dotted_keys(data):
+        if key in renamed:
+            raise ConfigError(
+                f"config key {_join(where, key)!r} was renamed to {_join(where, renamed[key])!r}; "
+                "rename it in your YAML"
+            )
+
+
+def _dotted_keys(data: dict[Any, Any], prefix: str = "") -> list[str]:
+    """Every key of a nested mapping as a dotted path, each section before the keys inside it."""
+    keys = []
+    for key, value in data.items():
+        dotted = _join(prefix, str(key))
+        keys.append(dotted)
+        if isinstance(value, dict):
+            keys.extend(_dotted_keys(value, dotted))
+    return keys
 
 
 def _unknown_key_message(key: str, known: list[str], where: str) -> str:
