@@ -6,7 +6,11 @@ Registered names:
 - images, learned heads: ``clip_score``, ``pickscore``, ``hps`` (v2 / v2.1), ``aesthetic`` (LAION v2),
   ``dino_similarity``; ``binary`` thresholds any of them (DanceGRPO);
 - video: ``segmental`` (InstructVideo SegVR + TAR over any image reward), ``temporal_consistency`` (DINOv2);
-- ``remote``: any reward served by ``python -m rewards.serve`` on another GPU or machine.
+- ``remote``: any reward served by ``python -m rewards.serve`` on another GPU or machine;
+- learning: ``running_reference`` (distance to an EMA of past samples' features; updated every step).
+
+The trainers score through ``score_reward`` (group ids for rewards that take them), update learning rewards
+with ``update_reward(reward, RewardUpdate(...))`` and save their state with ``reward_state_dicts``.
 
 User code plugs in with a dotted path ``package.module:Class``.
 """
@@ -14,7 +18,21 @@ User code plugs in with a dotted path ``package.module:Class``.
 from __future__ import annotations
 
 from rewards.aesthetic import AestheticReward
-from rewards.base import REWARDS, Reward, RewardOutput, build_reward, register_reward
+from rewards.base import (
+    REWARDS,
+    LearningReward,
+    Reward,
+    RewardOutput,
+    RewardStateError,
+    RewardUpdate,
+    build_reward,
+    load_reward_state_dicts,
+    register_reward,
+    reward_learns,
+    reward_state_dicts,
+    score_reward,
+    update_reward,
+)
 from rewards.binary import BinaryReward
 from rewards.clip_similarity import CLIPScore, CLIPSimilarity, PickScore
 from rewards.colour import ColourReward
@@ -22,6 +40,7 @@ from rewards.compression import JpegCompressibility, JpegIncompressibility
 from rewards.dino import DinoSimilarity
 from rewards.hps import HPSReward
 from rewards.remote import RemoteReward
+from rewards.running_reference import RunningReferenceReward
 from rewards.video import SegmentalVideoReward, TemporalConsistency
 
 __all__ = [
@@ -35,12 +54,21 @@ __all__ = [
     "HPSReward",
     "JpegCompressibility",
     "JpegIncompressibility",
+    "LearningReward",
     "PickScore",
     "RemoteReward",
     "Reward",
     "RewardOutput",
+    "RewardStateError",
+    "RewardUpdate",
+    "RunningReferenceReward",
     "SegmentalVideoReward",
     "TemporalConsistency",
     "build_reward",
+    "load_reward_state_dicts",
     "register_reward",
+    "reward_learns",
+    "reward_state_dicts",
+    "score_reward",
+    "update_reward",
 ]

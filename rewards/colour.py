@@ -77,10 +77,12 @@ def compile_colour_pattern(names: Sequence[str]) -> re.Pattern[str]:
 def colour_distances(pixels: Tensor, targets: Tensor) -> Tensor:
     """``[B]`` mean over pixels of the Euclidean RGB distance of ``pixels`` ``[B, 3, H, W]`` to ``targets`` [B, 3].
 
-    A NaN target row gives a NaN distance.
+    A NaN target row gives a NaN distance. Differentiable in ``pixels`` (float32, or float64 kept as is); at a
+    pixel exactly on its target the gradient is 0 (the norm's subgradient), never NaN.
     """
-    targets = targets.to(device=pixels.device, dtype=torch.float32)[:, :, None, None]
-    return (pixels.float() - targets).pow(2).sum(dim=1).sqrt().mean(dim=(1, 2))
+    dtype = torch.promote_types(pixels.dtype, torch.float32)
+    targets = targets.to(device=pixels.device, dtype=dtype)[:, :, None, None]
+    return torch.linalg.vector_norm(pixels.to(dtype) - targets, dim=1).mean(dim=(1, 2))
 
 
 @register_reward("colour", "color")
@@ -89,7 +91,11 @@ class ColourReward(Reward):
 
     ``colours`` replaces the default palette (``DEFAULT_PALETTE``: red, green, blue, yellow, cyan, magenta,
     orange, purple, pink, brown, white, black, grey/gray); to extend it, pass the defaults plus yours.
+    Differentiable: the scores keep the autograd graph to the pixels (d score / d pixel =
+    -(pixel - target) / (||pixel - target|| H W sqrt 3)).
     """
+
+    differentiable = True
 
     def __init__(self, colours: dict[str, list[float]] | None = None) -> None:
         self.palette = check_palette(DEFAULT_PALETTE if colours is None else colours)

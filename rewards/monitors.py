@@ -49,11 +49,12 @@ def image_statistics(pixels: Tensor) -> dict[str, Tensor]:
 
 def pixel_features(pixels: Tensor, size: int = 32) -> Tensor:
     """Cheap image features ``[B, 3 * size * size]``: area-downsampled pixels (video: all frames, concatenated)."""
+    pixels = pixels.to(torch.promote_types(pixels.dtype, torch.float32))  # float64 stays float64
     if pixels.ndim == 5:
         batch = pixels.shape[0]
-        frames = F.adaptive_avg_pool2d(frames_as_images(pixels.float()), size)
+        frames = F.adaptive_avg_pool2d(frames_as_images(pixels), size)
         return frames.reshape(batch, -1)
-    return F.adaptive_avg_pool2d(pixels.float(), size).flatten(1)
+    return F.adaptive_avg_pool2d(pixels, size).flatten(1)
 
 
 def group_diversity(features: Tensor, group_ids: Tensor, metric: str = "rms") -> tuple[Tensor, Tensor]:

@@ -91,6 +91,24 @@ def test_pixel_features_average_areas():
     assert torch.equal(features[:, 0], torch.ones(3, 2)) and torch.equal(features[:, 1], torch.zeros(3, 2))
 
 
+def test_video_pixel_features_are_every_frame_and_feed_diversity():
+    video = torch.rand(3, 3, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    features = pixel_features(video, size=2)
+    per_frame = [pixel_features(video[:, :, frame], size=2) for frame in range(4)]
+    assert torch.equal(features, torch.cat(per_frame, dim=1))  # frame-major: [B, T * C * size * size]
+    blocks = video.reshape(3, 3, 4, 2, 4, 2, 4).mean(
+        dim=(4, 6)
+    )  # independent 4x4 block means [B, C, T, 2, 2]
+    blocks = blocks.transpose(1, 2).flatten(1)
+    torch.testing.assert_close(features, blocks, rtol=0, atol=1e-6)
+    assert pixel_features(video.double(), size=2).dtype == torch.float64
+    _, diversity = group_diversity(features, torch.tensor([0, 0, 1]))
+    expected = (blocks[0] - blocks[1]).norm() / blocks.shape[1] ** 0.5
+    assert diversity[0].item() == pytest.approx(expected.item(), abs=1e-6) and torch.isnan(diversity[1])
+    same = video[[0, 0]].clone()  # a collapsed group of two videos: diversity 0
+    assert group_diversity(pixel_features(same), torch.zeros(2, dtype=torch.long))[1].item() == 0.0
+
+
 def test_trainer_logs_monitors_and_gold_rewards(tmp_path):
     config = small_config(
         tmp_path,
@@ -100,40 +118,40 @@ def test_trainer_logs_monitors_and_gold_rewards(tmp_path):
         "eval.gold=[{name: colour}, {name: jpeg_compressibility}]",
     )
     trainer = GenerationTrainer(config)
-    batch, _ = trainer.sample(0)
+    batch = trainer.sample(0)
     record = trainer.monitors(batch)
     expected = image_statistics(batch.rollout.pixels)
     for name, values in expected.items():
-        assert record[f"monitor_{name}"] == pytest.approx(values.mean().item(), abs=1e-6)
+        assert record[f"monitor/{name}"] == pytest.approx(values.mean().item(), abs=1e-6)
     _, diversity = group_diversity(pixel_features(batch.rollout.pixels), batch.group_ids)
-    assert record["monitor_diversity"] == pytest.approx(diversity.mean().item(), abs=1e-6)
-    assert record["monitor_diversity"] > 0
+    assert record["monitor/diversity"] == pytest.approx(diversity.mean().item(), abs=1e-6)
+    assert record["monitor/diversity"] > 0
 
     trainer.train()
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open()]
-    evals = [r for r in records if "eval_reward_mean" in r]
+    evals = [r for r in records if "eval/reward/mean" in r]
     assert len(evals) == 2
     for r in evals:
         # the same reward optimised and gold gives the same number; the gold-only one is logged too
-        assert r["eval_gold_colour"] == pytest.approx(r["eval_reward_colour"], abs=1e-6)
-        assert math.isfinite(r["eval_gold_jpeg_compressibility_1"])
-        assert r["eval_monitor_diversity"] > 0
-        assert 0.0 <= r["eval_monitor_brightness"] <= 1.0
-    assert "reward_jpeg_compressibility_1_mean" not in records[0]  # gold rewards are never optimised
-    assert all("monitor_saturation" in r for r in records if "reward_mean" in r)
+        assert r["eval/gold/colour"] == pytest.approx(r["eval/reward/colour"], abs=1e-6)
+        assert math.isfinite(r["eval/gold/jpeg_compressibility_1"])
+        assert r["eval/monitor/diversity"] > 0
+        assert 0.0 <= r["eval/monitor/brightness"] <= 1.0
+    assert "reward/jpeg_compressibility_1/mean" not in records[0]  # gold rewards are never optimised
+    assert all("monitor/saturation" in r for r in records if "reward/mean" in r)
     with Image.open(tmp_path / "reward_curve.png") as image:
         assert image.width > 1000  # the optimised-vs-gold panel sits beside the reward curve
 
 
 def test_monitors_can_be_switched_off(tmp_path):
     trainer = GenerationTrainer(small_config(tmp_path, "log.monitors=false"))
-    batch, _ = trainer.sample(0)
+    batch = trainer.sample(0)
     assert trainer.monitors(batch) == {}
 
 
 def test_eval_monitor_with_one_sample_per_prompt_has_no_diversity():
-    record = HackingMonitor.record(torch.rand(4, 4), torch.full((4,), float("nan")), prefix="eval_monitor_")
-    assert "eval_monitor_diversity" not in record and "eval_monitor_brightness" in record
+    record = HackingMonitor.record(torch.rand(4, 4), torch.full((4,), float("nan")), prefix="eval/monitor/")
+    assert "eval/monitor/diversity" not in record and "eval/monitor/brightness" in record
 
 
 def test_remote_drop_with_nan_abort_is_a_config_error(tmp_path):
@@ -144,6 +162,6 @@ def test_remote_drop_with_nan_abort_is_a_config_error(tmp_path):
 
 
 def test_plot_without_gold_has_one_panel(tmp_path):
-    records = [{"step": 0, "reward_mean": 0.1, "reward_std": 0.0, "eval_reward_mean": 0.2}]
+    records = [{"step": 0, "reward/mean": 0.1, "reward/std": 0.0, "eval/reward/mean": 0.2}]
     with Image.open(plot_reward_curve(records, tmp_path / "curve.png")) as image:
         assert image.width < 1000
