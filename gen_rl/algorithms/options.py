@@ -72,15 +72,73 @@ class PolicyGradientOptions(AlgorithmOptions):
 
 @dataclass
 class DiffusionNFTOptions(AlgorithmOptions):
-    """DiffusionNFT (Zheng et al. 2025): negative-aware fine-tuning on the forward process, no likelihoods."""
+    """DiffusionNFT (Zheng et al. 2025, NVlabs/DiffusionNFT): negative-aware fine-tuning on the forward process,
+    no likelihoods. Defaults follow the reference code (``config/nft.py``, ``scripts/train_nft_sd3.py``); where it
+    differs from the paper's text the option says so."""
 
-    beta: float = option(1.0, "guidance strength beta of the implicit positive / negative policies")
-    reward_clip: float = option(1.0, "advantages are clipped to [-c, c] and mapped to r = 0.5 + A / (2c)")
-    old_ema_decay: float = option(0.0, "EMA decay of the 'old' policy after each update (0: copy each step)")
-    step_fraction: float = option(1.0, "fraction of the sampling grid's timesteps trained per sample")
-    adaptive_weight: bool = option(
-        True, "divide each loss by the stop-grad mean |x0_hat - x0| (adaptive weight)"
+    beta: float = option(
+        1.0, "beta of the implicit policies v+- (paper eq. 5); reference 1.0 (0.1 for OCR and multi-reward)"
     )
+    reward_clip: float = option(
+        5.0,
+        "c: r = 0.5 + clip(A, -c, c) / (2c), the loss is also scaled by c (reference adv_clip_max = 5; paper Z_c)",
+    )
+    kl_coef: float = option(
+        1e-4,
+        "weight of mean (v_theta - v_ref)^2 to the LoRA-disabled reference (reference code only); 0: no pass",
+    )
+    old_decay_rate: float = option(
+        0.001, "soft update eta_i = min(rate * (i - flat), max) after optimizer update i (paper 0.001)"
+    )
+    old_decay_max: float = option(0.5, "cap of eta_i (paper / reference 0.5; 0.999 for OCR)")
+    old_decay_flat: int = option(
+        0, "updates with eta_i = 0 (a hard copy) before eta rises (reference OCR: 75)"
+    )
+    step_fraction: float = option(
+        0.99,
+        "floor(S x fraction) of the S sampling-grid times trained per sample, drawn at random (reference 0.99)",
+    )
+    adaptive_weight: bool = option(
+        True,
+        "x0 regression / stop-grad mean|x0_hat - x0| (paper Sec. 3.3); false: the plain velocity MSE of eq. 5",
+    )
+
+    def validate(self, config: Any) -> None:
+        """Ranges, and a sampling config the forward process cannot use (CFG, epsilon-prediction DDIM)."""
+        checks = (
+            (self.beta > 0, f"algorithm.beta must be > 0, got {self.beta}"),
+            (self.reward_clip > 0, f"algorithm.reward_clip must be > 0, got {self.reward_clip}"),
+            (
+                0.0 < self.step_fraction <= 1.0,
+                f"algorithm.step_fraction must be in (0, 1], got {self.step_fraction}",
+            ),
+            (self.kl_coef >= 0, f"algorithm.kl_coef must be >= 0, got {self.kl_coef}"),
+            (self.old_decay_rate >= 0, f"algorithm.old_decay_rate must be >= 0, got {self.old_decay_rate}"),
+            (
+                0.0 <= self.old_decay_max < 1.0,
+                f"algorithm.old_decay_max must be in [0, 1), got {self.old_decay_max}",
+            ),
+            (self.old_decay_flat >= 0, f"algorithm.old_decay_flat must be >= 0, got {self.old_decay_flat}"),
+        )
+        for holds, message in checks:
+            if not holds:
+                raise ConfigError(message)
+        sample = config.sample
+        if sample.cfg_scale > 1.0:
+            raise ConfigError(
+                f"diffusion_nft trains CFG-free (the paper's setting), but sample.cfg_scale is {sample.cfg_scale}; "
+                "set sample.cfg_scale: 1"
+            )
+        if sample.sde_type == "ddim":
+            raise ConfigError(
+                "diffusion_nft trains on the rectified-flow forward process x_t = (1 - t) x0 + t eps; "
+                "sample.sde_type: ddim (epsilon-prediction SD) cannot express it. Use a FLUX or SD3 model"
+            )
+        if self.kl_coef > 0 and not config.model.lora:
+            raise ConfigError(
+                "algorithm.kl_coef > 0 needs the frozen reference, the model with its LoRA disabled; with model.lora: "
+                "false there is none. Set model.lora: true or algorithm.kl_coef: 0"
+            )
 
 
 # name -> options class (the algorithm classes live in modules that import torch, see ALGORITHMS in __init__)
