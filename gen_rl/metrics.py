@@ -113,15 +113,15 @@ def plot_reward_curve(records: list[dict[str, Any]], path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    train = [r for r in records if r.get("reward_mean") is not None]
-    evals = [r for r in records if r.get("eval_reward_mean") is not None]
-    gold_keys = sorted({key for r in evals for key in r if key.startswith("eval_gold_")})
+    train = [r for r in records if r.get("reward/mean") is not None]
+    evals = [r for r in records if r.get("eval/reward/mean") is not None]
+    gold_keys = sorted({key for r in evals for key in r if key.startswith("eval/gold/")})
     figure, axes = plt.subplots(1, 2 if gold_keys else 1, figsize=(11 if gold_keys else 6, 3.5), dpi=120)
     axis = axes[0] if gold_keys else axes
     if train:
         steps = [r["step"] for r in train]
-        mean = [r["reward_mean"] for r in train]
-        std = [r.get("reward_std") or 0.0 for r in train]
+        mean = [r["reward/mean"] for r in train]
+        std = [r.get("reward/std") or 0.0 for r in train]
         axis.plot(steps, mean, label="train reward (mean)", color="tab:blue")
         low = [m - s for m, s in zip(mean, std, strict=True)]
         high = [m + s for m, s in zip(mean, std, strict=True)]
@@ -129,14 +129,14 @@ def plot_reward_curve(records: list[dict[str, Any]], path: str | Path) -> Path:
     if evals:
         axis.plot(
             [r["step"] for r in evals],
-            [r["eval_reward_mean"] for r in evals],
+            [r["eval/reward/mean"] for r in evals],
             "o-",
             color="tab:orange",
             label="eval reward (held-out, fixed seeds)",
         )
     _style(axis, "reward")
     if gold_keys:
-        _plot_changes(axes[1], evals, ["eval_reward_mean", *gold_keys])
+        _plot_changes(axes[1], evals, ["eval/reward/mean", *gold_keys])
     figure.tight_layout()
     path = Path(path)
     temporary = path.with_suffix(".tmp.png")
@@ -153,7 +153,7 @@ def _plot_changes(axis: Any, evals: list[dict[str, Any]], keys: list[str]) -> No
         if not points:
             continue
         label = (
-            "optimised (eval)" if key == "eval_reward_mean" else key.removeprefix("eval_gold_") + " (gold)"
+            "optimised (eval)" if key == "eval/reward/mean" else key.removeprefix("eval/gold/") + " (gold)"
         )
         axis.plot([p[0] for p in points], [p[1] - points[0][1] for p in points], "o-", label=label)
     axis.axhline(0.0, color="grey", linewidth=0.8)

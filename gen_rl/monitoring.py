@@ -41,7 +41,7 @@ class HackingMonitor:
         return statistics, diversity
 
     @staticmethod
-    def record(statistics: Tensor, diversity: Tensor, prefix: str = "monitor_") -> dict[str, float]:
+    def record(statistics: Tensor, diversity: Tensor, prefix: str = "monitor/") -> dict[str, float]:
         """Metrics from gathered per-sample statistics ``[N, 4]`` and per-group diversity ``[G]``."""
         record: dict[str, Any] = {
             f"{prefix}{name}": float(statistics[:, column].mean()) for column, name in enumerate(STATISTICS)

@@ -32,9 +32,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from gen_rl.algorithms.options import PolicyGradientOptions
 from gen_rl.core.advantages import AdvantageOutput, PerPromptStatTracker, combine_rewards
 from gen_rl.core.losses import clipped_surrogate, gaussian_kl
-from gen_rl.trainer_config import RewardConfig, TrainConfig
+from gen_rl.trainer_config import RewardConfig
 
 __all__ = [
     "LOG_PROB_CONVENTIONS",
@@ -52,7 +53,6 @@ _HALF_LOG_TWO_PI = 0.5 * math.log(2.0 * math.pi)
 
 def compute_advantages(
     reward: RewardConfig,
-    train: TrainConfig,
     rewards: Mapping[str, Tensor],
     weights: Mapping[str, float],
     group_ids: Tensor,
@@ -62,9 +62,9 @@ def compute_advantages(
     """Advantages ``[N]`` of one step's gathered rewards as the config says (GRPO eq. 3 family).
 
     ``rewards``: name -> ``[N]`` raw scores (NaN: dropped); ``group_ids`` ``[N]``; ``prompts`` ``[N]`` in the
-    same order (only the per-prompt ``tracker`` reads them). ``train.advantage_clip`` clamps the result.
+    same order (only the per-prompt ``tracker`` reads them). ``reward.advantage_clip`` clamps the result.
     """
-    clip = train.advantage_clip
+    clip = reward.advantage_clip
     if tracker is None:
         return combine_rewards(
             rewards,
@@ -126,7 +126,7 @@ def transition_kl(
 
 
 def step_loss(
-    train: TrainConfig,
+    options: PolicyGradientOptions,
     log_probs: Tensor,
     old_log_probs: Tensor,
     advantages: Tensor,
@@ -143,21 +143,21 @@ def step_loss(
         log_probs,
         old_log_probs,
         advantages,
-        clip_low=train.clip_range,
-        clip_high=train.clip_range_high,
+        clip_low=options.clip_low,
+        clip_high=options.clip_high,
     )
     policy_loss = (surrogate.loss[:, 0] * weight).mean()
     kl_mean = (kl * weight).mean() if kl is not None else policy_loss.new_zeros(())
-    loss = policy_loss + train.kl_coef * kl_mean
+    loss = policy_loss + options.kl_coef * kl_mean
     log_ratio = (log_probs - old_log_probs).detach().float()
     ratio = surrogate.ratio.detach()
     stats: dict[str, Any] = {
-        "loss": loss.detach(),
-        "policy_loss": policy_loss.detach(),
-        "kl": kl_mean.detach(),
-        "clip_fraction": surrogate.clipped.float().mean(),
-        "approx_kl": 0.5 * log_ratio.square().mean(),
-        "ratio_mean": ratio.mean(),
-        "ratio_max_abs_dev": (ratio - 1).abs().max(),
+        "loss/total": loss.detach(),
+        "loss/policy": policy_loss.detach(),
+        "loss/kl": kl_mean.detach(),
+        "policy/clip_fraction": surrogate.clipped.float().mean(),
+        "policy/approx_kl": 0.5 * log_ratio.square().mean(),
+        "policy/ratio_mean": ratio.mean(),
+        "policy/ratio_dev_max": (ratio - 1).abs().max(),
     }
     return loss, stats

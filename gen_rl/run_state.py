@@ -185,12 +185,8 @@ def save(trainer: Any, step: int) -> Path | None:
 
 
 def _write_trainer_files(trainer: Any, staging: Path, step: int) -> None:
-    state = {
-        "step": step,
-        "lr_scheduler": trainer.lr_scheduler.state_dict(),
-        "ema": trainer.ema.state_dict() if trainer.ema is not None else None,
-        "stat_tracker": trainer.stat_tracker.state_dict() if trainer.stat_tracker is not None else None,
-    }
+    """The step, every stateful part's ``state_dict`` (``trainer.stateful()``), the config and the LoRA."""
+    state = {"step": step, "parts": {name: part.state_dict() for name, part in trainer.stateful().items()}}
     torch.save(state, staging / TRAINER_STATE)
     (staging / "config.yaml").write_text(yaml.safe_dump(to_dict(trainer.config), sort_keys=False))
     if trainer.config.model.lora:
@@ -220,7 +216,7 @@ def load(trainer: Any) -> int:
     with refusing_code(checkpoint):
         trainer.accelerator.load_state(str(checkpoint / ACCELERATE_DIR))
         state = torch.load(checkpoint / TRAINER_STATE, map_location="cpu", weights_only=True)
-    trainer.lr_scheduler.load_state_dict(state["lr_scheduler"])
+    load_parts(trainer.stateful(), state.get("parts", {}), checkpoint)
     train = trainer.config.train
     apply_optimizer_settings(
         trainer.optimizer,
@@ -228,10 +224,6 @@ def load(trainer: Any) -> int:
         train.lr,
         **_adamw_settings(trainer.optimizer, train),
     )
-    if trainer.ema is not None and state["ema"] is not None:
-        trainer.ema.load_state_dict(state["ema"])
-    if trainer.stat_tracker is not None and state["stat_tracker"] is not None:
-        trainer.stat_tracker.load_state_dict(state["stat_tracker"])
     step = int(state["step"])
     if step > train.num_steps:
         raise ConfigChangeError(
@@ -241,6 +233,18 @@ def load(trainer: Any) -> int:
     if main:
         trainer.metrics.truncate_after(step - 1)
     return step
+
+
+def load_parts(parts: dict[str, Any], saved: dict[str, Any], checkpoint: Path) -> None:
+    """Restore each stateful part from the checkpoint; a part the run has but the checkpoint lacks is an error."""
+    missing = sorted(set(parts) - set(saved))
+    if missing:
+        raise ConfigChangeError(
+            f"--resume from {checkpoint}: the checkpoint holds no state for {missing} (the run now has them: "
+            "a changed algorithm, EMA, tracker or learning reward); resume with the settings it was saved with"
+        )
+    for name, part in parts.items():
+        part.load_state_dict(saved[name])
 
 
 @contextmanager

@@ -11,11 +11,27 @@ larger), ``train.log_prob_convention: flow_grpo_cps`` for Flow-GRPO's CPS clip r
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
+from gen_rl.algorithms.options import AlgorithmOptions, PolicyGradientOptions
 from gen_rl.core.config import ConfigError, check_finite, option, section
 
-STEP_SELECTIONS = ("all", "random_fraction", "first", "random_window", "sliding_window")
+# old key -> new key (a config with an old key fails with one line naming the new one)
+RENAMED_KEYS = {
+    "train.clip_range": "algorithm.clip_low",
+    "train.clip_range_high": "algorithm.clip_high",
+    "train.kl_coef": "algorithm.kl_coef",
+    "train.kl_estimator": "algorithm.kl_estimator",
+    "train.log_prob_convention": "algorithm.log_prob_convention",
+    "train.step_selection": "algorithm.step_selection",
+    "train.step_fraction": "algorithm.step_fraction",
+    "train.window_size": "algorithm.window_size",
+    "train.window_range": "algorithm.window_range",
+    "train.window_stride": "algorithm.window_stride",
+    "train.window_every": "algorithm.window_every",
+    "train.trainable_steps": "algorithm.trainable_steps",
+    "train.advantage_clip": "reward.advantage_clip",
+}
 
 
 @dataclass
@@ -46,7 +62,9 @@ class SampleConfig:
     negative_prompt: str = option("", "negative prompt used when cfg_scale > 1")
     guidance: float | None = option(None, "FLUX.1-dev embedded guidance; null: the family default (3.5)")
     shift: float | None = option(None, "static schedule shift; null: the scheduler's own")
-    sde_type: Literal["flow_grpo", "dance_grpo", "cps"] = option("flow_grpo", "stochastic step family")
+    sde_type: Literal["flow_grpo", "dance_grpo", "cps", "ddim"] = option(
+        "flow_grpo", "stochastic step family: flow_grpo | dance_grpo | cps (rectified flow) | ddim (SD)"
+    )
     noise_level: float = option(0.7, "a of Flow-GRPO / CPS, or eta of DanceGRPO (dimensionless)")
     share_initial_noise: bool = option(False, "members of a group start from the same initial noise")
     group_size: int = option(8, "samples per prompt (G of GRPO)")
@@ -76,35 +94,13 @@ class TrainConfig:
     inner_epochs: int = option(1, "passes over each step's samples")
     samples_per_update: int = option(16, "samples per optimizer update on one process")
     microbatch_size: int = option(4, "samples per forward/backward (gradient accumulation fills the update)")
-    step_selection: Literal["all", "random_fraction", "first", "random_window", "sliding_window"] = option(
-        "all", "which denoising steps are stochastic and trained (see docs/step selection)"
-    )
-    step_fraction: float = option(1.0, "fraction of stochastic steps trained (random_fraction / first)")
-    window_size: int = option(4, "SDE window length in steps (random_window / sliding_window)")
-    window_range: tuple[int, int] | None = option(None, "[lo, hi) steps the window may cover; null: all")
-    window_stride: int = option(1, "sliding_window: steps the window advances each time it moves")
-    window_every: int = option(1, "sliding_window: training steps between moves")
-    clip_range: float = option(1e-4, "PPO clip epsilon below 1 (per-element log-prob scale)")
-    clip_range_high: float | None = option(None, "clip epsilon above 1; null: equal to clip_range")
-    advantage_clip: float | None = option(5.0, "clamp advantages to [-c, c]; null: no clamp")
-    kl_coef: float = option(0.0, "beta of the KL to the reference (LoRA disabled); 0: no reference pass")
     ema: bool = option(False, "keep an EMA of the trained weights (used for eval and the exported LoRA)")
     ema_decay: float = option(0.9, "EMA decay per optimizer update")
     check_log_probs: bool = option(True, "verify ratio == 1 on the first rollout (fails loudly otherwise)")
     ratio_check_fraction: float = option(
-        0.1, "the ratio check fails when max |log-prob mismatch| > this x min(clip_range, clip_range_high)"
+        0.1, "the ratio check fails when max |log-prob mismatch| > this x min(algorithm.clip_low, clip_high)"
     )
     optimizer: Literal["adamw", "sgd"] = option("adamw", "AdamW, or plain SGD (no momentum)")
-    kl_estimator: Literal["gaussian", "flow_grpo"] = option(
-        "gaussian",
-        "gaussian: exact step KL |mu-mu_ref|^2/(2 std^2); flow_grpo: Flow-GRPO's /(2 g^2) = exact x |ds|",
-    )
-    log_prob_convention: Literal["gaussian", "flow_grpo_cps"] = option(
-        "gaussian", "gaussian: exact mean log-density; flow_grpo_cps: Flow-GRPO's CPS -mean((x-mu)^2)"
-    )
-    trainable_steps: tuple[int, int] | None = option(
-        None, "[lo, hi) denoising steps that may be trained; null: all (DanceGRPO: [0, S-1))"
-    )
 
 
 @dataclass
@@ -130,6 +126,7 @@ class RewardConfig:
     std_mode: Literal["group", "global", "none"] = option("group", "advantage std: group, batch, or none")
     std_ddof: int = option(0, "advantage std: 0 population (GRPO, Flow-GRPO), 1 sample std (DanceGRPO)")
     std_eps: float = option(1e-4, "added to the advantage std (Flow-GRPO 1e-4, DanceGRPO 1e-8)")
+    advantage_clip: float | None = option(5.0, "clamp advantages to [-c, c]; null: no clamp")
     per_prompt_tracker: bool = option(False, "DDPO per-prompt history statistics instead of groups")
     tracker_buffer: int = option(32, "per-prompt history length (tracker)")
     tracker_min_count: int = option(16, "history length before a prompt uses its own statistics (tracker)")
@@ -192,8 +189,11 @@ class GenerationConfig:
     """A generation GRPO run: ``gen_rl/train.py --config`` reads one of these from YAML."""
 
     task: str = option("generation", "generation (this trainer) or vlm (gen_rl/vlm)")
+    renamed_keys: ClassVar[dict[str, str]] = RENAMED_KEYS
+
     model: ModelConfig = section(ModelConfig)
     sample: SampleConfig = section(SampleConfig)
+    algorithm: AlgorithmOptions = section(PolicyGradientOptions)
     train: TrainConfig = section(TrainConfig)
     reward: RewardConfig = section(RewardConfig)
     data: DataConfig = section(DataConfig)
@@ -246,17 +246,7 @@ class GenerationConfig:
                 f"train.samples_per_update ({train.samples_per_update}) must be divisible by "
                 f"train.microbatch_size ({train.microbatch_size}) (gradient accumulation takes whole microbatches)."
             )
-        if not 0.0 < train.step_fraction <= 1.0:
-            raise ConfigError(f"train.step_fraction must be in (0, 1], got {train.step_fraction}")
-        if train.step_selection in ("random_window", "sliding_window"):
-            low, high = train.window_range or (0, sample.num_steps)
-            if not (0 <= low < high <= sample.num_steps and train.window_size <= high - low):
-                raise ConfigError(
-                    f"train.window_size ({train.window_size}) must fit in train.window_range [{low}, {high}) inside "
-                    f"the {sample.num_steps} sampling steps; shrink the window or widen the range."
-                )
-        if train.clip_range <= 0 or (train.clip_range_high is not None and train.clip_range_high <= 0):
-            raise ConfigError("train.clip_range and train.clip_range_high must be > 0")
+        self.algorithm.validate(self)
         if not self.reward.terms:
             raise ConfigError(
                 "reward.terms is empty; add at least one reward, e.g. [{name: colour, weight: 1}]"
@@ -302,7 +292,6 @@ def _check_values(config: GenerationConfig) -> None:
         {
             "train.weight_decay": (train.weight_decay, 0.0),
             "train.warmup_updates": (train.warmup_updates, 0),
-            "train.kl_coef": (train.kl_coef, 0.0),
             "sample.noise_level": (sample.noise_level, 0.0),
             "eval.noise_level": (config.eval.noise_level, 0.0),
             "eval.samples_per_prompt": (config.eval.samples_per_prompt, 1),
@@ -318,7 +307,7 @@ def _check_values(config: GenerationConfig) -> None:
     for key, value in {
         "train.adam_eps": train.adam_eps,
         "model.lora_alpha": config.model.lora_alpha,
-        "train.advantage_clip": train.advantage_clip,
+        "reward.advantage_clip": reward.advantage_clip,
         "sample.height": sample.height,
         "sample.width": sample.width,
         "sample.shift": sample.shift,
@@ -350,22 +339,7 @@ def _open_unit_interval(values: dict[str, float]) -> None:
 
 def _check_combinations(config: GenerationConfig) -> None:
     """Settings that cannot work together, refused before any model loads (each message names the fix)."""
-    model, sample, train, reward = config.model, config.sample, config.train, config.reward
-    if train.kl_coef > 0 and not model.lora:
-        raise ConfigError(
-            "train.kl_coef > 0 needs the frozen reference, which is the model with its LoRA disabled; with "
-            "model.lora: false (full fine-tuning) there is none. Set model.lora: true or train.kl_coef: 0"
-        )
-    if train.log_prob_convention == "flow_grpo_cps" and sample.sde_type != "cps":
-        raise ConfigError(
-            f"train.log_prob_convention: flow_grpo_cps is Flow-GRPO's CPS log-prob, but sample.sde_type is "
-            f"{sample.sde_type!r}; set sample.sde_type: cps or train.log_prob_convention: gaussian"
-        )
-    if sample.noise_level == 0:
-        raise ConfigError(
-            "sample.noise_level is 0: every step is the deterministic ODE and has no log-prob, so nothing can be "
-            "trained; use e.g. 0.7 (Flow-GRPO a) or 0.3 (DanceGRPO eta)"
-        )
+    train, reward = config.train, config.reward
     if reward.std_ddof not in (0, 1):
         raise ConfigError(
             f"reward.std_ddof must be 0 (population std) or 1 (sample std), got {reward.std_ddof}"
@@ -383,41 +357,3 @@ def _check_combinations(config: GenerationConfig) -> None:
             f"train.ratio_check_fraction must be in (0, 1] (a share of the clip range), got "
             f"{train.ratio_check_fraction}"
         )
-    if _trainable_candidates(config) == 0:
-        raise ConfigError(
-            f"this step selection trains no denoising step: train.trainable_steps {train.trainable_steps} holds no "
-            f"stochastic step of the {sample.num_steps}-step schedule (SDE window {_sde_range(config)}; CPS's last "
-            "step is deterministic). Widen train.trainable_steps or move the window"
-        )
-
-
-def _sde_range(config: GenerationConfig) -> tuple[int, int]:
-    """The widest range of steps the SDE may cover (a window strategy's range, else the whole schedule)."""
-    train, steps = config.train, config.sample.num_steps
-    if train.step_selection in ("random_window", "sliding_window"):
-        return tuple(train.window_range or (0, steps))  # type: ignore[return-value]
-    return 0, steps
-
-
-def _trainable_candidates(config: GenerationConfig) -> int:
-    """How many steps can be trained: stochastic (inside the SDE range; CPS's last step has std 0) and trainable."""
-    steps = config.sample.num_steps
-    low, high = _sde_range(config)
-    if config.sample.sde_type == "cps":
-        high = min(high, steps - 1)
-    if config.train.trainable_steps is not None:
-        trainable_low, trainable_high = config.train.trainable_steps
-        if not 0 <= trainable_low < trainable_high <= steps:
-            raise ConfigError(
-                f"train.trainable_steps {config.train.trainable_steps} must satisfy 0 <= lo < hi <= "
-                f"sample.num_steps ({steps}) (hi exclusive)"
-            )
-        if config.train.step_selection in ("random_window", "sliding_window") and not (
-            trainable_low <= low and high <= trainable_high
-        ):
-            raise ConfigError(
-                f"train.trainable_steps {config.train.trainable_steps} must contain the window range [{low}, {high}) "
-                "(a window outside it would train nothing); widen it or set it to null"
-            )
-        low, high = max(low, trainable_low), min(high, trainable_high)
-    return max(0, high - low)

@@ -15,10 +15,11 @@ from gen_rl.trainer import GenerationTrainer  # noqa: E402
 
 def one_step(trainer: GenerationTrainer) -> dict:
     """Sample, score, advantages and one update of step 0; returns this process's tensors."""
-    batch, _ = trainer.sample(0)
-    batch.rewards = trainer.score(batch.rollout)
-    advantages, valid, _ = trainer.advantages(batch)
-    trainer.update(batch.rollout, advantages, valid, 0)
+    batch = trainer.sample(0)
+    trainer.score(batch)
+    trainer.advantages(batch)
+    advantages = batch.advantages
+    trainer.update(batch, 0)
     return {
         "advantages": advantages.cpu(),
         "group_ids": batch.group_ids,

@@ -34,18 +34,20 @@ def _hook(trainer: GenerationTrainer, scale: float) -> _Jitter:
 
 
 def test_the_floor_is_logged_and_lies_far_below_the_tolerance_in_float32(tmp_path):
-    trainer = GenerationTrainer(small_config(tmp_path, "train.clip_range=1e-3"))
+    trainer = GenerationTrainer(small_config(tmp_path, "algorithm.clip_low=1e-3"))
     record = trainer.run_step(0)
-    assert record["log_prob_tolerance"] == pytest.approx(0.1 * 1e-3)
-    assert 0 <= record["log_prob_floor"] < 1e-5
-    assert "log_prob_floor" not in trainer.run_step(1)  # measured once per run (and once per resume)
+    assert record["ratio_check/tolerance"] == pytest.approx(0.1 * 1e-3)
+    assert 0 <= record["ratio_check/floor"] < 1e-5
+    assert "ratio_check/floor" not in trainer.run_step(1)  # measured once per run (and once per resume)
 
 
 def test_a_non_reproducible_model_stops_the_run_before_the_first_update(tmp_path):
-    trainer = GenerationTrainer(small_config(tmp_path, "train.clip_range=1e-3"))
+    trainer = GenerationTrainer(small_config(tmp_path, "algorithm.clip_low=1e-3"))
     _hook(trainer, 1e-2)
     before = [p.detach().clone() for p in trainer.parameters]
-    with pytest.raises(RatioCheckError, match=r"denoising step \d.*float32.*microbatch 2.*train.clip_range"):
+    with pytest.raises(
+        RatioCheckError, match=r"denoising step \d.*float32.*microbatch 2.*algorithm.clip_low"
+    ):
         trainer.run_step(0)
     assert all(torch.equal(p, b) for p, b in zip(trainer.parameters, before, strict=True))  # nothing trained
 
@@ -53,14 +55,13 @@ def test_a_non_reproducible_model_stops_the_run_before_the_first_update(tmp_path
 def test_the_tolerance_follows_the_clip_range(tmp_path):
     """The same mismatch passes a loose trust region and stops a tight one: the tolerance is derived, not fixed."""
     loose = GenerationTrainer(
-        small_config(tmp_path / "loose", "train.clip_range=1.0", "train.ratio_check_fraction=1")
+        small_config(tmp_path / "loose", "algorithm.clip_low=1.0", "train.ratio_check_fraction=1")
     )
     _hook(loose, 1e-2)
-    batch, _ = loose.sample(0)
-    floor = loose.ratio_check_record["log_prob_floor"]
+    floor = loose.sample(0).ratio_check["ratio_check/floor"]
     assert 1e-5 < floor < 1.0
 
-    tight = GenerationTrainer(small_config(tmp_path / "tight", f"train.clip_range={floor / 0.2}"))
+    tight = GenerationTrainer(small_config(tmp_path / "tight", f"algorithm.clip_low={floor / 0.2}"))
     _hook(tight, 1e-2)
     with pytest.raises(RatioCheckError):
         tight.sample(0)  # tolerance = 0.1 x clip = floor / 2

@@ -118,11 +118,11 @@ def _ours(config: GenerationConfig, x, v_old, v_new, v_ref, noise, sigma, sigma_
     old = step(x, v_old, sigma, sigma_next, a, noise=noise)
     new = step(x, v_new, sigma, sigma_next, a, next_sample=old.next_sample)
     ref = step(x, v_ref, sigma, sigma_next, a, next_sample=old.next_sample)
-    convention = config.train.log_prob_convention
+    convention = config.algorithm.log_prob_convention
     log_probs = log_probs_in_convention(new.log_prob, new.std, convention)[:, None]
     old_log_probs = log_probs_in_convention(old.log_prob, old.std, convention)[:, None]
     kl = None
-    if config.train.kl_coef > 0:
+    if config.algorithm.kl_coef > 0:
         kl = transition_kl(
             new.mean,
             ref.mean,
@@ -130,9 +130,11 @@ def _ours(config: GenerationConfig, x, v_old, v_new, v_ref, noise, sigma, sigma_
             sigma,
             sigma_next,
             sde_type=config.sample.sde_type,
-            estimator=config.train.kl_estimator,
+            estimator=config.algorithm.kl_estimator,
         )
-    loss, _ = step_loss(config.train, log_probs, old_log_probs, advantages.float(), torch.ones(len(x)), kl)
+    loss, _ = step_loss(
+        config.algorithm, log_probs, old_log_probs, advantages.float(), torch.ones(len(x)), kl
+    )
     return loss, (log_probs - old_log_probs)[:, 0], old.next_sample
 
 
@@ -142,7 +144,7 @@ def test_flow_grpo_recipes_reproduce_flow_grpo(path, step_index):
     config = load_config(GenerationConfig, path)
     prompts, rewards, x, v_old, v_new, v_ref, noise = _batch()
     group_ids = torch.arange(len(rewards)) // 6
-    ours = compute_advantages(config.reward, config.train, {"r": rewards}, {"r": 1.0}, group_ids, prompts)
+    ours = compute_advantages(config.reward, {"r": rewards}, {"r": 1.0}, group_ids, prompts)
     theirs = flow_grpo_advantages(prompts, rewards, clip=5.0)
     torch.testing.assert_close(ours.advantages, theirs.float(), rtol=1e-6, atol=1e-6)
 
@@ -155,9 +157,9 @@ def test_flow_grpo_recipes_reproduce_flow_grpo(path, step_index):
     mean_ref, _, _ = flow_grpo_sde(x, v_ref, sigma, sigma_next, sigma_1, a, x_next)
     torch.testing.assert_close(log_ratio, log_prob_new - log_prob_old, rtol=1e-4, atol=1e-6)
     kl = ((mean_new - mean_ref) ** 2).mean(dim=(1, 2)) / (2 * g**2)
-    clip = config.train.clip_range
+    clip = config.algorithm.clip_low
     want = ppo_loss(log_prob_new, log_prob_old, theirs.float(), clip) + 0.01 * kl.mean()
-    assert config.train.kl_coef == 0.01
+    assert config.algorithm.kl_coef == 0.01
     torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-7)  # float32 log-probs
     assert float(((log_prob_new - log_prob_old).exp() - 1).abs().max()) > clip  # some samples do clip
 
@@ -165,14 +167,14 @@ def test_flow_grpo_recipes_reproduce_flow_grpo(path, step_index):
 def test_flow_grpo_trains_the_first_nine_of_ten_steps():
     config = load_config(GenerationConfig, FLOW_GRPO)
     stochastic = torch.ones(3, config.sample.num_steps, dtype=torch.bool)
-    train = config.train
+    algorithm = config.algorithm
     steps = train_step_indices(
         stochastic,
-        train.step_selection,
-        fraction=train.step_fraction,
+        algorithm.step_selection,
+        fraction=algorithm.step_fraction,
         seed=0,
         step=5,
-        trainable=train.trainable_steps,
+        trainable=algorithm.trainable_steps,
     )
     assert steps.tolist() == [list(range(int(10 * 0.99)))] * 3
 
@@ -182,7 +184,7 @@ def test_dance_grpo_recipe_reproduces_dance_grpo():
     group_size = 6
     prompts, rewards, x, v_old, v_new, v_ref, noise = _batch(seed=1, group_size=group_size)
     group_ids = torch.arange(len(rewards)) // group_size
-    ours = compute_advantages(config.reward, config.train, {"r": rewards}, {"r": 1.0}, group_ids, prompts)
+    ours = compute_advantages(config.reward, {"r": rewards}, {"r": 1.0}, group_ids, prompts)
     theirs = dance_grpo_advantages(rewards, group_size, clip=5.0)
     torch.testing.assert_close(ours.advantages, theirs.float(), rtol=1e-6, atol=1e-6)
 
@@ -194,21 +196,21 @@ def test_dance_grpo_recipe_reproduces_dance_grpo():
         _, _, log_prob_new = dance_grpo_step(x, v_new, sigma, sigma_next, eta, x_next)
         _, _, log_prob_old = dance_grpo_step(x, v_old, sigma, sigma_next, eta, x_next)
         torch.testing.assert_close(log_ratio, log_prob_new - log_prob_old, rtol=1e-4, atol=1e-6)
-        want = ppo_loss(log_prob_new, log_prob_old, theirs.float(), config.train.clip_range)
+        want = ppo_loss(log_prob_new, log_prob_old, theirs.float(), config.algorithm.clip_low)
         torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-7)  # float32 log-probs
-    assert config.train.kl_coef == 0
+    assert config.algorithm.kl_coef == 0
 
     # train_timesteps = int(15 * 0.6) = 9 per sample, from a fresh per-sample permutation of the first 15 steps
     stochastic = torch.ones(4, config.sample.num_steps, dtype=torch.bool)
-    train = config.train
+    algorithm = config.algorithm
     chosen = [
         train_step_indices(
             stochastic,
-            train.step_selection,
-            fraction=train.step_fraction,
+            algorithm.step_selection,
+            fraction=algorithm.step_fraction,
             seed=0,
             step=step,
-            trainable=train.trainable_steps,
+            trainable=algorithm.trainable_steps,
         )
         for step in range(20)
     ]
@@ -231,16 +233,16 @@ def test_cps_recipe_reproduces_flow_grpo_cps():
         torch.testing.assert_close(log_ratio, log_prob_new - log_prob_old, rtol=1e-3, atol=5e-7)
         want = ppo_loss(log_prob_new, log_prob_old, theirs.float(), 1e-5)
         torch.testing.assert_close(loss, want, rtol=1e-5, atol=2e-7)
-    train = config.train
+    algorithm = config.algorithm
     windows = {
         sde_window(
-            train.step_selection,
+            algorithm.step_selection,
             step,
             config.sample.num_steps,
-            window_size=train.window_size,
-            window_range=train.window_range,
-            stride=train.window_stride,
-            every=train.window_every,
+            window_size=algorithm.window_size,
+            window_range=algorithm.window_range,
+            stride=algorithm.window_stride,
+            every=algorithm.window_every,
             seed=0,
         )
         for step in range(40)
@@ -332,10 +334,12 @@ def test_every_generation_config_trains_two_steps_on_tiny_models(
     trainer = GenerationTrainer(config)
     start = lora_weights(trainer)
     records = [trainer.run_step(step) for step in range(2)]
-    assert records[0]["log_prob_floor"] <= records[0]["log_prob_tolerance"]
-    assert all(math.isfinite(r["loss"]) and math.isfinite(r["reward_mean"]) for r in records)
+    assert records[0]["ratio_check/floor"] <= records[0]["ratio_check/tolerance"]
+    assert all(math.isfinite(r["loss/total"]) and math.isfinite(r["reward/mean"]) for r in records)
     moved = [float((after - start[name]).abs().max()) for name, after in lora_weights(trainer).items()]
     assert max(moved) > 0  # the update reached the trained weights
-    if config.train.kl_coef > 0:
-        assert records[1]["kl"] > 0  # after one update the policy differs from the LoRA-disabled reference
+    if config.algorithm.kl_coef > 0:
+        assert (
+            records[1]["loss/kl"] > 0
+        )  # after one update the policy differs from the LoRA-disabled reference
     assert (trainer.ema is not None) == config.train.ema

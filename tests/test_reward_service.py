@@ -508,13 +508,13 @@ def test_trainer_scores_through_a_remote_reward(tmp_path):
     with RewardServer(ColourReward(), port=0) as server:
         terms = f"reward.terms=[{{name: remote, kwargs: {{url: '{server.url}', on_failure: abort}}}}]"
         trainer = GenerationTrainer(small_config(tmp_path, terms, "train.num_steps=1", "eval.every_steps=0"))
-        batch, _ = trainer.sample(0)
-        remote_scores = trainer.score(batch.rollout)["remote"]
+        batch = trainer.sample(0)
+        remote_scores = trainer.score_rollout(batch.rollout, trainer.reward_models)["remote"]
         local = ColourReward()(batch.rollout.pixels, batch.rollout.prompts).scores
         assert torch.allclose(remote_scores, local, atol=1e-3)  # float16 pixels on the wire
         assert remote_scores.std() > 0
         record = trainer.run_step(0)
-        assert record["reward_remote_nan"] == 0 and record["dropped_samples"] == 0
+        assert record["reward/remote/nan"] == 0 and record["reward/dropped_samples"] == 0
         assert server.requests_scored >= 2
 
 

@@ -260,7 +260,7 @@ def test_resume_applies_a_changed_learning_rate_and_records_it(tmp_path, capsys)
         assert trainer.start_step == 1 and trainer.optimizer.param_groups[0]["lr"] == new_lr
         before = lora_weights(trainer)
         record = trainer.run_step(1)
-        assert record["lr"] == new_lr
+        assert record["optim/lr"] == new_lr
         updates[name] = {key: lora_weights(trainer)[key] - value for key, value in before.items()}
     # same gradients and Adam moments: the update is proportional to the learning rate actually used
     for key, update in updates["run"].items():
@@ -297,9 +297,9 @@ def test_resume_refuses_a_changed_lora_rank_before_the_model_loads(finished_run,
 def test_a_torn_metrics_line_is_dropped_with_a_warning_and_resume_rewrites_the_file(tmp_path, capsys):
     log = MetricsLog(tmp_path / "metrics.jsonl")
     for step in range(3):
-        log.append({"step": step, "reward_mean": step / 10})
+        log.append({"step": step, "reward/mean": step / 10})
     whole = log.path.read_bytes()
-    line = json.dumps({"step": 3, "reward_mean": 0.3}).encode()
+    line = json.dumps({"step": 3, "reward/mean": 0.3}).encode()
     with log.path.open("ab") as handle:
         handle.write(line[: len(line) // 2])  # a kill mid-append
     assert [record["step"] for record in log.read()] == [0, 1, 2]

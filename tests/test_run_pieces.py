@@ -99,12 +99,12 @@ def test_ema_follows_the_closed_form_and_swaps_back():
 def test_metrics_log_truncates_for_resume_and_draws_the_curve(tmp_path):
     log = MetricsLog(tmp_path / "metrics.jsonl")
     for step in range(5):
-        log.append({"step": step, "reward_mean": step / 10, "reward_std": 0.01, "kl": float("nan")})
-    log.append({"step": 5, "eval_reward_mean": 0.7})
+        log.append({"step": step, "reward/mean": step / 10, "reward/std": 0.01, "kl": float("nan")})
+    log.append({"step": 5, "eval/reward/mean": 0.7})
     assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])["kl"] is None  # NaN -> null
     log.truncate_after(2)
     assert [record["step"] for record in log.read()] == [0, 1, 2]
-    path = plot_reward_curve(log.read() + [{"step": 3, "eval_reward_mean": 0.5}], tmp_path / "curve.png")
+    path = plot_reward_curve(log.read() + [{"step": 3, "eval/reward/mean": 0.5}], tmp_path / "curve.png")
     from PIL import Image
 
     image = Image.open(path)

@@ -23,24 +23,24 @@ def test_run_leaves_metrics_grids_curve_and_a_lora_diffusers_loads(tmp_path):
     assert [r["step"] for r in records] == [0, 1, 2]  # two training steps + the final eval
     first = records[0]
     for key in (
-        "reward_mean",
-        "reward_std",
-        "reward_colour_mean",
-        "advantage_std",
-        "loss",
-        "clip_fraction",
-        "approx_kl",
-        "kl",
-        "ratio_mean",
-        "zero_std_group_fraction",
-        "samples_per_second",
-        "peak_memory_mb",
+        "reward/mean",
+        "reward/std",
+        "reward/colour/mean",
+        "advantage/std",
+        "loss/total",
+        "policy/clip_fraction",
+        "policy/approx_kl",
+        "loss/kl",
+        "policy/ratio_mean",
+        "advantage/zero_std_group_fraction",
+        "perf/samples_per_s",
+        "perf/peak_memory_mb",
     ):
         assert key in first, key
     # one update per step, taken after every backward pass: the training path sees ratio == 1 throughout
-    assert all(r["ratio_max_abs_dev"] < 1e-5 and r["clip_fraction"] == 0 for r in records[:2])
-    assert summary["first_eval_reward"] == records[0]["eval_reward_mean"]
-    assert summary["last_eval_reward"] == records[-1]["eval_reward_mean"]
+    assert all(r["policy/ratio_dev_max"] < 1e-5 and r["policy/clip_fraction"] == 0 for r in records[:2])
+    assert summary["first_eval_reward"] == records[0]["eval/reward/mean"]
+    assert summary["last_eval_reward"] == records[-1]["eval/reward/mean"]
     grid = np.asarray(Image.open(tmp_path / "run" / "eval" / "step-000000.png"))
     assert grid.ndim == 3 and grid.shape[2] == 3
     assert (tmp_path / "run" / "reward_curve.png").stat().st_size > 1000
@@ -106,11 +106,11 @@ def test_nan_reward_is_dropped_and_counted(tmp_path, capsys):
     config.reward.terms[0].kwargs = {"bad_word": "red"}
     trainer = GenerationTrainer(config)
     record = trainer.run_step(0)
-    prompts = trainer.sample(0)[0].rollout.prompts
+    prompts = trainer.sample(0).rollout.prompts
     expected = sum(1 for index, p in enumerate(prompts) if "red" in p.split() and prompts.index(p) == index)
-    assert expected > 0 and record["dropped_samples"] == expected
-    assert record["reward_SometimesNaN_nan"] == expected
-    assert np.isfinite(record["loss"])
+    assert expected > 0 and record["reward/dropped_samples"] == expected
+    assert record["reward/SometimesNaN/nan"] == expected
+    assert np.isfinite(record["loss/total"])
     first_bad = next(i for i, p in enumerate(prompts) if "red" in p.split())
     assert f"reward 'SometimesNaN' returned nan for sample(s) {first_bad}" in capsys.readouterr().out
 

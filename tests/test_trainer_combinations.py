@@ -12,19 +12,26 @@ from gen_rl.core.config import ConfigError
     ("overrides", "message"),
     [
         (
-            ("model.lora=false", "train.kl_coef=0.01"),
-            "there is none. Set model.lora: true or train.kl_coef: 0",
+            ("model.lora=false", "algorithm.kl_coef=0.01"),
+            "there is none. Set model.lora: true or algorithm.kl_coef: 0",
         ),
-        (("train.log_prob_convention=flow_grpo_cps",), "sample.sde_type: cps"),
+        (("algorithm.log_prob_convention=flow_grpo_cps",), "sample.sde_type: cps"),
         (("sample.noise_level=0",), "nothing can be trained"),
-        (("train.trainable_steps=[3,3]",), "0 <= lo < hi"),
-        (("train.trainable_steps=[0,9]",), r"0 <= lo < hi <= sample.num_steps \(4\)"),
-        (("sample.sde_type=cps", "train.trainable_steps=[3,4]"), "trains no denoising step"),
+        (("algorithm.trainable_steps=[3,3]",), "0 <= lo < hi"),
+        (("algorithm.trainable_steps=[0,9]",), r"0 <= lo < hi <= sample.num_steps \(4\)"),
+        (("sample.sde_type=cps", "algorithm.trainable_steps=[3,4]"), "trains no denoising step"),
         (
-            ("train.step_selection=random_window", "train.window_size=2", "train.trainable_steps=[0,2]"),
+            (
+                "algorithm.step_selection=random_window",
+                "algorithm.window_size=2",
+                "algorithm.trainable_steps=[0,2]",
+            ),
             "must contain the window range",
         ),
-        (("train.step_selection=random_window", "train.window_size=5"), "must fit in train.window_range"),
+        (
+            ("algorithm.step_selection=random_window", "algorithm.window_size=5"),
+            "must fit in algorithm.window_range",
+        ),
         (("reward.per_prompt_tracker=true", "reward.std_mode=global"), "would be ignored"),
         (("reward.std_ddof=2",), "std_ddof must be 0"),
         (("train.ratio_check_fraction=0",), "ratio_check_fraction must be in"),
@@ -36,6 +43,8 @@ def test_impossible_combinations_are_refused_before_any_model_loads(tmp_path, ov
 
 
 def test_the_shipped_combinations_pass(tmp_path):
-    small_config(tmp_path, "sample.sde_type=cps", "train.log_prob_convention=flow_grpo_cps").validate()
-    small_config(tmp_path, "train.trainable_steps=[0,3]", "train.step_selection=random_fraction").validate()
+    small_config(tmp_path, "sample.sde_type=cps", "algorithm.log_prob_convention=flow_grpo_cps").validate()
+    small_config(
+        tmp_path, "algorithm.trainable_steps=[0,3]", "algorithm.step_selection=random_fraction"
+    ).validate()
     small_config(tmp_path, "model.lora=false").validate()  # full fine-tuning without KL is fine

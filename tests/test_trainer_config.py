@@ -48,9 +48,9 @@ def test_generation_configs_name_registered_rewards_and_families():
 
 
 def test_overrides_change_values_and_keep_types(tmp_path):
-    config = small_config(tmp_path, "train.lr=1e-5", "train.window_range=[0,3]", "sample.guidance=null")
+    config = small_config(tmp_path, "train.lr=1e-5", "algorithm.window_range=[0,3]", "sample.guidance=null")
     assert config.train.lr == 1e-5 and isinstance(config.train.lr, float)
-    assert config.train.window_range == (0, 3)
+    assert config.algorithm.window_range == (0, 3)
     assert config.sample.guidance is None
 
 
@@ -75,7 +75,7 @@ def test_overrides_change_values_and_keep_types(tmp_path):
             "train.microbatch_size=3",
             r"samples_per_update \(4\) must be divisible by train.microbatch_size \(3\)",
         ),
-        ("train.step_fraction=0", r"step_fraction must be in \(0, 1\]"),
+        ("algorithm.step_fraction=0", r"step_fraction must be in \(0, 1\]"),
         ("data.train_prompts=", "data.train_prompts is empty"),
     ],
 )
@@ -94,14 +94,14 @@ def test_group_split_across_processes_is_validated(tmp_path):
 
 def test_window_must_fit_the_schedule(tmp_path):
     with pytest.raises(ConfigError, match="window_size .* must fit"):
-        small_config(tmp_path, "train.step_selection=random_window", "train.window_size=9")
+        small_config(tmp_path, "algorithm.step_selection=random_window", "algorithm.window_size=9")
 
 
 def test_every_field_is_documented():
     lines = describe(GenerationConfig)
     fields = [line for line in lines if not line.startswith("[")]
     assert all("  # " in line and not line.endswith("# ") for line in fields)
-    assert any(line.startswith("train.clip_range = 0.0001  # ") for line in lines)
+    assert any(line.startswith("algorithm.clip_low = 0.0001  # ") for line in lines)
 
 
 def test_describe_and_missing_config_from_the_command_line(capsys, tmp_path):

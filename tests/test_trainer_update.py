@@ -19,9 +19,9 @@ import pytest
 import torch
 from trainer_helpers import small_config
 
+from gen_rl.algorithms.options import PolicyGradientOptions
 from gen_rl.objective import step_loss
 from gen_rl.trainer import GenerationTrainer, StepBatch
-from gen_rl.trainer_config import TrainConfig
 from pipelines import FluxSampler
 from pipelines.tiny import tiny_flux_pipeline
 
@@ -42,9 +42,9 @@ LEARNING = (
 def test_a_short_run_raises_the_held_out_reward(tmp_path):
     """10 steps of Flow-GRPO on the colour task: held-out reward +0.024 measured (a flipped sign loses ~0.02)."""
     trainer = GenerationTrainer(small_config(tmp_path, *LEARNING, "train.num_steps=10"))
-    before = trainer.evaluate(0)["eval_reward_mean"]
-    train_rewards = [trainer.run_step(step)["reward_mean"] for step in range(10)]
-    after = trainer.evaluate(10)["eval_reward_mean"]
+    before = trainer.evaluate(0)["eval/reward/mean"]
+    train_rewards = [trainer.run_step(step)["reward/mean"] for step in range(10)]
+    after = trainer.evaluate(10)["eval/reward/mean"]
     assert after - before > 0.01, (before, after)
     assert sum(train_rewards[-3:]) / 3 > sum(train_rewards[:3]) / 3
 
@@ -57,14 +57,15 @@ def _recomputed(trainer: GenerationTrainer, rollout, steps: torch.Tensor) -> tor
 def test_one_update_raises_the_best_samples_log_prob_and_lowers_the_worst(tmp_path):
     config = small_config(tmp_path, "train.optimizer=sgd", "train.lr=0.05", "train.samples_per_update=8")
     trainer = GenerationTrainer(config)
-    batch, _ = trainer.sample(0)
-    batch.rewards = trainer.score(batch.rollout)
-    advantages, valid, _ = trainer.advantages(batch)
+    batch = trainer.sample(0)
+    trainer.score(batch)
+    trainer.advantages(batch)
+    advantages = batch.advantages
     best, worst = int(advantages.argmax()), int(advantages.argmin())
     assert advantages[best] > 0.5 and advantages[worst] < -0.5
-    steps = trainer.trained_steps(batch.rollout, 0)
+    steps = trainer.algorithm.select(batch.rollout, 0)
     before = _recomputed(trainer, batch.rollout, steps)
-    trainer.update(batch.rollout, advantages, valid, 0)
+    trainer.update(batch, 0)
     change = _recomputed(trainer, batch.rollout, steps) - before
     assert change[best] > 0 > change[worst], change
     # and on average, samples move with their advantage
@@ -131,18 +132,19 @@ def test_sgd_update_equals_minus_lr_times_the_hand_written_gradient(tmp_path, se
         "train.weight_decay=0",
         "train.max_grad_norm=0",
         "train.samples_per_update=8",  # one update per step, two microbatches of 2 x K backward calls
-        f"train.step_selection={selection}",
-        "train.step_fraction=0.5",
-        f"train.kl_coef={kl_coef}",
-        f"train.kl_estimator={estimator}",
-        "train.advantage_clip=null",
+        f"algorithm.step_selection={selection}",
+        "algorithm.step_fraction=0.5",
+        f"algorithm.kl_coef={kl_coef}",
+        f"algorithm.kl_estimator={estimator}",
+        "reward.advantage_clip=null",
     )
     trainer = GenerationTrainer(config)
     _perturb_lora(trainer)  # a policy away from the reference, so the KL and its gradient are not zero
-    batch, _ = trainer.sample(0)
-    batch.rewards = trainer.score(batch.rollout)
-    advantages, valid, _ = trainer.advantages(batch)
-    steps = trainer.trained_steps(batch.rollout, 0)
+    batch = trainer.sample(0)
+    trainer.score(batch)
+    trainer.advantages(batch)
+    advantages = batch.advantages
+    steps = trainer.algorithm.select(batch.rollout, 0)
     assert steps.shape[1] == (2 if selection == "first" else 4)
 
     parameters = trainer.parameters
@@ -151,9 +153,9 @@ def test_sgd_update_equals_minus_lr_times_the_hand_written_gradient(tmp_path, se
         trainer, _base_sampler() if kl_coef else None, batch.rollout, advantages, steps, kl_coef, estimator
     )
     gradients = torch.autograd.grad(expected, parameters, allow_unused=True)
-    record = trainer.update(batch.rollout, advantages, valid, 0)
+    record = trainer.update(batch, 0)
     if kl_coef:
-        assert record["kl"] > 0
+        assert record["loss/kl"] > 0
     num, den = 0.0, 0.0
     for parameter, before, gradient in zip(parameters, start, gradients, strict=True):
         want = torch.zeros_like(before) if gradient is None else -lr * gradient
@@ -164,15 +166,17 @@ def test_sgd_update_equals_minus_lr_times_the_hand_written_gradient(tmp_path, se
 
 
 def test_kl_to_the_reference_equals_the_kl_to_a_separately_built_base_model(tmp_path):
-    trainer = GenerationTrainer(small_config(tmp_path, "train.kl_coef=0.1"))
+    trainer = GenerationTrainer(small_config(tmp_path, "algorithm.kl_coef=0.1"))
     _perturb_lora(trainer)
-    batch, _ = trainer.sample(0)
+    batch = trainer.sample(0)
     rollout = batch.rollout
     column = torch.full((len(rollout), 1), 1, dtype=torch.long)
     with torch.no_grad():
         policy = trainer.sampler.log_prob(rollout, column)
         base = _base_sampler().log_prob(rollout, column)
-        got = trainer.reference_kl(rollout, column, policy.means[:, 0], policy.stds[:, 0])
+        got = trainer.algorithm.reference_kl(
+            trainer.policy, rollout, column, policy.means[:, 0], policy.stds[:, 0]
+        )
     sigma, sigma_next = rollout.sigmas[:, 1], rollout.sigmas[:, 2]
     std = rollout.noise_level * torch.sqrt(sigma / (1 - sigma)) * torch.sqrt(sigma - sigma_next)
     squared = (policy.means[:, 0] - base.means[:, 0]).square().flatten(1).mean(dim=1)
@@ -180,9 +184,11 @@ def test_kl_to_the_reference_equals_the_kl_to_a_separately_built_base_model(tmp_
     assert float(want.min()) > 1e-6  # the perturbed LoRA moved the policy: a reference with LoRA on gives 0
     torch.testing.assert_close(got, want, rtol=1e-4, atol=0)
 
-    trainer.config.train.kl_estimator = "flow_grpo"
+    trainer.config.algorithm.kl_estimator = "flow_grpo"
     with torch.no_grad():
-        got_flow_grpo = trainer.reference_kl(rollout, column, policy.means[:, 0], policy.stds[:, 0])
+        got_flow_grpo = trainer.algorithm.reference_kl(
+            trainer.policy, rollout, column, policy.means[:, 0], policy.stds[:, 0]
+        )
     g = rollout.noise_level * torch.sqrt(sigma / (1 - sigma))  # Flow-GRPO divides by 2 g^2, not 2 std^2
     torch.testing.assert_close(got_flow_grpo, squared / (2 * g**2), rtol=1e-4, atol=0)
 
@@ -218,14 +224,15 @@ def test_the_per_prompt_tracker_sees_each_reward_under_its_own_prompt(tmp_path):
         rewards = torch.tensor([offsets[p] for p in rollout.prompts]) + 0.3 * members * (step + 1)
         group_ids = torch.arange(2).repeat_interleave(4)
         batch = StepBatch(rollout=rollout, group_ids=group_ids, rewards={"colour": rewards})
-        got, _, _ = trainer.advantages(batch)
+        trainer.advantages(batch)
+        got = batch.advantages
         want = _ddpo_tracker(history, rollout.prompts, rewards.double(), 8, 6).clamp(-5, 5)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 # ----- clipping and step choice ----------------------------------------------------------------------------------
-def test_step_loss_clips_above_at_clip_range_high_and_below_at_clip_range():
-    train = TrainConfig(clip_range=0.1, clip_range_high=0.5)
+def test_step_loss_clips_above_at_clip_high_and_below_at_clip_low():
+    train = PolicyGradientOptions(clip_low=0.1, clip_high=0.5)
     ratios = torch.tensor([1.3, 1.7, 0.85, 0.85, 1.3])
     advantages = torch.tensor([1.0, 1.0, -1.0, 1.0, -1.0])
     old = torch.zeros(5, 1)
@@ -243,16 +250,19 @@ def test_step_loss_clips_above_at_clip_range_high_and_below_at_clip_range():
     for index, is_clipped in enumerate(clipped):
         want = 0.0 if is_clipped else -float(advantages[index] * ratios[index]) / 5
         assert float(gradient[index]) == pytest.approx(want, rel=1e-5, abs=1e-8), index
-    assert float(stats["clip_fraction"]) == pytest.approx(2 / 5)
+    assert float(stats["policy/clip_fraction"]) == pytest.approx(2 / 5)
 
 
 def test_random_fraction_draws_new_steps_every_training_step_and_respects_the_trainable_range(tmp_path):
     config = small_config(
-        tmp_path, "sample.num_steps=8", "train.step_selection=random_fraction", "train.step_fraction=0.5"
+        tmp_path,
+        "sample.num_steps=8",
+        "algorithm.step_selection=random_fraction",
+        "algorithm.step_fraction=0.5",
     )
     trainer = GenerationTrainer(config)
-    batch, _ = trainer.sample(0)
-    draws = torch.stack([trainer.trained_steps(batch.rollout, step) for step in range(30)])  # [30, B, 4]
+    batch = trainer.sample(0)
+    draws = torch.stack([trainer.algorithm.select(batch.rollout, step) for step in range(30)])  # [30, B, 4]
     assert draws.shape[1:] == (8, 4)
     first_sample_sets = {tuple(row) for row in draws[:, 0].tolist()}
     assert len(first_sample_sets) >= 20  # of C(8, 4) = 70 subsets, 30 draws repeat rarely
@@ -260,21 +270,23 @@ def test_random_fraction_draws_new_steps_every_training_step_and_respects_the_tr
     frequency = torch.bincount(draws.flatten(), minlength=8).float() / (30 * 8)
     assert ((frequency - 0.5).abs() < 0.12).all(), frequency  # each step trained about half the time
 
-    trainer.config.train.trainable_steps = (0, 7)  # DanceGRPO never trains the last step
-    ranged = torch.stack([trainer.trained_steps(batch.rollout, step) for step in range(10)])
+    trainer.config.algorithm.trainable_steps = (0, 7)  # DanceGRPO never trains the last step
+    ranged = torch.stack([trainer.algorithm.select(batch.rollout, step) for step in range(10)])
     assert ranged.shape[-1] == 3 and int(ranged.max()) < 7  # floor(0.5 * 7) = 3 of the first 7 steps
 
 
 # ----- the other paths the shipped configs use ---------------------------------------------------------------------
 def test_a_second_pass_over_the_batch_sees_the_updated_policy_and_clips(tmp_path):
     config = small_config(
-        tmp_path, "train.inner_epochs=2", "train.samples_per_update=8", "train.clip_range=1e-5"
+        tmp_path, "train.inner_epochs=2", "train.samples_per_update=8", "algorithm.clip_low=1e-5"
     )
     trainer = GenerationTrainer(config)
     record = trainer.run_step(0)
-    assert record["updates"] == 2  # one optimizer update per pass
-    assert record["ratio_max_abs_dev"] > 1e-5  # the second pass recomputes under the updated weights ...
-    assert 0 < record["clip_fraction"] <= 0.5  # ... and clips there, never in the first pass (ratio == 1)
+    assert record["optim/updates"] == 2  # one optimizer update per pass
+    assert record["policy/ratio_dev_max"] > 1e-5  # the second pass recomputes under the updated weights ...
+    assert (
+        0 < record["policy/clip_fraction"] <= 0.5
+    )  # ... and clips there, never in the first pass (ratio == 1)
 
 
 def test_full_fine_tuning_updates_the_transformer_weights(tmp_path):
@@ -283,7 +295,7 @@ def test_full_fine_tuning_updates_the_transformer_weights(tmp_path):
     assert names and not any("lora" in name for name in names)
     before = {name: p.detach().clone() for name, p in trainer.sampler.transformer.named_parameters()}
     record = trainer.run_step(0)
-    assert record["log_prob_floor"] <= record["log_prob_tolerance"]
+    assert record["ratio_check/floor"] <= record["ratio_check/tolerance"]
     changed = [
         name for name, p in trainer.sampler.transformer.named_parameters() if not torch.equal(p, before[name])
     ]

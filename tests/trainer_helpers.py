@@ -13,10 +13,17 @@ from rewards import Reward, RewardOutput
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo" / "tiny_flux_cpu.yaml"
-TIMING_KEYS = {"sample_seconds", "reward_seconds", "update_seconds", "step_seconds", "samples_per_second"}
-TIMING_KEYS |= {"peak_memory_mb"}
+TIMING_KEYS = {
+    "time/sample_s",
+    "time/reward_s",
+    "time/advantage_s",
+    "time/update_s",
+    "time/step_s",
+    "perf/samples_per_s",
+}
+TIMING_KEYS |= {"perf/peak_memory_mb"}
 # The ratio check runs at the start of every run and resume: its floor is logged on the first step of each.
-TIMING_KEYS |= {"log_prob_floor", "log_prob_tolerance"}
+TIMING_KEYS |= {"ratio_check/floor", "ratio_check/tolerance"}
 
 
 def small_config(output_dir: Path, *overrides: str) -> GenerationConfig:

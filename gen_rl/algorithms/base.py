@@ -76,6 +76,18 @@ class Algorithm(ABC):
         self.seed = seed
         self.num_steps = num_steps  # denoising steps S of a rollout
 
+    @property
+    def trust_region(self) -> float | None:
+        """The ratio range the update trusts (the smaller clip epsilon), or None for likelihood-free algorithms.
+
+        When it is a number the trainer checks "ratio == 1 before the first update" against a fraction of it.
+        """
+        return None
+
+    def log_probs_for_ratio(self, log_probs: Tensor, stds: Tensor) -> Tensor:
+        """Step log-probs ``[B, S]`` in the convention the loss compares (the ratio check uses it)."""
+        return log_probs
+
     def check(self, sampler: Any, rewards: dict[str, Any], sample: Any) -> None:  # noqa: B027 - optional hook
         """Raise ``ConfigError`` (one line naming the fix) if this algorithm cannot run with these parts."""
 

@@ -35,6 +35,9 @@ class AlgorithmOptions:
             raise ConfigError(f"{where}.name must be a string, got {name!r}")
         return from_dict(options_class(name, where), data, where)
 
+    def validate(self, config: Any) -> None:
+        """Check these options against the whole run config (``ConfigError`` with one line naming the fix)."""
+
 
 @dataclass
 class PolicyGradientOptions(AlgorithmOptions):
@@ -68,6 +71,79 @@ class PolicyGradientOptions(AlgorithmOptions):
     def clip_high_or_low(self) -> float:
         """The upper clip epsilon (``clip_low`` when ``clip_high`` is null)."""
         return self.clip_low if self.clip_high is None else self.clip_high
+
+    def validate(self, config: Any) -> None:
+        """Clip, KL, convention and step-selection settings that cannot work with this sampling config."""
+        sample = config.sample
+        if self.kl_coef < 0:
+            raise ConfigError(f"algorithm.kl_coef must be >= 0.0, got {self.kl_coef}")
+        if self.kl_coef > 0 and not config.model.lora:
+            raise ConfigError(
+                "algorithm.kl_coef > 0 needs the frozen reference, which is the model with its LoRA disabled; with "
+                "model.lora: false (full fine-tuning) there is none. Set model.lora: true or algorithm.kl_coef: 0"
+            )
+        if self.log_prob_convention == "flow_grpo_cps" and sample.sde_type != "cps":
+            raise ConfigError(
+                f"algorithm.log_prob_convention: flow_grpo_cps is Flow-GRPO's CPS log-prob, but sample.sde_type is "
+                f"{sample.sde_type!r}; set sample.sde_type: cps or algorithm.log_prob_convention: gaussian"
+            )
+        if self.kl_estimator == "flow_grpo" and sample.sde_type == "ddim":
+            raise ConfigError(
+                "algorithm.kl_estimator: flow_grpo is Flow-GRPO's flow-SDE KL; with sample.sde_type: ddim use "
+                "algorithm.kl_estimator: gaussian"
+            )
+        if sample.noise_level == 0:
+            raise ConfigError(
+                "sample.noise_level is 0: every step is the deterministic ODE and has no log-prob, so nothing can "
+                "be trained; use e.g. 0.7 (Flow-GRPO a) or 0.3 (DanceGRPO eta)"
+            )
+        if not 0.0 < self.step_fraction <= 1.0:
+            raise ConfigError(f"algorithm.step_fraction must be in (0, 1], got {self.step_fraction}")
+        if self.step_selection in ("random_window", "sliding_window"):
+            low, high = self.window_range or (0, sample.num_steps)
+            if not (0 <= low < high <= sample.num_steps and self.window_size <= high - low):
+                raise ConfigError(
+                    f"algorithm.window_size ({self.window_size}) must fit in algorithm.window_range [{low}, {high}) "
+                    f"inside the {sample.num_steps} sampling steps; shrink the window or widen the range."
+                )
+        if self.clip_low <= 0 or (self.clip_high is not None and self.clip_high <= 0):
+            raise ConfigError("algorithm.clip_low and algorithm.clip_high must be > 0")
+        if self._trainable_candidates(sample) == 0:
+            raise ConfigError(
+                f"this step selection trains no denoising step: algorithm.trainable_steps {self.trainable_steps} "
+                f"holds no stochastic step of the {sample.num_steps}-step schedule (SDE window "
+                f"{self.sde_range(sample.num_steps)}; CPS's last step is deterministic). Widen "
+                "algorithm.trainable_steps or move the window"
+            )
+
+    def sde_range(self, num_steps: int) -> tuple[int, int]:
+        """The widest range of steps the SDE may cover (a window strategy's range, else the whole schedule)."""
+        if self.step_selection in ("random_window", "sliding_window"):
+            return tuple(self.window_range or (0, num_steps))  # type: ignore[return-value]
+        return 0, num_steps
+
+    def _trainable_candidates(self, sample: Any) -> int:
+        """How many steps can be trained: stochastic (inside the SDE range; CPS's last step has std 0), trainable."""
+        steps = sample.num_steps
+        low, high = self.sde_range(steps)
+        if sample.sde_type == "cps":
+            high = min(high, steps - 1)
+        if self.trainable_steps is not None:
+            trainable_low, trainable_high = self.trainable_steps
+            if not 0 <= trainable_low < trainable_high <= steps:
+                raise ConfigError(
+                    f"algorithm.trainable_steps {self.trainable_steps} must satisfy 0 <= lo < hi <= "
+                    f"sample.num_steps ({steps}) (hi exclusive)"
+                )
+            if self.step_selection in ("random_window", "sliding_window") and not (
+                trainable_low <= low and high <= trainable_high
+            ):
+                raise ConfigError(
+                    f"algorithm.trainable_steps {self.trainable_steps} must contain the window range [{low}, {high}) "
+                    "(a window outside it would train nothing); widen it or set it to null"
+                )
+            low, high = max(low, trainable_low), min(high, trainable_high)
+        return max(0, high - low)
 
 
 @dataclass

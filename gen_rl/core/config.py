@@ -346,8 +346,10 @@ def describe(cls: type, where: str = "") -> list[str]:
     for f in dataclasses.fields(cls):
         name = _join(where, f.name)
         if dataclasses.is_dataclass(hints[f.name]):
+            # a section whose class depends on its content (algorithm) is described by its default's class
+            section_class = type(f.default_factory()) if f.default_factory is not dataclasses.MISSING else hints[f.name]
             lines.append(f"[{name}] {f.metadata.get('doc', '')}")
-            lines.extend(describe(hints[f.name], name))
+            lines.extend(describe(section_class, name))
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         lines.append(f"{name} = {default!r}  # {f.metadata.get('doc', '')}")

@@ -25,19 +25,9 @@ class ParameterEMA:
         for average, param in zip(self.shadow, self.parameters, strict=True):
             average.lerp_(param.detach().float(), 1.0 - self.decay)
 
-    @contextmanager
-    def swapped_in(self) -> Iterator[None]:
+    def swapped_in(self):
         """Temporarily load the averaged weights into the model (e.g. for evaluation or export)."""
-        backup = [param.detach().clone() for param in self.parameters]
-        with torch.no_grad():
-            for param, average in zip(self.parameters, self.shadow, strict=True):
-                param.copy_(average.to(param.dtype))
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for param, saved in zip(self.parameters, backup, strict=True):
-                    param.copy_(saved)
+        return swapped_parameters(self.parameters, self.shadow)
 
     def state_dict(self) -> dict[str, list[Tensor] | float]:
         """The averages and decay (for the run's checkpoint)."""
@@ -49,3 +39,20 @@ class ParameterEMA:
             raise ValueError("EMA state does not match the trained parameters (different LoRA config?)")
         self.decay = float(state["decay"])
         self.shadow = [average.float().clone() for average in state["shadow"]]
+
+
+@contextmanager
+def swapped_parameters(parameters: list[nn.Parameter], tensors: list[Tensor]) -> Iterator[None]:
+    """Inside the block ``parameters`` hold ``tensors`` (cast to each parameter's dtype); restored after."""
+    if len(tensors) != len(parameters):
+        raise ValueError(f"got {len(tensors)} tensors for {len(parameters)} parameters")
+    backup = [param.detach().clone() for param in parameters]
+    with torch.no_grad():
+        for param, value in zip(parameters, tensors, strict=True):
+            param.copy_(value.to(param.dtype))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for param, saved in zip(parameters, backup, strict=True):
+                param.copy_(saved)

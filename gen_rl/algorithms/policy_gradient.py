@@ -1,0 +1,105 @@
+"""Likelihood-ratio policy gradients over SDE denoising steps: Flow-GRPO and DanceGRPO as declarations.
+
+Both train the clipped surrogate per trained step (Flow-GRPO eq. 8, DanceGRPO eq. 9) on log-probs recomputed
+from the rollout record, with an optional KL to the frozen reference (the LoRA-disabled model, run through the
+prepared model). Their differences from each other are settings, not code: the SDE (``sample.sde_type``), the
+step selection (Flow-GRPO-Fast / MixGRPO windows, DanceGRPO's random fraction), the log-prob convention and KL
+estimator (``gen_rl/objective.py``) and the advantage std (``reward.std_ddof`` / ``std_eps``);
+``tests/test_recipes.py`` checks each recipe against the papers' own code.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from gen_rl.algorithms.base import Algorithm, LossBatch, Policy
+from gen_rl.algorithms.options import PolicyGradientOptions
+from gen_rl.core.step_selection import sde_window, train_step_indices
+from gen_rl.objective import log_probs_in_convention, step_loss, transition_kl
+
+
+class FlowGRPO(Algorithm):
+    """Flow-GRPO (Liu et al. 2025): GRPO over the flow SDE's Gaussian steps (also CPS, Fast windows, MixGRPO)."""
+
+    Options = PolicyGradientOptions
+    needs = frozenset({"log_probs", "step_means"})
+    options: PolicyGradientOptions
+
+    @property
+    def trust_region(self) -> float:
+        """The smaller clip epsilon: the ratio check's tolerance is a fraction of it."""
+        return min(self.options.clip_low, self.options.clip_high_or_low)
+
+    def log_probs_for_ratio(self, log_probs: Tensor, stds: Tensor) -> Tensor:
+        """Log-probs in the configured convention (Flow-GRPO's CPS drops the constants)."""
+        return log_probs_in_convention(log_probs, stds, self.options.log_prob_convention)
+
+    def sampling(self, step: int) -> dict[str, Any]:
+        """The SDE window of training step ``step`` for the window selections (ODE outside it)."""
+        options = self.options
+        window = sde_window(
+            options.step_selection,
+            step,
+            self.num_steps,
+            window_size=options.window_size,
+            window_range=options.window_range,
+            stride=options.window_stride,
+            every=options.window_every,
+            seed=self.seed,
+        )
+        return {} if window is None else {"sde_window": window}
+
+    def select(self, rollout: Any, step: int) -> Tensor:
+        """Trained steps ``[B, K]`` among the stochastic ones (``gen_rl/core/step_selection.py``)."""
+        options = self.options
+        return train_step_indices(
+            rollout.stochastic,
+            options.step_selection,
+            fraction=options.step_fraction,
+            seed=self.seed,
+            step=step,
+            trainable=options.trainable_steps,
+        ).to(rollout.log_probs.device)
+
+    def loss(self, batch: LossBatch, policy: Policy) -> tuple[Tensor, dict[str, Tensor]]:
+        """Clipped surrogate (+ beta KL) of one microbatch at one trained step, in the configured conventions."""
+        part, column, convention = batch.rollout, batch.units, self.options.log_prob_convention
+        old_log_probs = part.log_probs.gather(1, column.to(part.log_probs.device))
+        out = policy.sampler.log_prob(part, column)
+        stds = out.stds.detach()
+        kl = (
+            self.reference_kl(policy, part, column, out.means[:, 0], stds[:, 0])
+            if self.options.kl_coef
+            else None
+        )
+        return step_loss(
+            self.options,
+            log_probs_in_convention(out.log_probs, stds, convention),
+            log_probs_in_convention(old_log_probs, stds, convention),
+            batch.advantages,
+            batch.weight,
+            kl,
+        )
+
+    def reference_kl(self, policy: Policy, part: Any, column: Tensor, means: Tensor, stds: Tensor) -> Tensor:
+        """KL ``[b]`` of the policy's step (``means`` with grad) to the frozen reference's (no grad)."""
+        with policy.reference():
+            reference = policy.sampler.log_prob(part, column)
+        rows = torch.arange(len(part), device=column.device)
+        return transition_kl(
+            means,
+            reference.means[:, 0],
+            stds,
+            part.sigmas[rows, column[:, 0]],
+            part.sigmas[rows, column[:, 0] + 1],
+            sde_type=part.sde_type,
+            estimator=self.options.kl_estimator,
+        )
+
+
+class DanceGRPO(FlowGRPO):
+    """DanceGRPO (Xue et al. 2025): the same surrogate over its constant-eta SDE (``sample.sde_type: dance_grpo``),
+    a random fraction of steps per sample and the sample std of rewards (``configs/flux/dev_hps_dancegrpo.yaml``)."""
