@@ -39,6 +39,7 @@ from gen_rl.trainer_config import GenerationConfig
 from pipelines import Rollout, RolloutOptions
 from pipelines.base import worst_log_prob_mismatch
 from rewards import build_reward
+from rewards.base import RewardUpdate, reward_learns, score_reward, update_reward
 
 ALL_NAN_STEP_LIMIT = 3  # consecutive steps with no finite reward at all before the run stops
 
@@ -62,6 +63,7 @@ class StepBatch:
     advantages: torch.Tensor | None = None  # [n] on the device
     valid: torch.Tensor | None = None  # [n] bool: every reward finite
     ratio_check: dict[str, float] = dataclasses.field(default_factory=dict)
+    step: int = 0
 
 
 class TrainerPolicy:
@@ -174,7 +176,7 @@ class GenerationTrainer(PhaseLoop):
         if self.stat_tracker is not None:
             parts["stat_tracker"] = self.stat_tracker
         for key, model in self.reward_models.items():
-            if getattr(model, "learns", False):
+            if reward_learns(model):
                 parts[f"reward/{key}"] = model
         return parts
 
@@ -255,7 +257,7 @@ class GenerationTrainer(PhaseLoop):
             )
         rollout = Rollout.cat(rollouts)
         group_ids = torch.tensor(positions).repeat_interleave(config.sample.group_size)
-        batch = StepBatch(rollout=rollout, group_ids=group_ids, rewards={})
+        batch = StepBatch(rollout=rollout, group_ids=group_ids, rewards={}, step=step)
         if not self.log_probs_checked:
             batch.ratio_check = self.check_ratio(rollout)
             self.log_probs_checked = True
@@ -263,17 +265,40 @@ class GenerationTrainer(PhaseLoop):
 
     @torch.no_grad()
     def score(self, batch: StepBatch) -> dict[str, float]:
-        """Raw scores of every optimised reward, then the reward-hacking monitors over the whole step."""
-        batch.rewards = self.score_rollout(batch.rollout, self.reward_models)
-        return {**self.monitors(batch), **batch.ratio_check}
+        """Raw scores of every optimised reward, the learning rewards' updates, the reward-hacking monitors."""
+        rollout = batch.rollout
+        batch.rewards = self.score_rollout(rollout, self.reward_models, batch.group_ids)
+        record: dict[str, float] = {}
+        for key, model in self.reward_models.items():
+            update = RewardUpdate(
+                pixels=rollout.pixels,
+                prompts=rollout.prompts,
+                metadata=rollout.metadata or [{} for _ in range(len(rollout))],
+                group_ids=batch.group_ids,
+                scores=batch.rewards[key],
+                gather=self._gather,
+                step=batch.step,
+            )
+            record.update(
+                {f"reward/{key}/{name}": value for name, value in update_reward(model, update, key).items()}
+            )
+        return {**record, **self.monitors(batch), **batch.ratio_check}
 
-    def score_rollout(self, rollout: Rollout, models: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """Raw scores ``[n]`` of each reward model for one process's samples."""
+    def score_rollout(
+        self, rollout: Rollout, models: dict[str, Any], group_ids: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """Raw scores ``[n]`` of each reward model for one process's samples (rewards may read group ids)."""
         metadata = rollout.metadata or [{} for _ in range(len(rollout))]
         return {
-            key: model(rollout.pixels, rollout.prompts, metadata).scores.float().cpu()
+            key: score_reward(model, rollout.pixels, rollout.prompts, metadata, group_ids)
+            .scores.float()
+            .cpu()
             for key, model in models.items()
         }
+
+    def _gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` concatenated over every process in rank order (the identity on one process)."""
+        return self.accelerator.gather(tensor.to(self.accelerator.device)).to(tensor.device)
 
     def monitors(self, batch: StepBatch) -> dict[str, float]:
         """Reward-hacking monitors over the whole step: image statistics and in-group diversity."""
@@ -461,7 +486,8 @@ class GenerationTrainer(PhaseLoop):
                 metadata=[self.eval_set.metadata[i] for i in mine],
             )
         models = {**self.reward_models, **{f"gold/{key}": model for key, model in self.gold_models.items()}}
-        scores = self.score_rollout(rollout, models)
+        group_ids = torch.arange(len(mine)).repeat_interleave(config.eval.samples_per_prompt)
+        scores = self.score_rollout(rollout, models, group_ids)
         gathered = gather_object([(mine, {k: v.tolist() for k, v in scores.items()}, rollout.pixels.cpu())])
         if not accelerator.is_main_process:
             return {}

@@ -509,7 +509,7 @@ def test_trainer_scores_through_a_remote_reward(tmp_path):
         terms = f"reward.terms=[{{name: remote, kwargs: {{url: '{server.url}', on_failure: abort}}}}]"
         trainer = GenerationTrainer(small_config(tmp_path, terms, "train.num_steps=1", "eval.every_steps=0"))
         batch = trainer.sample(0)
-        remote_scores = trainer.score_rollout(batch.rollout, trainer.reward_models)["remote"]
+        remote_scores = trainer.score_rollout(batch.rollout, trainer.reward_models, batch.group_ids)["remote"]
         local = ColourReward()(batch.rollout.pixels, batch.rollout.prompts).scores
         assert torch.allclose(remote_scores, local, atol=1e-3)  # float16 pixels on the wire
         assert remote_scores.std() > 0
