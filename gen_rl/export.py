@@ -1,6 +1,7 @@
 """Export trained LoRA adapters in diffusers' format, which ``pipe.load_lora_weights(folder)`` and ComfyUI read.
 
-``save_lora`` writes ``pytorch_lora_weights.safetensors`` (keys ``transformer.<module>.lora_A/B.weight``)
+``save_lora`` writes ``pytorch_lora_weights.safetensors`` (keys ``<denoiser>.<module>.lora_A/B.weight``, where
+``<denoiser>`` is ``transformer`` or ``unet``)
 through the pipeline class's own ``save_lora_weights``. The adapter's scale (``lora_alpha / r``, or
 ``lora_alpha / sqrt(r)`` with rsLoRA, per module with ``alpha_pattern`` / ``rank_pattern``) is folded into
 ``lora_B``, and the stored adapter config says ``lora_alpha = r``: readers that honour the config
@@ -20,55 +21,31 @@ from torch import Tensor
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
-_ATTENTION_TARGETS = [
-    "attn.to_q",
-    "attn.to_k",
-    "attn.to_v",
-    "attn.to_out.0",
-    "attn.add_q_proj",
-    "attn.add_k_proj",
-    "attn.add_v_proj",
-    "attn.to_add_out",
-]
-_FLUX_MLP_TARGETS = [
-    "ff.net.0.proj",
-    "ff.net.2",
-    "ff_context.net.0.proj",
-    "ff_context.net.2",
-    "proj_mlp",
-    "proj_out",
-]
-LORA_TARGET_MODULES: dict[str, list[str]] = {
-    # Double-stream attention (image and text projections), single-stream attention, the double blocks'
-    # feed-forwards and the single blocks' MLP in / fused out. "proj_out" also matches the final output
-    # projection, as in common FLUX LoRA recipes (SimpleTuner "all+ffs", ai-toolkit).
-    "flux": _ATTENTION_TARGETS + _FLUX_MLP_TARGETS,
-    # The joint-attention projections of every MMDiT block (Flow-GRPO and diffusers' SD3 DreamBooth LoRA).
-    # The last block is context-pre-only and has no to_add_out; SD3.5's extra self-attention (attn2) is left out.
-    "sd3": list(_ATTENTION_TARGETS),
-}
-
 
 def lora_target_modules(family: str) -> list[str]:
-    """Default peft ``target_modules`` (module-name suffixes) for a model family: ``flux`` or ``sd3``."""
-    if family not in LORA_TARGET_MODULES:
+    """Default peft ``target_modules`` (module-name suffixes) of a registered family: its sampler's
+    ``lora_target_modules`` (``pipelines.families.FAMILIES``)."""
+    from pipelines.families import FAMILIES, load_object
+
+    if family not in FAMILIES:
         raise ValueError(
-            f"no default LoRA target modules for family {family!r}; known: {', '.join(LORA_TARGET_MODULES)}. "
-            "Give train.lora target modules explicitly."
+            f"no default LoRA target modules for family {family!r}; known: {', '.join(FAMILIES)}. "
+            "Give model.lora_target_modules explicitly."
         )
-    return list(LORA_TARGET_MODULES[family])
+    return list(load_object(FAMILIES[family].sampler).lora_target_modules)
 
 
 def save_lora(sampler: Any, directory: str | Path, adapter_name: str = "default") -> Path:
-    """Write the transformer's LoRA adapter to ``directory`` in diffusers' format and return the folder.
+    """Write the denoiser's LoRA adapter to ``directory`` in diffusers' format and return the folder.
 
     The folder is written whole into a temporary sibling and renamed into place, so a crash never leaves a
     half-written export; an existing folder at ``directory`` is replaced. Load it back with
     ``pipeline.load_lora_weights(directory)``. Call it on the main process only.
     """
-    transformer = sampler.transformer
-    config = _adapter_config(transformer, adapter_name)
-    state_dict = lora_state_dict(transformer, adapter_name)
+    denoiser = sampler.denoiser
+    component = sampler.denoiser_component  # "transformer" or "unet": the key prefix diffusers expects
+    config = _adapter_config(denoiser, adapter_name)
+    state_dict = lora_state_dict(denoiser, adapter_name)
     metadata = _unit_scale_metadata(config)
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
@@ -78,9 +55,8 @@ def save_lora(sampler: Any, directory: str | Path, adapter_name: str = "default"
     try:
         type(sampler.pipeline).save_lora_weights(
             staging,
-            transformer_lora_layers=state_dict,
             safe_serialization=True,
-            transformer_lora_adapter_metadata=metadata,
+            **{f"{component}_lora_layers": state_dict, f"{component}_lora_adapter_metadata": metadata},
         )
         _replace_directory(staging, directory)
     finally:
@@ -111,8 +87,8 @@ def lora_state_dict(transformer: torch.nn.Module, adapter_name: str = "default")
 
 
 def merge_lora(sampler: Any, adapter_name: str = "default") -> None:
-    """Fuse the adapter into the transformer's base weights and remove the LoRA layers (for a full export)."""
-    transformer = sampler.transformer
+    """Fuse the adapter into the denoiser's base weights and remove the LoRA layers (for a full export)."""
+    transformer = sampler.denoiser
     _adapter_config(transformer, adapter_name)
     others = sorted(set(transformer.peft_config) - {adapter_name})
     if others:

@@ -31,11 +31,10 @@ from gen_rl.core.hub import (
     looks_like_local_path,
 )
 from gen_rl.data import DataError, load_prompts, read_text_lines
+from pipelines.families import FAMILIES, TINY_MODELS  # plain data: importing it does not import torch
 
-# tiny models built in code (gen_rl.policy.TINY_MODELS): family and the multiple their image size must be
-TINY_GENERATORS = {"tiny:flux": ("flux", 2), "tiny:flux-pixel": ("flux", 2), "tiny:sd3": ("sd3", 1)}
-# FLUX and SD3 checkpoints: 8x VAE and 2x2 patches, so sides are multiples of 16 (used without a model config)
-FAMILY_IMAGE_MULTIPLE = {"flux": 16, "sd3": 16}
+# tiny models built in code: family and the multiple their image size must be (from pipelines.families)
+TINY_GENERATORS = {name: (tiny.family, tiny.image_multiple) for name, tiny in TINY_MODELS.items()}
 TRACKER_MODULES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}
 
 
@@ -72,19 +71,22 @@ def check_tracker(tracker: str, key: str = "log.tracker") -> None:
 def image_multiple(family: str, pretrained: str) -> int | None:
     """The number image height and width must be multiples of, from the model's config files only.
 
-    FLUX: VAE scale x 2 (2x2 latent packing); SD3: VAE scale x transformer patch size. None when unknown
-    (a user family). Where the config files are not at hand, FLUX and SD3 checkpoints' 16.
+    VAE scale x the family's latent patch (``pipelines.families.FAMILIES``: FLUX packs 2x2, SD3 reads its
+    transformer's patch size, SD's UNet has none). None when unknown (a user family). Where the config files
+    are not at hand, the family's ``image_multiple`` (16 for FLUX and SD3, 8 for SD).
     """
     if pretrained in TINY_GENERATORS:
         return TINY_GENERATORS[pretrained][1]
-    if family not in FAMILY_IMAGE_MULTIPLE:
+    if family not in FAMILIES:
         return None
+    spec = FAMILIES[family]
     vae = _model_config(pretrained, "vae/config.json")
-    transformer = _model_config(pretrained, "transformer/config.json")
     if vae is None or "block_out_channels" not in vae:
-        return FAMILY_IMAGE_MULTIPLE[family]
+        return spec.image_multiple
     vae_scale = 2 ** (len(vae["block_out_channels"]) - 1)
-    patch = 2 if family == "flux" else int((transformer or {}).get("patch_size", 2))
+    patch = spec.patch_size
+    if patch is None:
+        patch = int((_model_config(pretrained, "transformer/config.json") or {}).get("patch_size", 2))
     return vae_scale * patch
 
 

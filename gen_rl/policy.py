@@ -6,18 +6,19 @@ import torch
 from peft import LoraConfig
 
 from gen_rl.core.dtypes import DTYPES
-from gen_rl.export import lora_target_modules
 from gen_rl.trainer_config import ModelConfig
-from pipelines import FlowMatchSampler, build_sampler
+from pipelines import TINY_MODELS as _TINY_MODEL_TABLE
+from pipelines import Sampler, build_sampler
+from pipelines.families import build_tiny_pipeline
 
-TINY_MODELS = ("tiny:flux", "tiny:flux-pixel", "tiny:sd3")
+TINY_MODELS = tuple(_TINY_MODEL_TABLE)  # the names of pipelines.families.TINY_MODELS
 
 
-def load_sampler(model: ModelConfig, device: torch.device) -> FlowMatchSampler:
+def load_sampler(model: ModelConfig, device: torch.device) -> Sampler:
     """The family's sampler from a path / hub id, or a tiny model built in code (``tiny:*``), on ``device``."""
     dtype = DTYPES[model.dtype]
     if model.pretrained.startswith("tiny:"):
-        sampler = build_sampler(model.family, _tiny_pipeline(model.pretrained, model.family))
+        sampler = build_sampler(model.family, build_tiny_pipeline(model.pretrained, model.family))
         if dtype != torch.float32:  # built in float32
             sampler.pipeline.to(dtype=dtype)
     else:
@@ -30,37 +31,30 @@ def load_sampler(model: ModelConfig, device: torch.device) -> FlowMatchSampler:
     return sampler
 
 
-def _tiny_pipeline(name: str, family: str):
-    from pipelines.tiny import tiny_flux_pipeline, tiny_sd3_pipeline
+def make_trainable(sampler: Sampler, model: ModelConfig) -> list[torch.nn.Parameter]:
+    """Attach a LoRA adapter (B = 0, so the policy starts equal to the reference) or unfreeze the denoiser.
 
-    expected = {"tiny:flux": "flux", "tiny:flux-pixel": "flux", "tiny:sd3": "sd3"}
-    if name not in expected:
-        raise ValueError(f"unknown tiny model {name!r}; use one of {', '.join(TINY_MODELS)}")
-    if expected[name] != family:
-        raise ValueError(f"model.pretrained={name!r} is a {expected[name]} model but model.family={family!r}")
-    if name == "tiny:sd3":
-        return tiny_sd3_pipeline(seed=0)
-    return tiny_flux_pipeline(seed=0, pixel_decoder=name == "tiny:flux-pixel")
-
-
-def make_trainable(sampler: FlowMatchSampler, model: ModelConfig) -> list[torch.nn.Parameter]:
-    """Attach a LoRA adapter (B = 0, so the policy starts equal to the reference) or unfreeze the transformer.
-
-    Trainable parameters are kept in float32 whatever the frozen weights' dtype. Returns them.
+    The LoRA targets default to the family's ``Sampler.lora_target_modules``. Trainable parameters are kept in
+    float32 whatever the frozen weights' dtype. Returns them.
     """
-    transformer = sampler.transformer
+    denoiser = sampler.denoiser
     if model.lora:
-        targets = model.lora_target_modules or lora_target_modules(sampler.family)
-        transformer.add_adapter(
+        targets = model.lora_target_modules or list(sampler.lora_target_modules)
+        if not targets:
+            raise ValueError(
+                f"the {sampler.family} sampler declares no default LoRA target modules; set "
+                "model.lora_target_modules (module-name suffixes of its denoiser)"
+            )
+        denoiser.add_adapter(
             LoraConfig(
                 r=model.lora_rank, lora_alpha=model.lora_alpha, target_modules=targets, init_lora_weights=True
             )
         )
     else:
-        transformer.requires_grad_(True)
-    parameters = [param for param in transformer.parameters() if param.requires_grad]
+        denoiser.requires_grad_(True)
+    parameters = [param for param in denoiser.parameters() if param.requires_grad]
     for param in parameters:
         param.data = param.data.float()
     if model.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
+        denoiser.enable_gradient_checkpointing()
     return parameters

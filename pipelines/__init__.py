@@ -1,20 +1,43 @@
-"""Samplers: everything that knows a model family. ``SAMPLERS`` maps a family name to its adapter."""
+"""Samplers: everything that knows a model family. ``SAMPLERS`` maps a family name to its adapter.
+
+Importing this package is torch-free: the family tables (``pipelines.families``) are plain data, and the
+samplers (which import torch and diffusers) load on first use of a name below (PEP 562 module ``__getattr__``).
+"""
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
-from gen_rl.core.registry import resolve
-from pipelines.base import FlowMatchSampler, Rollout, RolloutOptions, StepLogProbs
-from pipelines.flux import FluxSampler
-from pipelines.sd3 import SD3Sampler
+from pipelines.families import FAMILIES, TINY_MODELS, load_object
 
-SAMPLERS: dict[str, type[FlowMatchSampler]] = {"flux": FluxSampler, "sd3": SD3Sampler}
+_LAZY = {
+    "DDIMSampler": "pipelines.base",
+    "FlowMatchSampler": "pipelines.base",
+    "NoiseGrid": "pipelines.base",
+    "Rollout": "pipelines.base",
+    "RolloutOptions": "pipelines.base",
+    "Sampler": "pipelines.base",
+    "StepLogProbs": "pipelines.base",
+    "FluxSampler": "pipelines.flux",
+    "SD3Sampler": "pipelines.sd3",
+    "SDSampler": "pipelines.sd",
+}
 
 
-def build_sampler(family: str, pretrained: Any, **kwargs: Any) -> FlowMatchSampler:
+def __getattr__(name: str) -> Any:
+    if name == "SAMPLERS":
+        return {family: load_object(spec.sampler) for family, spec in FAMILIES.items()}
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'pipelines' has no attribute {name!r}")
+
+
+def build_sampler(family: str, pretrained: Any, **kwargs: Any) -> Any:
     """Sampler for ``family`` from a local path / hub id (str) or an existing diffusers pipeline object."""
-    sampler_class = resolve(SAMPLERS, family, "model family")
+    from gen_rl.core.registry import resolve
+
+    sampler_class = resolve(__getattr__("SAMPLERS"), family, "model family")
     if isinstance(pretrained, str):
         return sampler_class.from_pretrained(pretrained, **kwargs)
     if kwargs:
@@ -23,12 +46,18 @@ def build_sampler(family: str, pretrained: Any, **kwargs: Any) -> FlowMatchSampl
 
 
 __all__ = [
+    "FAMILIES",
     "SAMPLERS",
+    "TINY_MODELS",
+    "DDIMSampler",
     "FlowMatchSampler",
     "FluxSampler",
+    "NoiseGrid",
     "Rollout",
     "RolloutOptions",
     "SD3Sampler",
+    "SDSampler",
+    "Sampler",
     "StepLogProbs",
+    "build_sampler",
 ]
-__all__ += ["build_sampler"]

@@ -2,7 +2,7 @@
 
 Composes the pipeline's own ``encode_prompt``, ``prepare_latents`` (packed 2x2 latents), schedule
 (``calculate_shift`` + ``retrieve_timesteps``), ``_unpack_latents`` and VAE; the sampling loop is
-``FlowMatchSampler.rollout``.
+``Sampler.rollout``.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
 from torch import Tensor
 
-from pipelines.base import NEGATIVE_PREFIX, FlowMatchSampler, RolloutOptions
+from pipelines.base import ATTENTION_LORA_TARGETS, NEGATIVE_PREFIX, FlowMatchSampler, RolloutOptions
 
 DEFAULT_GUIDANCE = 3.5
 
@@ -25,6 +25,18 @@ class FluxSampler(FlowMatchSampler):
     pipeline_class = FluxPipeline
     required_components = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
     default_max_sequence_length = 512
+    # Double-stream attention (image and text projections), single-stream attention, the double blocks'
+    # feed-forwards and the single blocks' MLP in / fused out. "proj_out" also matches the final output
+    # projection, as in common FLUX LoRA recipes (SimpleTuner "all+ffs", ai-toolkit).
+    lora_target_modules = (
+        *ATTENTION_LORA_TARGETS,
+        "ff.net.0.proj",
+        "ff.net.2",
+        "ff_context.net.0.proj",
+        "ff_context.net.2",
+        "proj_mlp",
+        "proj_out",
+    )
 
     def __init__(self, pipeline: FluxPipeline) -> None:
         super().__init__(pipeline)
@@ -39,7 +51,7 @@ class FluxSampler(FlowMatchSampler):
             negative = self._encode([options.negative_prompt] * len(prompts), options, num_per_prompt)
             conditioning.update({NEGATIVE_PREFIX + key: value for key, value in negative.items()})
         batch = len(prompts) * num_per_prompt
-        if self.transformer.config.guidance_embeds:
+        if self.denoiser.config.guidance_embeds:
             guidance = DEFAULT_GUIDANCE if options.guidance is None else options.guidance
             conditioning["guidance"] = torch.full((batch,), guidance, dtype=torch.float32, device=self.device)
         elif options.guidance is not None:
@@ -59,12 +71,14 @@ class FluxSampler(FlowMatchSampler):
         )
         return {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled_prompt_embeds}
 
-    def initial_latents(self, generators: list[torch.Generator], image_size: tuple[int, int]) -> Tensor:
+    def initial_latents(
+        self, generators: list[torch.Generator], image_size: tuple[int, int], num_frames: int | None = None
+    ) -> Tensor:
         """Packed latents ``[B, tokens, 4 * latent_channels]`` drawn exactly as ``FluxPipeline`` draws them."""
         height, width = image_size
         latents, _ = self.pipeline.prepare_latents(
             len(generators),
-            self.transformer.config.in_channels // 4,
+            self.denoiser.config.in_channels // 4,
             height,
             width,
             self.dtype,
@@ -76,7 +90,7 @@ class FluxSampler(FlowMatchSampler):
     def grid(self, options: RolloutOptions, latents: Tensor) -> tuple[Tensor, Tensor]:
         """FluxPipeline's schedule: linspace(1, 1/S) shifted by mu(image tokens), or a static ``shift``."""
         num_steps = options.num_steps
-        config = self.pipeline.scheduler.config
+        config = self.scheduler.config
         sigmas = np.linspace(1.0, 1 / num_steps, num_steps)
         if options.shift is None:
             scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
@@ -92,18 +106,18 @@ class FluxSampler(FlowMatchSampler):
                 config, shift=options.shift, use_dynamic_shifting=False
             )
             mu = None
-        if config.get("use_flow_sigmas", False):
+        if self.pipeline.scheduler.config.get("use_flow_sigmas", False):
             sigmas = None
         timesteps, _ = retrieve_timesteps(scheduler, num_steps, self.device, sigmas=sigmas, mu=mu)
         return scheduler.sigmas.to(self.device, torch.float32), timesteps.to(torch.float32)
 
-    def model_velocity(
+    def model_output(
         self, latents: Tensor, timesteps: Tensor, conditioning: dict[str, Tensor], image_size: tuple[int, int]
     ) -> Tensor:
         """One FLUX transformer call; timesteps are cast to the latent dtype and divided by 1000 as diffusers does."""
         prompt_embeds = conditioning["prompt_embeds"]
         image_ids, text_ids = self._position_ids(image_size, prompt_embeds.shape[1], latents)
-        return self.denoiser(
+        return self.active_denoiser(
             hidden_states=latents,
             timestep=timesteps.to(latents.dtype) / 1000,
             guidance=conditioning.get("guidance"),
@@ -116,12 +130,15 @@ class FluxSampler(FlowMatchSampler):
 
     def decode(self, latents: Tensor, image_size: tuple[int, int]) -> Tensor:
         """Unpack, undo the VAE scaling/shift, decode and post-process to [0, 1]."""
-        pipeline = self.pipeline
         height, width = image_size
-        latents = pipeline._unpack_latents(latents, height, width, pipeline.vae_scale_factor)
-        latents = latents / pipeline.vae.config.scaling_factor + pipeline.vae.config.shift_factor
-        images = pipeline.vae.decode(latents.to(pipeline.vae.dtype), return_dict=False)[0]
-        return pipeline.image_processor.postprocess(images, output_type="pt").float()
+        latents = self.pipeline._unpack_latents(latents, height, width, self.pipeline.vae_scale_factor)
+        return self._vae_decode(latents)
+
+    def encode(self, pixels: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Pixels ``[B, 3, H, W]`` in [0, 1] to packed latents ``[B, tokens, 4 * C]`` (the inverse of ``decode``)."""
+        latents = self._vae_encode(pixels, generator)
+        batch, channels, height, width = latents.shape
+        return self.pipeline._pack_latents(latents, batch, channels, height, width)
 
     def _position_ids(
         self, image_size: tuple[int, int], text_length: int, latents: Tensor

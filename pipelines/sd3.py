@@ -2,7 +2,7 @@
 
 Composes the pipeline's own ``encode_prompt`` (two CLIPs + T5, negative prompt for CFG), ``prepare_latents``,
 schedule (``retrieve_timesteps``, dynamic shift when the scheduler asks for it) and VAE; the sampling loop is
-``FlowMatchSampler.rollout``.
+``Sampler.rollout``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import (
 )
 from torch import Tensor
 
-from pipelines.base import NEGATIVE_PREFIX, FlowMatchSampler, RolloutOptions
+from pipelines.base import ATTENTION_LORA_TARGETS, NEGATIVE_PREFIX, FlowMatchSampler, RolloutOptions
 
 
 class SD3Sampler(FlowMatchSampler):
@@ -34,6 +34,9 @@ class SD3Sampler(FlowMatchSampler):
         "tokenizer_3",
     )
     default_max_sequence_length = 256
+    # The joint-attention projections of every MMDiT block (Flow-GRPO and diffusers' SD3 DreamBooth LoRA).
+    # The last block is context-pre-only and has no to_add_out; SD3.5's extra self-attention (attn2) is left out.
+    lora_target_modules = ATTENTION_LORA_TARGETS
 
     def encode_prompts(
         self, prompts: list[str], options: RolloutOptions, num_per_prompt: int
@@ -56,12 +59,14 @@ class SD3Sampler(FlowMatchSampler):
             conditioning[NEGATIVE_PREFIX + "pooled_prompt_embeds"] = negative_pooled
         return conditioning
 
-    def initial_latents(self, generators: list[torch.Generator], image_size: tuple[int, int]) -> Tensor:
+    def initial_latents(
+        self, generators: list[torch.Generator], image_size: tuple[int, int], num_frames: int | None = None
+    ) -> Tensor:
         """Latents ``[B, C, h, w]`` drawn exactly as ``StableDiffusion3Pipeline`` draws them."""
         height, width = image_size
         return self.pipeline.prepare_latents(
             len(generators),
-            self.transformer.config.in_channels,
+            self.denoiser.config.in_channels,
             height,
             width,
             self.dtype,
@@ -71,12 +76,12 @@ class SD3Sampler(FlowMatchSampler):
 
     def grid(self, options: RolloutOptions, latents: Tensor) -> tuple[Tensor, Tensor]:
         """The SD3 pipeline's schedule (static shift from the scheduler config unless ``options.shift``)."""
-        config = self.pipeline.scheduler.config
+        config = self.scheduler.config
         overrides = {} if options.shift is None else {"shift": options.shift, "use_dynamic_shifting": False}
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(config, **overrides)
         kwargs = {}
         if scheduler.config.get("use_dynamic_shifting", False):
-            patch = self.transformer.config.patch_size
+            patch = self.denoiser.config.patch_size
             kwargs["mu"] = calculate_shift(
                 (latents.shape[2] // patch) * (latents.shape[3] // patch),
                 config.get("base_image_seq_len", 256),
@@ -87,11 +92,11 @@ class SD3Sampler(FlowMatchSampler):
         timesteps, _ = retrieve_timesteps(scheduler, options.num_steps, self.device, **kwargs)
         return scheduler.sigmas.to(self.device, torch.float32), timesteps.to(torch.float32)
 
-    def model_velocity(
+    def model_output(
         self, latents: Tensor, timesteps: Tensor, conditioning: dict[str, Tensor], image_size: tuple[int, int]
     ) -> Tensor:
         """One SD3 transformer call at per-sample timesteps (sigma * 1000)."""
-        return self.denoiser(
+        return self.active_denoiser(
             hidden_states=latents,
             timestep=timesteps,
             encoder_hidden_states=conditioning["prompt_embeds"],
@@ -101,7 +106,8 @@ class SD3Sampler(FlowMatchSampler):
 
     def decode(self, latents: Tensor, image_size: tuple[int, int]) -> Tensor:
         """Undo the VAE scaling/shift, decode and post-process to [0, 1]."""
-        pipeline = self.pipeline
-        latents = latents / pipeline.vae.config.scaling_factor + pipeline.vae.config.shift_factor
-        images = pipeline.vae.decode(latents.to(pipeline.vae.dtype), return_dict=False)[0]
-        return pipeline.image_processor.postprocess(images, output_type="pt").float()
+        return self._vae_decode(latents)
+
+    def encode(self, pixels: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Pixels ``[B, 3, H, W]`` in [0, 1] to latents ``[B, C, h, w]`` (VAE mean, shift and scaling)."""
+        return self._vae_encode(pixels, generator)

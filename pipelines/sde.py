@@ -42,13 +42,19 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "DDIM_PREDICTION_TYPES",
     "SDE_STEPS",
     "StepOutput",
+    "check_ddim_grid",
+    "check_flow_grid",
     "cps_step",
     "dance_grpo_step",
     "ddim_step",
+    "ddim_step_unchecked",
+    "ddim_v_step",
     "flow_grpo_step",
     "flow_sde_step",
+    "flow_step_unchecked",
     "gaussian_log_prob",
     "get_flow_step",
 ]
@@ -286,6 +292,19 @@ def flow_grpo_step(
     _check_step_inputs(sample, velocity, "velocity", noise, next_sample)
     _check_nonnegative(noise_level, "noise_level")
     sigma_now, sigma_after = _flow_sigmas(sigma, sigma_next, sample)
+    return _flow_grpo_from_valid(sample, velocity, sigma_now, sigma_after, noise_level, noise, next_sample)
+
+
+def _flow_grpo_from_valid(
+    sample: Tensor,
+    velocity: Tensor,
+    sigma_now: Tensor,
+    sigma_after: Tensor,
+    noise_level: float,
+    noise: Tensor | None,
+    next_sample: Tensor | None,
+) -> StepOutput:
+    """Body of :func:`flow_grpo_step` for already-validated ``[B]`` float32 sigmas."""
     denominator_sigma = torch.where(sigma_now >= 1.0, sigma_after, sigma_now)
     # Only sigma == sigma_next == 1 (a zero-length step, ds == 0) reaches a zero denominator.
     diffusion_b = noise_level * (sigma_now / (1.0 - denominator_sigma).clamp_min(_TINY)).sqrt()
@@ -311,6 +330,19 @@ def dance_grpo_step(
     _check_step_inputs(sample, velocity, "velocity", noise, next_sample)
     _check_nonnegative(noise_level, "noise_level")
     sigma_now, sigma_after = _flow_sigmas(sigma, sigma_next, sample)
+    return _dance_grpo_from_valid(sample, velocity, sigma_now, sigma_after, noise_level, noise, next_sample)
+
+
+def _dance_grpo_from_valid(
+    sample: Tensor,
+    velocity: Tensor,
+    sigma_now: Tensor,
+    sigma_after: Tensor,
+    noise_level: float,
+    noise: Tensor | None,
+    next_sample: Tensor | None,
+) -> StepOutput:
+    """Body of :func:`dance_grpo_step` for already-validated ``[B]`` float32 sigmas."""
     diffusion_b = torch.full_like(sigma_now, float(noise_level))
     return _flow_sde_from_valid(sample, velocity, sigma_now, sigma_after, diffusion_b, noise, next_sample)
 
@@ -342,6 +374,19 @@ def cps_step(
     _check_step_inputs(sample, velocity, "velocity", noise, next_sample)
     _check_nonnegative(noise_level, "noise_level")
     sigma_now, sigma_after = _flow_sigmas(sigma, sigma_next, sample)
+    return _cps_from_valid(sample, velocity, sigma_now, sigma_after, noise_level, noise, next_sample)
+
+
+def _cps_from_valid(
+    sample: Tensor,
+    velocity: Tensor,
+    sigma_now: Tensor,
+    sigma_after: Tensor,
+    noise_level: float,
+    noise: Tensor | None,
+    next_sample: Tensor | None,
+) -> StepOutput:
+    """Body of :func:`cps_step` for already-validated ``[B]`` float32 sigmas."""
     sample, velocity = sample.float(), velocity.float()
     sigma_x = _expand(sigma_now, sample)
     x0_hat = sample - sigma_x * velocity
@@ -381,17 +426,93 @@ def ddim_step(
             ``1 - ab_prev - std^2`` negative, so they are rejected.
         noise, next_sample: see the module docstring.
     """
-    _check_step_inputs(sample, epsilon, "epsilon", noise, next_sample)
-    if not 0.0 <= eta <= 1.0:
-        raise ValueError(f"eta must lie in [0, 1] for DDIM; got {eta}")
+    ab_now, ab_after = _ddim_inputs(
+        sample, epsilon, "epsilon", alpha_bar, alpha_bar_prev, eta, noise, next_sample
+    )
+    return ddim_step_unchecked(sample, epsilon, ab_now, ab_after, eta, "epsilon", noise, next_sample)
+
+
+def ddim_v_step(
+    sample: Tensor,
+    v_prediction: Tensor,
+    alpha_bar: Scalar,
+    alpha_bar_prev: Scalar,
+    eta: float,
+    *,
+    noise: Tensor | None = None,
+    next_sample: Tensor | None = None,
+) -> StepOutput:
+    """DDIM step with ``eta`` for v-prediction models (Salimans & Ho, 2022, ``v = sqrt(ab) eps - sqrt(1 - ab) x0``).
+
+    The prediction is turned into ``x0_hat = sqrt(ab) x - sqrt(1 - ab) v`` and ``eps_hat = sqrt(ab) v +
+    sqrt(1 - ab) x`` exactly as diffusers' ``DDIMScheduler`` does, then stepped as in :func:`ddim_step`.
+    """
+    ab_now, ab_after = _ddim_inputs(
+        sample, v_prediction, "v_prediction", alpha_bar, alpha_bar_prev, eta, noise, next_sample
+    )
+    return ddim_step_unchecked(
+        sample, v_prediction, ab_now, ab_after, eta, "v_prediction", noise, next_sample
+    )
+
+
+def _ddim_inputs(
+    sample: Tensor,
+    prediction: Tensor,
+    prediction_name: str,
+    alpha_bar: Scalar,
+    alpha_bar_prev: Scalar,
+    eta: float,
+    noise: Tensor | None,
+    next_sample: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    """Validated ``[B]`` float32 alpha-bars of a DDIM step (raises ValueError naming the bad input)."""
+    _check_step_inputs(sample, prediction, prediction_name, noise, next_sample)
+    _check_eta(eta)
     ab_now = _per_sample(alpha_bar, sample, "alpha_bar")
     ab_after = _per_sample(alpha_bar_prev, sample, "alpha_bar_prev")
     _check_range(ab_now, "alpha_bar", 0.0, 1.0, low_open=True)
     _check_range(ab_after, "alpha_bar_prev", 0.0, 1.0, low_open=True)
     if bool((ab_after < ab_now).any()):
         raise ValueError("alpha_bar_prev must be >= alpha_bar (the next timestep is less noisy)")
-    sample, epsilon = sample.float(), epsilon.float()
-    x0_hat = (sample - _expand((1.0 - ab_now).sqrt(), sample) * epsilon) / _expand(ab_now.sqrt(), sample)
+    return ab_now, ab_after
+
+
+def _check_eta(eta: float) -> None:
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"eta must lie in [0, 1] for DDIM; got {eta}")
+
+
+DDIM_PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def ddim_step_unchecked(
+    sample: Tensor,
+    prediction: Tensor,
+    ab_now: Tensor,
+    ab_after: Tensor,
+    eta: float,
+    prediction_type: str,
+    noise: Tensor | None,
+    next_sample: Tensor | None,
+) -> StepOutput:
+    """:func:`ddim_step` / :func:`ddim_v_step` without input checks, for loops that validated their grid once.
+
+    ``ab_now`` / ``ab_after``: ``[B]`` float32 alpha-bars already checked (e.g. by :func:`check_ddim_grid`);
+    ``prediction_type``: ``epsilon`` or ``v_prediction``.
+    """
+    sample, prediction = sample.float(), prediction.float()
+    root_ab = _expand(ab_now.sqrt(), sample)
+    root_one_minus_ab = _expand((1.0 - ab_now).sqrt(), sample)
+    if prediction_type == "epsilon":
+        epsilon = prediction
+        x0_hat = (sample - root_one_minus_ab * epsilon) / root_ab
+    elif prediction_type == "v_prediction":
+        x0_hat = root_ab * sample - root_one_minus_ab * prediction
+        epsilon = root_ab * prediction + root_one_minus_ab * sample
+    else:
+        raise ValueError(
+            f"DDIM prediction_type must be one of {DDIM_PREDICTION_TYPES}; got {prediction_type!r}"
+        )
     # alpha_bar == 1 forces alpha_bar_prev == 1, so the floor only turns 0/0 into 0.
     variance = (1.0 - ab_after) / (1.0 - ab_now).clamp_min(_TINY) * (1.0 - ab_now / ab_after)
     std = eta * variance.clamp_min(0.0).sqrt()
@@ -419,3 +540,49 @@ def get_flow_step(name: str) -> Callable[..., StepOutput]:
     except KeyError:
         known = ", ".join(sorted(SDE_STEPS))
         raise ValueError(f"unknown flow SDE step kind {name!r}; known kinds: {known}") from None
+
+
+_UNCHECKED_FLOW_STEPS: dict[str, Callable[..., StepOutput]] = {
+    "flow_grpo": _flow_grpo_from_valid,
+    "dance_grpo": _dance_grpo_from_valid,
+    "cps": _cps_from_valid,
+}
+
+
+def flow_step_unchecked(name: str) -> Callable[..., StepOutput]:
+    """The body of flow step ``name`` without input checks, for loops that validated their grid once.
+
+    Signature ``(sample, velocity, sigma [B], sigma_next [B], noise_level, noise, next_sample) -> StepOutput``
+    with float32 ``[B]`` sigmas already checked by :func:`check_flow_grid` and ``noise_level >= 0``; the result
+    equals the checked function's (:data:`SDE_STEPS`) to the bit.
+    """
+    get_flow_step(name)  # the known-names error
+    return _UNCHECKED_FLOW_STEPS[name]
+
+
+def flow_euler_unchecked(
+    sample: Tensor, velocity: Tensor, sigma_now: Tensor, sigma_after: Tensor
+) -> StepOutput:
+    """The deterministic Euler ODE step ``x + ds v`` (:func:`flow_sde_step` with ``g = 0``), unchecked."""
+    zero = torch.zeros_like(sigma_now)
+    return _flow_sde_from_valid(sample, velocity, sigma_now, sigma_after, zero, None, None)
+
+
+def check_flow_grid(sigmas: Tensor) -> None:
+    """Validate a whole flow grid ``[..., S+1]`` once: every sigma in [0, 1], non-increasing along the last dim.
+
+    One host synchronisation for the whole grid (the per-step checks of the public step functions do one per
+    call); raises the same ValueError messages as they do.
+    """
+    sigmas = sigmas.float()
+    _check_range(sigmas.reshape(-1), "sigma", 0.0, 1.0)
+    if bool((sigmas[..., 1:] > sigmas[..., :-1]).any()):
+        raise ValueError("sigma_next must be <= sigma (sampling runs from sigma=1 to sigma=0)")
+
+
+def check_ddim_grid(alpha_bars: Tensor) -> None:
+    """Validate a whole DDIM alpha-bar grid ``[..., S+1]`` once: in (0, 1], non-decreasing along the last dim."""
+    alpha_bars = alpha_bars.float()
+    _check_range(alpha_bars.reshape(-1), "alpha_bar", 0.0, 1.0, low_open=True)
+    if bool((alpha_bars[..., 1:] < alpha_bars[..., :-1]).any()):
+        raise ValueError("alpha_bar_prev must be >= alpha_bar (the next timestep is less noisy)")

@@ -1,6 +1,6 @@
 """Tiny randomly initialised pipelines built from configs in code: tests, the CPU demo and benchmarks.
 
-The architectures are the real diffusers / transformers classes (FLUX, SD3, CLIP, T5, AutoencoderKL) at a few
+The architectures are the real diffusers / transformers classes (SD UNet, FLUX, SD3, CLIP, T5, AutoencoderKL) at a few
 thousand parameters, so every code path that serves real checkpoints runs on them. The tokenizer is a
 character-level tokenizer built in-process (no files, no download): every prompt maps to distinct ids.
 """
@@ -12,11 +12,15 @@ import string
 import torch
 from diffusers import (
     AutoencoderKL,
+    DDIMScheduler,
     FlowMatchEulerDiscreteScheduler,
     FluxPipeline,
     FluxTransformer2DModel,
+    PNDMScheduler,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
 )
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import (
@@ -266,5 +270,79 @@ def tiny_sd3_pipeline(seed: int = 0, num_layers: int = 1) -> StableDiffusion3Pip
         tokenizer_2=build_char_tokenizer(77),
         text_encoder_3=_t5_encoder(),
         tokenizer_3=build_char_tokenizer(256),
+    )
+    return _eval_mode(pipeline)
+
+
+# Stable Diffusion 1.5's noise schedule (its scheduler_config.json), shared by the DDIM and PNDM variants.
+SD15_SCHEDULE = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+}
+
+
+def tiny_sd_pipeline(
+    seed: int = 0,
+    *,
+    prediction_type: str = "epsilon",
+    pixel_decoder: bool = False,
+    scheduler: str = "ddim",
+) -> StableDiffusionPipeline:
+    """A Stable-Diffusion-1.5-architecture pipeline (cross-attention UNet, CLIP text encoder, KL VAE) at ~50k params.
+
+    ``prediction_type``: ``epsilon`` (SD 1.5) or ``v_prediction`` (SD 2.x 768). ``scheduler``: ``ddim`` or
+    ``pndm`` (what SD 1.5 ships), both with SD 1.5's schedule. ``pixel_decoder=False``: a random 4-channel VAE
+    with scale factor 2 and SD's ``scaling_factor`` 0.18215; ``True``: the hand-set identity VAE of
+    ``_pixel_vae`` (3 channels, scale factor 1, the latent *is* the image), for demos and learning tests.
+    No safety checker.
+    """
+    torch.manual_seed(seed)
+    channels = 3 if pixel_decoder else 4
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=channels,
+        out_channels=channels,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        norm_num_groups=4,
+        attention_head_dim=4,
+    )
+    if pixel_decoder:
+        vae = _pixel_vae()
+    else:
+        vae = AutoencoderKL(
+            sample_size=32,
+            in_channels=3,
+            out_channels=3,
+            block_out_channels=(8, 16),
+            down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2,
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=4,
+            scaling_factor=0.18215,
+        )
+    if scheduler == "ddim":
+        noise_scheduler = DDIMScheduler(**SD15_SCHEDULE, clip_sample=False, prediction_type=prediction_type)
+    elif scheduler == "pndm":
+        noise_scheduler = PNDMScheduler(**SD15_SCHEDULE, skip_prk_steps=True, prediction_type=prediction_type)
+    else:
+        raise ValueError(f"scheduler must be 'ddim' or 'pndm'; got {scheduler!r}")
+    pipeline = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=CLIPTextModel(_clip_config()),
+        tokenizer=build_char_tokenizer(77),
+        unet=unet,
+        scheduler=noise_scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
     return _eval_mode(pipeline)

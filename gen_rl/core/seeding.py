@@ -21,14 +21,24 @@ def derive_seed(*parts: object) -> int:
     return int.from_bytes(digest, "little") & ((1 << _SEED_BITS) - 1)
 
 
-def make_generators(seeds: list[int]) -> list[torch.Generator]:
-    """One CPU ``torch.Generator`` per seed (CPU draws give the same numbers on every device)."""
-    return [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+def make_generators(seeds: list[int], device: torch.device | str = "cpu") -> list[torch.Generator]:
+    """One ``torch.Generator`` per seed on ``device``.
+
+    CPU generators (the default) give the same numbers on every machine; generators on an accelerator draw
+    there without a host copy, and their numbers are reproducible on the same kind of device.
+    """
+    return [torch.Generator(device).manual_seed(seed) for seed in seeds]
 
 
 def draw_noise(
-    generators: list[torch.Generator], shape: tuple[int, ...], device: torch.device
+    generators: list[torch.Generator], shape: tuple[int, ...], device: torch.device | str | None = None
 ) -> torch.Tensor:
-    """Standard normal noise ``[len(generators), *shape]`` in float32, one independent stream per sample."""
-    noise = torch.stack([torch.randn(shape, generator=generator) for generator in generators])
-    return noise.to(device)
+    """Standard normal noise ``[len(generators), *shape]`` in float32, one independent stream per sample.
+
+    Each sample is drawn on its generator's device (so the numbers do not depend on the batch it sits in);
+    the result is moved to ``device`` when given.
+    """
+    noise = torch.stack(
+        [torch.randn(shape, generator=generator, device=generator.device) for generator in generators]
+    )
+    return noise if device is None else noise.to(device)

@@ -1,0 +1,65 @@
+"""What the start-up checks need to know about each model family and tiny model, importable without torch.
+
+``gen_rl/inputs.py`` reads these tables before torch is imported (``tests/test_inputs.py`` checks that), so
+this module imports nothing but the standard library; the samplers and tiny builders load on demand.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Family:
+    """A model family: its sampler class (``module:Class``) and how its image sides are constrained."""
+
+    sampler: str
+    image_multiple: int  # sides must be multiples of this when the checkpoint's config files are not at hand
+    patch_size: int | None  # latent patch side (FLUX packs 2x2, SD's UNet 1); None: transformer/config.json
+
+
+@dataclass(frozen=True)
+class TinyModel:
+    """A tiny randomly initialised pipeline built in code (tests, CPU demo, benchmarks): ``tiny:<name>``."""
+
+    family: str
+    image_multiple: int  # the tiny pipeline's VAE scale x latent patch
+    builder: str  # ``module:function`` in pipelines.tiny
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+FAMILIES: dict[str, Family] = {
+    "flux": Family("pipelines.flux:FluxSampler", image_multiple=16, patch_size=2),
+    "sd3": Family("pipelines.sd3:SD3Sampler", image_multiple=16, patch_size=None),
+    "sd": Family("pipelines.sd:SDSampler", image_multiple=8, patch_size=1),
+}
+
+TINY_MODELS: dict[str, TinyModel] = {
+    "tiny:flux": TinyModel("flux", 2, "pipelines.tiny:tiny_flux_pipeline", {"seed": 0}),
+    "tiny:flux-pixel": TinyModel(
+        "flux", 2, "pipelines.tiny:tiny_flux_pipeline", {"seed": 0, "pixel_decoder": True}
+    ),
+    "tiny:sd3": TinyModel("sd3", 1, "pipelines.tiny:tiny_sd3_pipeline", {"seed": 0}),
+    "tiny:sd": TinyModel("sd", 2, "pipelines.tiny:tiny_sd_pipeline", {"seed": 0}),
+    "tiny:sd-pixel": TinyModel(
+        "sd", 1, "pipelines.tiny:tiny_sd_pipeline", {"seed": 0, "pixel_decoder": True}
+    ),
+}
+
+
+def load_object(path: str) -> Any:
+    """The object at ``package.module:name`` (imports the module)."""
+    module_name, _, attribute = path.partition(":")
+    return getattr(importlib.import_module(module_name), attribute)
+
+
+def build_tiny_pipeline(name: str, family: str | None = None) -> Any:
+    """Build the tiny pipeline ``name`` (``tiny:...``); a clear error when unknown or of another family."""
+    if name not in TINY_MODELS:
+        raise ValueError(f"unknown tiny model {name!r}; use one of {', '.join(TINY_MODELS)}")
+    tiny = TINY_MODELS[name]
+    if family is not None and tiny.family != family:
+        raise ValueError(f"model.pretrained={name!r} is a {tiny.family} model but model.family={family!r}")
+    return load_object(tiny.builder)(**tiny.kwargs)
