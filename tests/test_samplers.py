@@ -236,8 +236,34 @@ def test_pipeline_without_expected_components_is_refused(saved_pipelines):
         FluxSampler(pipeline)
     pipeline = FluxPipeline.from_pretrained(saved_pipelines["flux"])
     pipeline.scheduler = DDIMScheduler()
-    with pytest.raises(ValueError, match="FlowMatchEulerDiscreteScheduler"):
+    with pytest.raises(
+        ValueError, match="rectified-flow scheduler config .* DDIMScheduler predicts 'epsilon'"
+    ):
         FluxSampler(pipeline)
+
+
+def test_a_checkpoint_shipping_another_flow_scheduler_class_loads(saved_pipelines, tmp_path):
+    """Wan ships UniPC with flow sigmas: the sampler builds its own FlowMatchEuler grid from that config (its
+    flow_shift as the shift) instead of refusing; the grid equals the one of FlowMatchEuler(shift=flow_shift)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline, UniPCMultistepScheduler
+
+    pipeline = StableDiffusion3Pipeline.from_pretrained(saved_pipelines["sd3"])
+    pipeline.scheduler = UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0
+    )
+    pipeline.save_pretrained(tmp_path / "unipc")
+    sampler = build_sampler("sd3", str(tmp_path / "unipc"))
+    assert type(sampler.pipeline.scheduler).__name__ == "UniPCMultistepScheduler"
+    assert (
+        isinstance(sampler.scheduler, FlowMatchEulerDiscreteScheduler)
+        and sampler.scheduler.config.shift == 3.0
+    )
+    rollout = sampler.rollout(PROMPTS[:1], _options(decode=False))
+    reference = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    reference.set_timesteps(BASE.num_steps)
+    torch.testing.assert_close(rollout.sigmas[0], reference.sigmas, atol=0, rtol=0)
+    unshifted = sampler.rollout(PROMPTS[:1], _options(decode=False, shift=1.0))
+    assert not torch.allclose(unshifted.sigmas, rollout.sigmas)
 
 
 def test_bfloat16_rollout_keeps_ratio_one(saved_pipelines):
