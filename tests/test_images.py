@@ -36,3 +36,19 @@ def test_save_image_grid_round_trip(tmp_path):
 def test_bad_shape_is_refused():
     with pytest.raises(ValueError, match=r"\[B, C, H, W\]"):
         to_uint8(torch.zeros(3, 4, 4))
+
+
+def test_video_grid_puts_each_sample_in_one_row_of_frames(tmp_path):
+    """[N, C, T, H, W]: sample n, frame t lands in row n, column t (the value encodes both)."""
+    count, frames = 2, 3
+    values = torch.arange(count * frames, dtype=torch.float32).view(count, 1, frames, 1, 1) / 10
+    pixels = values.expand(count, 3, frames, 4, 5)
+    grid = make_grid(pixels, padding=1)
+    assert grid.shape == (count * 5 + 1, frames * 6 + 1, 3)
+    for sample in range(count):
+        for frame in range(frames):
+            top, left = 1 + sample * 5, 1 + frame * 6
+            expected = round((sample * frames + frame) / 10 * 255)
+            assert (grid[top : top + 4, left : left + 5] == expected).all(), (sample, frame)
+    path = save_image_grid(pixels, tmp_path / "video.png", columns=7)  # columns is ignored for video
+    assert np.array_equal(np.asarray(Image.open(path)), make_grid(pixels))

@@ -1,4 +1,4 @@
-"""Image helpers: tensors in [0, 1] to PNG files and grids people can look at."""
+"""Image helpers: tensors in [0, 1] to PNG files and grids people can look at (videos as rows of frames)."""
 
 from __future__ import annotations
 
@@ -19,8 +19,23 @@ def to_uint8(pixels: torch.Tensor) -> np.ndarray:
     return scaled.permute(0, 2, 3, 1).cpu().numpy()
 
 
+def frames_as_rows(pixels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Video ``[N, C, T, H, W]`` to frames ``[N*T, C, H, W]`` (sample-major) and ``T``, the columns of a grid
+    that shows each sample's frames in one row."""
+    if pixels.ndim != 5:
+        raise ValueError(f"expected video pixels [N, C, T, H, W]; got shape {tuple(pixels.shape)}")
+    count, channels, frames, height, width = pixels.shape
+    return pixels.transpose(1, 2).reshape(count * frames, channels, height, width), frames
+
+
 def make_grid(pixels: torch.Tensor, columns: int | None = None, padding: int = 2) -> np.ndarray:
-    """Tile a batch into one ``[rows*(H+p)+p, cols*(W+p)+p, C]`` uint8 image, row-major, white padding."""
+    """Tile a batch into one ``[rows*(H+p)+p, cols*(W+p)+p, C]`` uint8 image, row-major, white padding.
+
+    Images ``[N, C, H, W]`` fill ``columns`` per row (default: a near-square grid); videos ``[N, C, T, H, W]``
+    put each sample's T frames in one row (``columns`` is then ignored).
+    """
+    if pixels.ndim == 5:
+        pixels, columns = frames_as_rows(pixels)
     images = to_uint8(pixels)
     count, height, width, channels = images.shape
     columns = columns or math.ceil(math.sqrt(count))
@@ -36,7 +51,8 @@ def make_grid(pixels: torch.Tensor, columns: int | None = None, padding: int = 2
 
 
 def save_image_grid(pixels: torch.Tensor, path: str | os.PathLike, columns: int | None = None) -> Path:
-    """Write the grid of ``pixels`` as a PNG (via a temp file and an atomic rename) and return its path."""
+    """Write the grid of ``pixels`` (``[N, C, H, W]`` images or ``[N, C, T, H, W]`` videos, one row of frames per
+    sample) as a PNG (via a temp file and an atomic rename) and return its path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     grid = make_grid(pixels, columns)
