@@ -574,6 +574,8 @@ class Sampler(ABC):
 
     # ----- helpers -------------------------------------------------------------------------------------------
     def _image_size(self, options: RolloutOptions) -> tuple[int, int]:
+        if options.height and options.width:
+            return options.height, options.width
         default_height, default_width = self.default_image_size()
         return (options.height or default_height, options.width or default_width)
 
