@@ -322,7 +322,8 @@ def update_reward(reward: Any, batch: RewardUpdate, name: str | None = None) -> 
 
     The trainer calls this once per training step on every process, after scoring, for every reward it
     optimises. The reward sees detached pixels cleaned like ``__call__`` and ``batch.valid`` (pixels all
-    finite). Raises ``RewardStateError`` when the state is not finite afterwards.
+    finite); ``update`` runs with autograd enabled (a learned head can take optimizer steps) even when the
+    caller is under ``torch.no_grad``. Raises ``RewardStateError`` when the state is not finite afterwards.
     """
     if not reward_learns(reward):
         return {}
@@ -342,7 +343,8 @@ def update_reward(reward: Any, batch: RewardUpdate, name: str | None = None) -> 
         scores=scores,
         valid=torch.isfinite(pixels).flatten(1).all(dim=1).cpu(),
     )
-    stats = reward.update(checked)
+    with torch.enable_grad():  # a reward may train a head even when the trainer scores under no_grad
+        stats = reward.update(checked)
     check_reward_state(reward.state_dict(), f"reward {name!r} after its update at step {batch.step}")
     return {key: float(value) for key, value in (stats or {}).items()}
 

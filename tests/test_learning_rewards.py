@@ -5,12 +5,16 @@ and the colour reward's gradient against finite differences."""
 from __future__ import annotations
 
 import io
+import json
 import math
 import threading
 
 import pytest
 import torch
+from trainer_helpers import small_config, without_timing
 
+from gen_rl.checkpoint import CheckpointManager
+from gen_rl.trainer import GenerationTrainer
 from rewards import (
     REWARDS,
     ColourReward,
@@ -381,3 +385,81 @@ def test_colour_gradient_matches_finite_differences_and_the_closed_form():
     edge = torch.full((1, 3, 2, 2), 1.0 + 5e-5, requires_grad=True)  # within tolerance above 1
     (edge_gradient,) = torch.autograd.grad(reward(edge, ["green"]).scores.sum(), edge)
     assert edge_gradient[0, 0].abs().min() > 0  # red is off target; the clamp did not cut its gradient
+
+
+class TrainedHead(LearningReward):
+    """A learned offset fitted by one SGD step per update: the update needs autograd."""
+
+    def __init__(self) -> None:
+        self.offset = torch.zeros(1, requires_grad=True)
+
+    def score(self, pixels, prompts, metadata):
+        return RewardOutput(scores=(pixels.mean(dim=(1, 2, 3)) + self.offset).detach())
+
+    def update(self, batch):
+        loss = (self.offset - batch.pixels.mean()).pow(2).sum()
+        (gradient,) = torch.autograd.grad(loss, self.offset)
+        with torch.no_grad():
+            self.offset -= 0.5 * gradient
+        return {"loss": loss.item()}
+
+    def state_dict(self):
+        return {"offset": self.offset.detach().clone()}
+
+    def load_state_dict(self, state):
+        self.offset = state["offset"].clone().requires_grad_(True)
+
+
+def test_an_update_can_train_a_head_when_the_trainer_scores_under_no_grad():
+    head = TrainedHead()
+    with torch.no_grad():
+        stats = update_reward(head, update_of(solid((0.5, 0.5, 0.5))))
+    assert stats == {"loss": 0.25} and head.offset.item() == 0.5  # 0 - 0.5 * 2 * (0 - 0.5)
+
+
+# ----- the trainer: a learning reward's state is saved with the run and resumed exactly ------------------------
+LEARNING_TERMS = (
+    "reward.terms=[{name: colour, weight: 1.0}, "
+    "{name: running_reference, weight: 0.5, kwargs: {features: pixels, size: 4, decay: 0.9}}]"
+)
+
+
+def reference_state(trainer: GenerationTrainer) -> dict:
+    return trainer.reward_models["running_reference_1"].state_dict()
+
+
+def test_a_resumed_run_has_the_same_reward_state_and_metrics_as_an_uninterrupted_one(tmp_path):
+    overrides = (LEARNING_TERMS, "train.num_steps=3", "checkpoint.every_steps=2", "eval.every_steps=2")
+    straight = GenerationTrainer(small_config(tmp_path / "straight", *overrides))
+    straight.train()
+
+    stopped = GenerationTrainer(small_config(tmp_path / "stopped", *overrides))
+    for step in range(2):
+        stopped.run_step(step)
+    saved = reference_state(stopped)  # the state the checkpoint after step 2 holds
+    stopped.run_step(2)  # lost in the "crash": the reward learned from it, the checkpoint did not
+    assert CheckpointManager(tmp_path / "stopped", 2).latest().name == "checkpoint-000002"
+    del stopped
+    resumed = GenerationTrainer(small_config(tmp_path / "stopped", *overrides), resume=True)
+    assert resumed.start_step == 2
+    restored = reference_state(resumed)
+    assert torch.equal(restored["reference"], saved["reference"]) and restored["updates"] == 2
+    resumed.train()
+
+    final, expected_final = reference_state(resumed), reference_state(straight)
+    assert (
+        (final["updates"], final["samples_seen"])
+        == (expected_final["updates"], expected_final["samples_seen"])
+        == (3, 24)
+    )
+    torch.testing.assert_close(final["reference"], expected_final["reference"], rtol=0, atol=1e-7)
+    expected = [without_timing(json.loads(line)) for line in (tmp_path / "straight" / "metrics.jsonl").open()]
+    got = [without_timing(json.loads(line)) for line in (tmp_path / "stopped" / "metrics.jsonl").open()]
+    assert [r["step"] for r in got] == [r["step"] for r in expected] == [0, 1, 2, 3]
+    for want, have in zip(expected, got, strict=True):
+        assert have.keys() == want.keys()
+        for key in want:
+            assert have[key] == pytest.approx(want[key], rel=1e-5, abs=1e-7), (want["step"], key)
+    trained = [r for r in expected if "reward/running_reference_1/reference_samples" in r]
+    assert [r["reward/running_reference_1/reference_samples"] for r in trained] == [8.0, 8.0, 8.0]
+    assert all(r["reward/running_reference_1/reference_shift"] > 0 for r in trained)  # it learned every step
