@@ -8,7 +8,7 @@ temperature 1 (no top-k / top-p), one optimizer step per rollout batch, AdamW at
 fine-tuning, float32 on CPU (or the GPU when there is one), the same suppressed vision tokens (TRL's
 ``generation_kwargs``). ``generate`` is wrapped identically on both models to count completion tokens (up to and
 including EOS) and time the calls; a step is timed from its start to the end of its optimizer step (TRL:
-``on_step_begin`` -> ``on_step_end`` callbacks; gen-rl: ``step_s`` of ``metrics.jsonl``). The first step of each
+``on_step_begin`` -> ``on_step_end`` callbacks; gen-rl: ``time/step_s`` of ``metrics.jsonl``). The first step of each
 training run is warm-up and left out. Rounds alternate the order (gen-rl then TRL, TRL then gen-rl); the medians
 of the pooled step times and the pooled tokens/s are compared.
 """
@@ -78,23 +78,22 @@ def _gen_rl_config(model_dir: Path, data_jsonl: Path, output_dir: Path, args) ->
                 "stages": [{"name": "colour", "files": [str(data_jsonl)]}],
             },
             "sample": {
-                "prompts_per_step": args.prompts,
+                "groups_per_step": args.prompts,
                 "group_size": args.group,
                 "max_new_tokens": args.max_new_tokens,
                 "temperature": 1.0,
                 "mask_truncated": False,  # TRL's default (mask_truncated_completions=False)
             },
+            "algorithm": {"name": "grpo", "kl_coef": 0.0},
             "train": {
-                "steps": args.steps,
-                "loss": "grpo",
+                "num_steps": args.steps,
                 "lr": args.lr,
                 "adam_betas": [0.9, 0.99],
-                "beta": 0.0,
-                "num_iterations": 1,
+                "inner_epochs": 1,
                 "max_grad_norm": 1.0,
             },
-            "reward": {"functions": [{"name": "exact", "weight": 1.0}]},
-            "log": {"output_dir": str(output_dir), "log_completions": 0, "progress_bar": False},
+            "reward": {"terms": [{"name": "exact", "weight": 1.0}]},
+            "log": {"output_dir": str(output_dir), "log_completions": 0, "progress": False},
         },
     )
 
@@ -105,7 +104,7 @@ def run_gen_rl(model_dir: Path, data_jsonl: Path, output_dir: Path, args) -> dic
     trainer = VLMTrainer(config)
     timer = GenerateTimer(trainer.accelerator.unwrap_model(trainer.model), trainer.settings.eos_token_ids)
     trainer.run()
-    step_seconds = [record["step_s"] for record in trainer.metrics.read()]
+    step_seconds = [record["time/step_s"] for record in trainer.metrics.read()]
     return {"step_s": step_seconds[1:], "generate": timer.calls[1:]}
 
 

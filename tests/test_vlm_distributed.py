@@ -49,7 +49,7 @@ def test_two_vlm_processes_equal_one_process(tmp_path):
     trainer = VLMTrainer(config(tmp_path / "one"))
     rollout = _concat_rollouts([rank["rollout"] for rank in ranks], trainer.settings.pad_token_id)
     scores = {name: torch.cat([rank["scores"][name] for rank in ranks]) for name in ranks[0]["scores"]}
-    trainer._sample_round = lambda step, round_index: (rollout, scores, 0.0)
+    trainer._sample_round = lambda step, round_index: (rollout, scores, 0.0, 0.0)
     model = trainer.accelerator.unwrap_model(trainer.model)
     before = {name: value.detach().clone() for name, value in model.named_parameters()}
     single = one_step(trainer)
@@ -59,13 +59,13 @@ def test_two_vlm_processes_equal_one_process(tmp_path):
     torch.testing.assert_close(two_advantages, single["advantages"], rtol=0, atol=1e-6)
     halves = single["advantages"].chunk(2)
     assert not torch.allclose(halves[0], halves[1])  # each rank's slice is its own (not vacuous)
-    assert single["stats"]["entropy/trained_token_fraction"] < 0.75  # the entropy gate is on
+    assert single["stats"]["policy/trained_token_fraction"] < 0.75  # the entropy gate is on
     loss_tokens = [
         int((rank["rollout"].completion_mask & ~rank["rollout"].is_truncated[:, None]).sum())
         for rank in ranks
     ]
     assert loss_tokens[0] != loss_tokens[1]  # token-mean denominators differ between the ranks
-    for key in ("entropy/mean", "entropy/trained_token_fraction"):
+    for key in ("policy/entropy", "policy/trained_token_fraction"):
         assert ranks[0]["stats"][key] == ranks[1]["stats"][key]  # gathered over processes
 
     for name, value in ranks[0]["weights"].items():

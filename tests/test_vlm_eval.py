@@ -21,7 +21,7 @@ EVAL = ["eval.every_steps=2", "eval.synthetic=colour", "eval.synthetic_records=6
 
 
 def _config(tmp_path, *overrides: str) -> VLMConfig:
-    return load_config(VLMConfig, TINY, [f"log.output_dir={tmp_path}", "log.progress_bar=false", *overrides])
+    return load_config(VLMConfig, TINY, [f"log.output_dir={tmp_path}", "log.progress=false", *overrides])
 
 
 def _lines(path: Path) -> list[dict]:
@@ -77,20 +77,24 @@ def test_eval_metrics_match_scalar_loops():
     metrics = eval_metrics(samples, ["exact", "iou"], num_samples=3, pass_threshold=1.0)
 
     assert metrics["eval/records"] == 3
-    assert metrics["eval/exact/greedy"] == pytest.approx(1 / 3)
-    assert metrics["eval/iou/greedy"] == pytest.approx(0.4)  # only record 1 has an iou score
-    assert metrics["eval/exact/mean@3"] == pytest.approx((1 / 3 + 0 + 0) / 3)
-    assert metrics["eval/iou/mean@3"] == pytest.approx((1.0 + 0.7 + 1.0) / 3)
-    assert metrics["eval/exact/pass@3"] == pytest.approx((1 + 0 + 0) / 3)  # any of the 3 samples passes
-    assert metrics["eval/iou/pass@3"] == pytest.approx(1.0)
-    assert metrics["eval/exact/pass@1"] == pytest.approx((1 / 3 + 0 + 0) / 3)  # the pass rate per record
-    assert metrics["eval/iou/pass@1"] == pytest.approx(2 / 3)
+    assert metrics["eval/reward/exact/greedy"] == pytest.approx(1 / 3)
+    assert metrics["eval/reward/iou/greedy"] == pytest.approx(0.4)  # only record 1 has an iou score
+    assert metrics["eval/reward/exact/mean@3"] == pytest.approx((1 / 3 + 0 + 0) / 3)
+    assert metrics["eval/reward/iou/mean@3"] == pytest.approx((1.0 + 0.7 + 1.0) / 3)
+    # pass@3: any of the 3 samples passes; pass@1: the pass rate per record
+    assert metrics["eval/reward/exact/pass@3"] == pytest.approx((1 + 0 + 0) / 3)
+    assert metrics["eval/reward/iou/pass@3"] == pytest.approx(1.0)
+    assert metrics["eval/reward/exact/pass@1"] == pytest.approx((1 / 3 + 0 + 0) / 3)
+    assert metrics["eval/reward/iou/pass@1"] == pytest.approx(2 / 3)
+    # the generation trainer's name for a reward's eval mean: the sampled completions' (not the greedy ones')
+    assert metrics["eval/reward/exact"] == metrics["eval/reward/exact/mean@3"]
+    assert metrics["eval/reward/iou"] == metrics["eval/reward/iou/mean@3"]
     greedy_totals = [1.0, 0.5 * 0.4, 0.0]
     assert metrics["eval/reward/greedy"] == pytest.approx(sum(greedy_totals) / 3)
     sample_totals = [(0 + 1 + 0) / 3, 0.5 * (1.0 + 0.7 + 1.0) / 3, 0.0]
     assert metrics["eval/reward/mean"] == pytest.approx(sum(sample_totals) / 3)
     lengths = [2] * 3 + [2, 3, 4] * 3
-    assert metrics["eval/completion_length"] == pytest.approx(sum(lengths) / len(lengths))
+    assert metrics["eval/completion/length_mean"] == pytest.approx(sum(lengths) / len(lengths))
 
 
 def test_dropped_samples_are_left_out_not_scored_zero():
@@ -105,11 +109,12 @@ def test_dropped_samples_are_left_out_not_scored_zero():
         EvalSample(1, "r1", "sample", 1, "e", 1, {"exact": 0.0}, 0.0),
     ]
     metrics = eval_metrics(samples, ["exact"], num_samples=2, pass_threshold=1.0)
-    assert metrics["eval/reward/greedy"] == metrics["eval/exact/greedy"] == 1.0  # not (1 + 0) / 2
+    assert metrics["eval/reward/greedy"] == metrics["eval/reward/exact/greedy"] == 1.0  # not (1 + 0) / 2
     # per record first (record 0: its one scored sample, 1.0; record 1: 0.0), then over records: not 1 / 3
-    assert metrics["eval/exact/mean@2"] == metrics["eval/reward/mean"] == 0.5
-    assert metrics["eval/exact/pass@2"] == 0.5  # record 0 passes with its one scored sample (k capped at 1)
-    assert metrics["eval/dropped_samples"] == 2
+    assert metrics["eval/reward/exact/mean@2"] == metrics["eval/reward/mean"] == 0.5
+    # record 0 passes with its one scored sample (k capped at 1)
+    assert metrics["eval/reward/exact/pass@2"] == 0.5
+    assert metrics["eval/reward/dropped_samples"] == 2
 
 
 def test_the_evaluator_drops_failed_rewards_instead_of_scoring_zero(tmp_path):
@@ -146,8 +151,9 @@ def test_the_evaluator_drops_failed_rewards_instead_of_scoring_zero(tmp_path):
     from gen_rl.vlm.evaluation import eval_metrics
 
     metrics = eval_metrics(samples, ["half"], 2, 0.5)
-    assert metrics["eval/dropped_samples"] == 3  # the red record's greedy + 2 samples
-    assert metrics["eval/reward/greedy"] == metrics["eval/reward/mean"] == metrics["eval/half/mean@2"] == 0.5
+    assert metrics["eval/reward/dropped_samples"] == 3  # the red record's greedy + 2 samples
+    assert metrics["eval/reward/greedy"] == metrics["eval/reward/mean"] == 0.5
+    assert metrics["eval/reward/half/mean@2"] == metrics["eval/reward/half"] == 0.5
     strict = Evaluator(records, rewards, settings, encode, nan_policy="abort", **kwargs)
     with pytest.raises(RewardError):
         strict.local_samples(model, processor, step=1, rank=0, world=1)
@@ -160,6 +166,7 @@ def test_eval_metrics_without_samples_use_the_greedy_completions():
     ]
     metrics = eval_metrics(samples, ["exact"], num_samples=0, pass_threshold=1.0)
     assert metrics["eval/reward/mean"] == metrics["eval/reward/greedy"] == 0.5
+    assert metrics["eval/reward/exact"] == metrics["eval/reward/exact/greedy"]
     assert not any("@" in key for key in metrics)
 
 
@@ -169,7 +176,7 @@ def test_eval_metrics_without_samples_use_the_greedy_completions():
 
 
 def test_eval_metrics_and_completions_are_written_during_a_tiny_run(tmp_path):
-    train(_config(tmp_path, "train.steps=5", *EVAL))
+    train(_config(tmp_path, "train.num_steps=5", *EVAL))
     records = _lines(tmp_path / "metrics.jsonl")
     assert [record["step"] for record in records] == [1, 2, 3, 4, 5]
     evaluated = [record["step"] for record in records if "eval/reward/mean" in record]
@@ -179,14 +186,15 @@ def test_eval_metrics_and_completions_are_written_during_a_tiny_run(tmp_path):
             assert record["eval/records"] == 6
             for key in (
                 "eval/reward/greedy",
-                "eval/exact/greedy",
-                "eval/exact/mean@3",
-                "eval/exact/pass@3",
-                "eval/exact/pass@1",
+                "eval/reward/exact/greedy",
+                "eval/reward/exact/mean@3",
+                "eval/reward/exact/pass@3",
+                "eval/reward/exact/pass@1",
             ):
                 assert 0.0 <= record[key] <= 1.0, key
-            assert record["eval/exact/pass@1"] == pytest.approx(record["eval/exact/mean@3"])  # a 0/1 reward
-            assert record["eval/exact/pass@3"] >= record["eval/exact/pass@1"]
+            pass_1, mean_3 = record["eval/reward/exact/pass@1"], record["eval/reward/exact/mean@3"]
+            assert pass_1 == pytest.approx(mean_3)  # a 0/1 reward
+            assert record["eval/reward/exact/pass@3"] >= record["eval/reward/exact/pass@1"]
     completions = _lines(tmp_path / "eval_completions.jsonl")
     assert len(completions) == 3 * 6 * (1 + 3)  # 3 evals x 6 records x (greedy + 3 samples)
     at_step_4 = [entry for entry in completions if entry["step"] == 4]
@@ -196,25 +204,31 @@ def test_eval_metrics_and_completions_are_written_during_a_tiny_run(tmp_path):
     step4 = next(record for record in records if record["step"] == 4)
     greedy = [entry["rewards"]["exact"] for entry in at_step_4 if entry["mode"] == "greedy"]
     sampled = [entry["rewards"]["exact"] for entry in at_step_4 if entry["mode"] == "sample"]
-    assert step4["eval/exact/greedy"] == pytest.approx(sum(greedy) / 6)
-    assert step4["eval/exact/mean@3"] == pytest.approx(sum(sampled) / 18)
+    assert step4["eval/reward/exact/greedy"] == pytest.approx(sum(greedy) / 6)
+    assert step4["eval/reward/exact/mean@3"] == pytest.approx(sum(sampled) / 18)
     by_record = {}
     for entry in at_step_4:
         if entry["mode"] == "sample":
             by_record.setdefault(entry["id"], []).append(entry["rewards"]["exact"] == 1.0)
-    assert step4["eval/exact/pass@3"] == pytest.approx(sum(any(v) for v in by_record.values()) / 6)
+    assert step4["eval/reward/exact/pass@3"] == pytest.approx(sum(any(v) for v in by_record.values()) / 6)
 
 
 def test_evaluating_leaves_the_training_run_unchanged(tmp_path):
     """Eval draws from a forked RNG and never touches the optimizer: training metrics are identical."""
-    train(_config(tmp_path / "plain", "train.steps=4"))
-    train(_config(tmp_path / "evaluated", "train.steps=4", *EVAL))
+    train(_config(tmp_path / "plain", "train.num_steps=4"))
+    train(_config(tmp_path / "evaluated", "train.num_steps=4", *EVAL))
     plain, evaluated = (
         _lines(tmp_path / "plain" / "metrics.jsonl"),
         _lines(tmp_path / "evaluated" / "metrics.jsonl"),
     )
     for before, after in zip(plain, evaluated, strict=True):
-        for key in ("reward/mean", "loss", "grad_norm", "advantage/std", "completion_length"):
+        for key in (
+            "reward/mean",
+            "loss/total",
+            "optim/grad_norm",
+            "advantage/std",
+            "completion/length_mean",
+        ):
             assert after[key] == before[key], key
     assert not any(key.startswith("eval/") for record in plain for key in record)
     assert not (tmp_path / "plain" / "eval_completions.jsonl").exists()
@@ -229,9 +243,9 @@ def test_held_out_greedy_reward_rises_with_training(tmp_path):
         "eval.num_samples=0",
         "log.log_completions=0",
     ]
-    train(_config(tmp_path, "train.steps=40", "eval.synthetic=colour", *overrides))
+    train(_config(tmp_path, "train.num_steps=40", "eval.synthetic=colour", *overrides))
     records = _lines(tmp_path / "metrics.jsonl")
-    greedy = [record["eval/exact/greedy"] for record in records]
+    greedy = [record["eval/reward/exact/greedy"] for record in records]
     assert max(greedy[-5:]) > 0.5 and greedy[0] <= 0.25
     completions = _lines(tmp_path / "eval_completions.jsonl")
     assert {entry["mode"] for entry in completions} == {"greedy"}
@@ -244,7 +258,7 @@ def test_eval_completions_reach_the_tracker_as_text(tmp_path):
     train(
         _config(
             tmp_path,
-            "train.steps=2",
+            "train.num_steps=2",
             "log.tracker=tensorboard",
             "log.run_name=tb",
             *EVAL,
@@ -256,7 +270,7 @@ def test_eval_completions_reach_the_tracker_as_text(tmp_path):
     accumulator = EventAccumulator(str(events[0].parent), size_guidance={"tensors": 0, "scalars": 0})
     accumulator.Reload()
     tags = accumulator.Tags()
-    assert "eval/exact/pass@3" in tags["scalars"] and "reward/mean" in tags["scalars"]
+    assert "eval/reward/exact/pass@3" in tags["scalars"] and "reward/mean" in tags["scalars"]
     text_tags = [tag for tag in tags["tensors"] if tag.startswith("eval/completions")]
     assert text_tags
     text = accumulator.Tensors(text_tags[0])[0].tensor_proto.string_val[0].decode()
@@ -314,7 +328,7 @@ def test_two_processes_evaluate_the_whole_set_once(tmp_path):
     two = json.loads((tmp_path / "two" / "metrics.json").read_text())
     one = evaluate(tmp_path / "one")
     assert two["eval/records"] == one["eval/records"] == 7
-    for key in ("eval/reward/greedy", "eval/exact/greedy"):
+    for key in ("eval/reward/greedy", "eval/reward/exact/greedy"):
         assert two[key] == pytest.approx(one[key]), key
     two_lines, one_lines = (
         _lines(tmp_path / "two" / "eval_completions.jsonl"),
@@ -347,8 +361,8 @@ def test_eval_data_files_are_read_and_checked_at_start_up(tmp_path):
 
     held_out = write_colour_dataset(tmp_path / "held_out", 5, seed=7)
     overrides = [
-        "train.steps=2", "eval.every_steps=2", f"eval.data=[{held_out}]", f"data.image_root={tmp_path / 'held_out'}",
-        "eval.num_samples=2",
+        "train.num_steps=2", "eval.every_steps=2", f"eval.data=[{held_out}]",
+        f"data.image_root={tmp_path / 'held_out'}", "eval.num_samples=2",
     ]  # fmt: skip
     train(_config(tmp_path / "run", *overrides))
     evaluated = [record for record in _lines(tmp_path / "run" / "metrics.jsonl") if "eval/records" in record]

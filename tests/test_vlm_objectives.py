@@ -126,7 +126,7 @@ def _library_loss(name, log_probs, old, ref, advantages, mask, beta, norms=None,
         max_completion_length=MAX_LENGTH,
         norms=norms,
         ref_log_probs=ref,
-        beta=beta,
+        kl_coef=beta,
         tau_pos=TAU_POS,
         tau_neg=TAU_NEG,
         **options,
@@ -248,7 +248,7 @@ def test_unknown_loss_and_missing_reference_are_errors():
             clip_low=0.2,
             clip_high=0.2,
             max_completion_length=7,
-            beta=0.1,
+            kl_coef=0.1,
         )
 
 
@@ -263,7 +263,7 @@ def _value_and_grad(function, log_probs):
 @pytest.mark.parametrize("name", list(LOSS_MODES))
 @pytest.mark.parametrize("aggregation", AGGREGATIONS)
 def test_every_aggregation_with_every_loss_matches_the_scalar_loop(name, aggregation):
-    """train.loss_aggregation is independent of the loss: each pair against its written-out formula."""
+    """algorithm.loss_aggregation is independent of the loss: each pair against its written-out formula."""
     log_probs, old, ref, advantages, mask = _batch(seed=1)
     mine = _value_and_grad(
         lambda lp: _library_loss(name, lp, old, ref, advantages, mask, BETA, aggregation=aggregation),
@@ -480,14 +480,14 @@ def test_config_names_are_the_tables_names():
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["train.loss_aggregation=mean"], "train.loss_aggregation"),
-        (["train.advantage_estimator=ppo"], "train.advantage_estimator"),
-        (["train.advantage_estimator=rloo", "reward.combine=normalize_then_sum"], "reward.combine"),
-        (["train.advantage_estimator=rloo", "train.std_mode=group"], "train.std_mode"),
-        (["train.dual_clip=0.5"], "train.dual_clip"),
-        (["train.dual_clip=3", "train.loss=sapo"], "train.dual_clip"),
-        (["train.sapo_tau_neg=0"], "sapo_tau"),
-        (["train.top_entropy_fraction=0"], "train.top_entropy_fraction"),
+        (["algorithm.loss_aggregation=mean"], "algorithm.loss_aggregation"),
+        (["reward.advantage_estimator=ppo"], "reward.advantage_estimator"),
+        (["reward.advantage_estimator=rloo", "reward.combine=normalize_then_sum"], "reward.combine"),
+        (["reward.advantage_estimator=rloo", "reward.std_mode=group"], "reward.std_mode"),
+        (["algorithm.dual_clip=0.5"], "algorithm.dual_clip"),
+        (["algorithm.dual_clip=3", "algorithm.name=sapo"], "algorithm.dual_clip"),
+        (["algorithm.sapo_tau_neg=0"], "sapo_tau"),
+        (["algorithm.top_entropy_fraction=0"], "algorithm.top_entropy_fraction"),
     ],
 )
 def test_impossible_objective_options_are_refused(overrides, message):
@@ -505,8 +505,8 @@ def test_impossible_objective_options_are_refused(overrides, message):
 
 TINY = Path(__file__).resolve().parent.parent / "configs" / "vlm" / "tiny_colour_cpu.yaml"
 SMALL = (
-    "sample.prompts_per_step=4", "sample.group_size=4", "train.steps=1", "log.progress_bar=false",
-    "log.log_completions=0", "reward.functions=[{name: vlm_distributed_worker:character_reward, weight: 1.0}]",
+    "sample.groups_per_step=4", "sample.group_size=4", "train.num_steps=1", "log.progress=false",
+    "log.log_completions=0", "reward.terms=[{name: vlm_distributed_worker:character_reward, weight: 1.0}]",
 )  # fmt: skip
 
 
@@ -551,25 +551,25 @@ def test_truncated_completions_contribute_no_loss(tmp_path):
 
 
 def test_entropy_is_logged_every_step_as_the_sampling_entropy(tmp_path):
-    """entropy/mean: the mean entropy of the sampling distribution over every completion token."""
+    """policy/entropy: the mean entropy of the sampling distribution over every completion token."""
     trainer = _trainer(tmp_path, "sample.max_new_tokens=3")
     scored = trainer.collect(0)
     _, entropies = trainer._no_grad_log_probs(trainer.model, scored.rollout, with_entropy=True)
     completion = scored.rollout.completion_mask
     expected = float(entropies[completion].mean())
     stats = trainer.update(0, scored, None, None)
-    assert stats["entropy/mean"] == pytest.approx(expected, rel=1e-5)
+    assert stats["policy/entropy"] == pytest.approx(expected, rel=1e-5)
     vocabulary = trainer.accelerator.unwrap_model(trainer.model).config.get_text_config().vocab_size
     assert 0 < expected < math.log(vocabulary)
 
-    assert trainer._step_metrics(0, scored, stats, 0.0)["entropy/mean"] == stats["entropy/mean"]
+    assert trainer._step_metrics(0, scored, stats, 0.0)["policy/entropy"] == stats["policy/entropy"]
 
 
 @pytest.mark.parametrize("estimator", ["rloo", "reinforce_pp", "reinforce_pp_baseline"])
 def test_the_configured_advantage_estimator_reaches_the_batch(tmp_path, estimator):
     from gen_rl.core.advantages import reinforce_pp_advantages, rloo_advantages
 
-    trainer = _trainer(tmp_path, "sample.max_new_tokens=3", f"train.advantage_estimator={estimator}")
+    trainer = _trainer(tmp_path, "sample.max_new_tokens=3", f"reward.advantage_estimator={estimator}")
     scored = trainer.collect(0)
     rewards, groups = scored.total_reward, scored.rollout.group_ids
     assert len(set(rewards.tolist())) > 1
@@ -582,7 +582,7 @@ def test_the_configured_advantage_estimator_reaches_the_batch(tmp_path, estimato
 
 
 def test_entropy_gate_trains_the_top_fraction_of_loss_tokens(tmp_path):
-    trainer = _trainer(tmp_path, "train.top_entropy_fraction=0.2")
+    trainer = _trainer(tmp_path, "algorithm.top_entropy_fraction=0.2")
     entropy = torch.rand(6, 5, generator=torch.Generator().manual_seed(3))
     loss_mask = torch.rand(6, 5, generator=torch.Generator().manual_seed(4)) < 0.7
     gate = trainer._entropy_gate(entropy, loss_mask)

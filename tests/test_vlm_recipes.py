@@ -64,28 +64,30 @@ def test_every_vlm_recipe_trains_two_steps_on_a_tiny_model(path, tmp_path, fresh
         "model.max_pixels=3136",
         f"data.image_root={tmp_path / 'data'}",
         "data.max_prompt_length=0",
-        "sample.prompts_per_step=2",
+        "sample.groups_per_step=2",
         "sample.group_size=2",
         "sample.max_new_tokens=8",
         "sample.mask_truncated=false",  # a random tiny model rarely stops within 8 tokens
         "sample.generation_batch_size=0",
-        "train.steps=2",
-        "train.mini_batch_size=0",
-        "train.micro_batch_size=2",
+        "train.num_steps=2",
+        "train.samples_per_update=0",
+        "train.microbatch_size=2",
         f"log.output_dir={tmp_path / 'run'}",
-        "log.progress_bar=false",
-        "log.checkpoint_every=1",
+        "log.progress=false",
+        "checkpoint.every_steps=1",
         "accelerator.cpu=true",
         "eval.every_steps=0",  # held-out evaluation has its own tests (test_vlm_eval.py)
     ]
     config = load_config(VLMConfig, path, overrides)
-    scored = [TASK_OF[function.name] for function in config.reward.functions if function.name in TASK_OF]
+    scored = [TASK_OF[function.name] for function in config.reward.terms if function.name in TASK_OF]
     for stage in config.data.stages:
         stage.files = [str(_write_stage(tmp_path / "data", stage.name, stage.tasks or scored))]
         stage.steps = min(stage.steps, 1)
     train(config)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in records if "loss" in r]
+    steps = [r for r in records if "loss/total" in r]
     assert len(steps) == 2
-    assert all(math.isfinite(r["loss"]) and math.isfinite(r["reward/mean"]) for r in steps)
-    assert all(r["dropped_samples"] == 0 for r in steps)  # every reward function could score its records
+    assert all(math.isfinite(r["loss/total"]) and math.isfinite(r["reward/mean"]) for r in steps)
+    assert all(
+        r["reward/dropped_samples"] == 0 for r in steps
+    )  # every reward function could score its records

@@ -256,10 +256,10 @@ def _trainer_config(tmp_path, *overrides):
 
     tiny = Path(__file__).resolve().parent.parent / "configs" / "vlm" / "tiny_colour_cpu.yaml"
     functions = (
-        "reward.functions=[{name: exact}, {name: 'tests.test_vlm_scoring:nan_on_odd_length', weight: 0.5}]"
+        "reward.terms=[{name: exact}, {name: 'tests.test_vlm_scoring:nan_on_odd_length', weight: 0.5}]"
     )
     return load_config(
-        VLMConfig, tiny, [f"log.output_dir={tmp_path}", "log.progress_bar=false", functions, *overrides]
+        VLMConfig, tiny, [f"log.output_dir={tmp_path}", "log.progress=false", functions, *overrides]
     )
 
 
@@ -289,10 +289,12 @@ def test_trainer_counts_dropped_samples_in_its_metrics(tmp_path):
 
     from gen_rl.vlm.trainer import train
 
-    config = _trainer_config(tmp_path, "reward.nan_policy=drop", "sample.max_new_tokens=3", "train.steps=2")
+    config = _trainer_config(
+        tmp_path, "reward.nan_policy=drop", "sample.max_new_tokens=3", "train.num_steps=2"
+    )
     train(config)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert sum(record["dropped_samples"] for record in records) > 0
+    assert sum(record["reward/dropped_samples"] for record in records) > 0
     assert all(math.isfinite(record["reward/mean"]) for record in records)
 
 

@@ -18,7 +18,7 @@ TINY = Path(__file__).resolve().parent.parent / "configs" / "vlm" / "tiny_colour
 
 
 def _config(tmp_path, *overrides: str) -> VLMConfig:
-    return load_config(VLMConfig, TINY, [f"log.output_dir={tmp_path}", "log.progress_bar=false", *overrides])
+    return load_config(VLMConfig, TINY, [f"log.output_dir={tmp_path}", "log.progress=false", *overrides])
 
 
 def _metrics(folder) -> list[dict]:
@@ -34,14 +34,25 @@ def test_grpo_learns_the_colour_task(tmp_path):
     assert len(records) == 60 and summary["steps"] == 60
     assert summary["first_quarter_reward"] < 0.15
     assert summary["last_quarter_reward"] > 0.5
-    expected_keys = {
-        "reward/mean", "reward/exact/mean", "reward/exact/std", "advantage/mean", "advantage/std", "loss",
-        "clip_fraction", "kl", "zero_std_group_fraction", "rollout_tokens_per_s", "completion_length",
+    expected_keys = {  # the names shared with the generation trainer (VOCABULARY.md), then VLM-only ones
+        "step", "reward/mean", "reward/std", "reward/exact/mean", "reward/exact/std", "reward/dropped_samples",
+        "advantage/mean", "advantage/std", "advantage/abs_mean", "advantage/zero_std_group_fraction", "loss/total",
+        "loss/policy", "loss/kl", "policy/clip_fraction", "policy/approx_kl", "policy/ratio_mean",
+        "policy/ratio_dev_max", "policy/entropy", "optim/lr", "optim/grad_norm", "optim/updates", "time/sample_s",
+        "time/reward_s", "time/update_s", "time/step_s", "perf/samples_per_s",
+        "perf/rollout_tokens_per_s", "completion/length_mean", "completion/truncated_fraction", "data/stage",
     }  # fmt: skip
     assert expected_keys <= set(records[0])
+    assert all("/" in key for key in records[0] if key != "step")  # every metric is namespaced
+    assert all(record["optim/updates"] == 1 for record in records)  # one optimizer update per step here
+    assert all(record["policy/ratio_dev_max"] == 0.0 for record in records)
+    for record in records:  # the phases' times add up to at most the step's (they are parts of it)
+        parts = [record["time/sample_s"], record["time/reward_s"], record["time/update_s"]]
+        assert min(parts) > 0 and sum(parts) <= record["time/step_s"]
+        assert record["perf/samples_per_s"] == pytest.approx(64 / record["time/step_s"])  # 8 groups x 8
     # GRPO on-policy with one optimizer step per batch: ratio exactly 1, nothing clipped
-    assert all(record["ratio_min"] == record["ratio_max"] == 1.0 for record in records)
-    assert all(record["clip_fraction"] == 0.0 for record in records)
+    assert all(record["policy/ratio_min"] == record["policy/ratio_max"] == 1.0 for record in records)
+    assert all(record["policy/clip_fraction"] == 0.0 for record in records)
     completions = [json.loads(line) for line in (tmp_path / "completions.jsonl").read_text().splitlines()]
     assert len(completions) == 60 * 4 and {"completion", "solution", "reward"} <= set(completions[-1])
     model, _ = load_policy(str(tmp_path / "final"))  # the trained model reloads through the hub-id path
@@ -52,26 +63,26 @@ def test_grpo_learns_the_colour_task(tmp_path):
 
 @pytest.mark.parametrize("loss", ["dr_grpo", "gspo", "gspo_token"])
 def test_other_loss_modes_train(tmp_path, loss):
-    overrides = ["train.steps=2", f"train.loss={loss}", "train.num_iterations=2"]
+    overrides = ["train.num_steps=2", f"algorithm.name={loss}", "train.inner_epochs=2"]
     if loss.startswith("gspo"):
-        overrides += ["train.clip_low=0.0003", "train.clip_high=0.0004"]
+        overrides += ["algorithm.clip_low=0.0003", "algorithm.clip_high=0.0004"]
     train(_config(tmp_path, *overrides))
     records = _metrics(tmp_path)
-    assert len(records) == 2 and all(torch.isfinite(torch.tensor(record["loss"])) for record in records)
+    assert len(records) == 2 and all(torch.isfinite(torch.tensor(record["loss/total"])) for record in records)
     # the second pass over each batch sees the updated policy: ratios leave 1, the tight GSPO range clips
-    assert all(record["ratio_max"] > record["ratio_min"] for record in records)
+    assert all(record["policy/ratio_max"] > record["policy/ratio_min"] for record in records)
     if loss.startswith("gspo"):
-        assert max(record["clip_fraction"] for record in records) > 0
+        assert max(record["policy/clip_fraction"] for record in records) > 0
 
 
 def test_qwen2_5_vl_trains_with_lora(tmp_path):
     overrides = [
-        "model.name_or_path=builtin:tiny-qwen2.5-vl", "train.steps=3", "model.lora.enabled=true",
+        "model.name_or_path=builtin:tiny-qwen2.5-vl", "train.num_steps=3", "model.lora.enabled=true",
         "model.lora.r=4", "model.freeze_vision_tower=true",
     ]  # fmt: skip
     train(_config(tmp_path, *overrides))
     records = _metrics(tmp_path)
-    assert len(records) == 3 and all(record["grad_norm"] > 0 for record in records)
+    assert len(records) == 3 and all(record["optim/grad_norm"] > 0 for record in records)
     from peft import PeftModel
 
     base, _ = load_policy(str(tmp_path / "base_model"))
@@ -84,16 +95,19 @@ def test_qwen2_5_vl_trains_with_lora(tmp_path):
 
 def test_lora_with_kl_and_resume_reproduce_the_uninterrupted_run(tmp_path):
     overrides = [
-        "train.steps=4", "model.lora.enabled=true", "model.lora.r=4", "model.lora.alpha=8",
-        "model.freeze_vision_tower=true", "train.beta=0.1", "train.num_iterations=2", "train.mini_batch_size=32",
-        "train.micro_batch_size=16", "log.checkpoint_every=2", "model.gradient_checkpointing=true",
+        "train.num_steps=4", "model.lora.enabled=true", "model.lora.r=4", "model.lora.alpha=8",
+        "model.freeze_vision_tower=true", "algorithm.kl_coef=0.1", "train.inner_epochs=2",
+        "train.samples_per_update=32", "train.microbatch_size=16", "checkpoint.every_steps=2",
+        "model.gradient_checkpointing=true",
     ]  # fmt: skip
     whole = tmp_path / "whole"
     train(_config(whole, *overrides))
     records = _metrics(whole)
     assert len(records) == 4
+    # 64 completions per step, 32 per update, 2 passes: 4 optimizer updates per step
+    assert [record["optim/updates"] for record in records] == [4, 4, 4, 4]
     # the adapters move the policy off the reference (LoRA disabled) within the first step
-    assert records[0]["kl"] > 0 and all(record["kl"] >= 0 for record in records)
+    assert records[0]["loss/kl"] > 0 and all(record["loss/kl"] >= 0 for record in records)
     assert (whole / "final" / "adapter_config.json").is_file()
     assert not (whole / "final" / "model.safetensors").exists()  # LoRA saves the adapter only
     checkpoints = sorted(path.name for path in (whole / "checkpoints").iterdir())
@@ -105,14 +119,21 @@ def test_lora_with_kl_and_resume_reproduce_the_uninterrupted_run(tmp_path):
     resumed = _metrics(whole)
     assert [record["step"] for record in resumed] == [1, 2, 3, 4]
     for before, after in zip(records[2:], resumed[2:], strict=True):
-        for key in ("reward/mean", "loss", "kl", "advantage/std", "grad_norm", "completion_length"):
+        for key in (
+            "reward/mean",
+            "loss/total",
+            "loss/kl",
+            "advantage/std",
+            "optim/grad_norm",
+            "completion/length_mean",
+        ):
             assert after[key] == pytest.approx(before[key], rel=1e-6, abs=1e-9), key
 
 
 def test_dynamic_sampling_keeps_only_groups_with_reward_spread(tmp_path):
     config = _config(
-        tmp_path, "train.loss=dapo", "train.clip_high=0.28", "train.drop_zero_std_groups=true",
-        "train.dynamic_sampling_rounds=3", "sample.prompts_per_step=4", "sample.max_new_tokens=2",
+        tmp_path, "algorithm.name=dapo", "algorithm.clip_high=0.28", "algorithm.drop_zero_std_groups=true",
+        "algorithm.dynamic_sampling_rounds=3", "sample.groups_per_step=4", "sample.max_new_tokens=2",
     )  # fmt: skip
     trainer = VLMTrainer(config)
     scored = trainer.collect(step=0)
@@ -136,7 +157,7 @@ def test_one_update_moves_log_probs_towards_the_advantages(tmp_path, model_name)
     ``sum_i A_i (logp_after_i - logp_before_i) > 0`` (a flipped sign or a dropped advantage fails), for Qwen2-VL
     and for a second architecture, LLaVA (CLIP tower + projector + Llama), through the same trainer."""
     trainer = VLMTrainer(
-        _config(tmp_path, f"model.name_or_path={model_name}", "train.steps=1", "train.lr=0.002")
+        _config(tmp_path, f"model.name_or_path={model_name}", "train.num_steps=1", "train.lr=0.002")
     )
     # the reward sees every image's size as the model saw it, whatever the processor (model-agnostic path)
     _, metadata = trainer._encode_record(trainer.stream.curriculum.stages[0].records[0])

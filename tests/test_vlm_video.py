@@ -312,7 +312,7 @@ def test_tiny_video_run_learns_the_colour_of_the_video(tmp_path):
     ~0.05 to > 0.5 in 40 steps, and the held-out greedy reward with it."""
     from gen_rl.vlm.trainer import VLMTrainer
 
-    config = load_config(VLMConfig, TINY_VIDEO, [f"log.output_dir={tmp_path}", "log.progress_bar=false"])
+    config = load_config(VLMConfig, TINY_VIDEO, [f"log.output_dir={tmp_path}", "log.progress=false"])
     trainer = VLMTrainer(config)
     record = trainer.stream.curriculum.stages[0].records[0]
     assert record.videos and not record.images  # the records really are videos
@@ -324,6 +324,8 @@ def test_tiny_video_run_learns_the_colour_of_the_video(tmp_path):
     assert len(records) == 40
     assert summary["first_quarter_reward"] < 0.15
     assert summary["last_quarter_reward"] > 0.5
-    assert all(record["ratio_min"] == record["ratio_max"] == 1.0 for record in records)
-    greedy = [record["eval/exact/greedy"] for record in records if "eval/exact/greedy" in record]
+    assert all(record["policy/ratio_min"] == record["policy/ratio_max"] == 1.0 for record in records)
+    greedy = [
+        record["eval/reward/exact/greedy"] for record in records if "eval/reward/exact/greedy" in record
+    ]
     assert len(greedy) == 4 and greedy[-1] > greedy[0]

@@ -18,20 +18,20 @@ TINY = Path(__file__).resolve().parent.parent / "configs" / "vlm" / "tiny_colour
 # completions masked, so the ranks hold different token counts), the high-entropy threshold, micro-batch
 # accumulation and a second pass over the batch (old log-probs); no gradient clipping, which would hide a scale
 OVERRIDES = (
-    "sample.prompts_per_step=4",
+    "sample.groups_per_step=4",
     "sample.group_size=4",
     "sample.max_new_tokens=16",
     "sample.mask_truncated=true",
-    "train.steps=1",
-    "train.num_iterations=2",
-    "train.micro_batch_size=4",
-    "train.loss_aggregation=token_mean",
-    "train.advantage_estimator=reinforce_pp_baseline",
-    "train.top_entropy_fraction=0.5",
+    "train.num_steps=1",
+    "train.inner_epochs=2",
+    "train.microbatch_size=4",
+    "algorithm.loss_aggregation=token_mean",
+    "reward.advantage_estimator=reinforce_pp_baseline",
+    "algorithm.top_entropy_fraction=0.5",
     "train.lr=0.01",
     "train.max_grad_norm=0",
-    "reward.functions=[{name: vlm_distributed_worker:character_reward, weight: 1.0}]",
-    "log.progress_bar=false",
+    "reward.terms=[{name: vlm_distributed_worker:character_reward, weight: 1.0}]",
+    "log.progress=false",
     "log.log_completions=0",
 )
 

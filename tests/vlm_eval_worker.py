@@ -15,13 +15,13 @@ from gen_rl.vlm.trainer import VLMTrainer
 
 TINY = Path(__file__).resolve().parent.parent / "configs" / "vlm" / "tiny_colour_cpu.yaml"
 OVERRIDES = (
-    "sample.prompts_per_step=2",
+    "sample.groups_per_step=2",
     "sample.group_size=2",
     "eval.every_steps=1",
     "eval.synthetic=colour",
     "eval.synthetic_records=7",  # uneven split: 4 records on rank 0, 3 on rank 1
     "eval.num_samples=2",
-    "log.progress_bar=false",
+    "log.progress=false",
 )
 
 

@@ -7,11 +7,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from gen_rl.core.config import ConfigError, check_finite, option, section
 
 __all__ = [
     "LOSS_NAMES",
+    "RENAMED_KEYS",
+    "RESUME_TUNABLES",
+    "AlgorithmSection",
+    "CheckpointSection",
     "REFERENCE_MODES",
     "AcceleratorSection",
     "DataSection",
@@ -34,6 +39,51 @@ ADVANTAGE_ESTIMATORS = ("grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
 REFERENCE_MODES = ("auto", "disable_adapter", "frozen_copy")
 SYNTHETIC_NAMES = ("colour", "video_colour")
 DTYPES = ("float32", "bfloat16", "float16")  # gen_rl.core.dtypes.DTYPES's names, without importing torch here
+
+# old key -> new key: the names shared with the generation trainer (VOCABULARY); an old key fails with one line
+RENAMED_KEYS = {
+    "train.steps": "train.num_steps",
+    "train.num_iterations": "train.inner_epochs",
+    "train.mini_batch_size": "train.samples_per_update",
+    "train.micro_batch_size": "train.microbatch_size",
+    "train.warmup_steps": "train.warmup_updates",
+    "train.loss": "algorithm.name",
+    "train.clip_low": "algorithm.clip_low",
+    "train.clip_high": "algorithm.clip_high",
+    "train.beta": "algorithm.kl_coef",
+    "train.kl_estimator": "algorithm.kl_estimator",
+    "train.loss_aggregation": "algorithm.loss_aggregation",
+    "train.dual_clip": "algorithm.dual_clip",
+    "train.sapo_tau_pos": "algorithm.sapo_tau_pos",
+    "train.sapo_tau_neg": "algorithm.sapo_tau_neg",
+    "train.top_entropy_fraction": "algorithm.top_entropy_fraction",
+    "train.drop_zero_std_groups": "algorithm.drop_zero_std_groups",
+    "train.dynamic_sampling_rounds": "algorithm.dynamic_sampling_rounds",
+    "train.std_mode": "reward.std_mode",
+    "train.advantage_estimator": "reward.advantage_estimator",
+    "reward.functions": "reward.terms",
+    "reward.advantage_eps": "reward.std_eps",
+    "sample.prompts_per_step": "sample.groups_per_step",
+    "log.progress_bar": "log.progress",
+    "log.checkpoint_every": "checkpoint.every_steps",
+}
+
+# keys that may change on --resume (exact dotted keys, or prefixes ending in "."); see gen_rl/run_folder.py
+RESUME_TUNABLES = (
+    "train.lr",
+    "train.num_steps",
+    "train.weight_decay",
+    "train.adam_betas",
+    "train.warmup_updates",
+    "train.max_grad_norm",
+    "train.microbatch_size",
+    "sample.generation_batch_size",
+    "model.gradient_checkpointing",
+    "model.attn_implementation",
+    "accelerator.",
+    "log.",
+    "checkpoint.",
+)
 
 
 @dataclass
@@ -74,7 +124,7 @@ class ModelSection:
     reference: str = option(
         "auto",
         "KL reference: disable_adapter (LoRA off) | frozen_copy (a frozen copy of the initial weights) | "
-        "auto (disable_adapter with LoRA, frozen_copy otherwise); only built when train.beta > 0",
+        "auto (disable_adapter with LoRA, frozen_copy otherwise); only built when algorithm.kl_coef > 0",
     )
     lora: LoraSection = section(LoraSection)
 
@@ -87,7 +137,7 @@ class StageSection:
     files: list[str] = option([], "JSONL files of records (image, problem, solution, task, metadata)")
     tasks: list[str] = option([], "keep only records whose task is listed; empty keeps all")
     steps: int = option(
-        0, "optimizer rounds (rollout batches) in this stage; 0 = until train.steps (last stage)"
+        0, "training steps (rollout batches) in this stage; 0 = until train.num_steps (last stage)"
     )
     synthetic: str = option(
         "", "build this synthetic task in code instead of reading files: 'colour' | 'video_colour'"
@@ -131,7 +181,7 @@ class DataSection:
 class SampleSection:
     """Rollouts: ``generate`` with plain temperature sampling (no top-k / top-p, so log-probs are exact)."""
 
-    prompts_per_step: int = option(8, "prompts per rollout batch, over all processes")
+    groups_per_step: int = option(8, "prompts (groups) per rollout batch, over all processes")
     group_size: int = option(8, "completions per prompt (G)")
     max_new_tokens: int = option(256, "completion token budget")
     temperature: float = option(1.0, "sampling temperature; log-probs are recomputed at the same one")
@@ -143,35 +193,44 @@ class SampleSection:
 
 @dataclass
 class TrainSection:
-    """Policy-gradient updates on the shared core (gen_rl.core.advantages / gen_rl.core.losses)."""
+    """The optimizer and the update loop: steps, passes over each batch, update and forward sizes."""
 
-    steps: int = option(100, "rollout batches (each followed by num_iterations x mini-batch updates)")
-    loss: str = option("grpo", "objective: grpo | dr_grpo | dapo | gspo | gspo_token | cispo | sapo")
-    loss_aggregation: str = option(
-        "",
-        "per-token losses to one number: token_mean (DAPO) | seq_mean_token_mean (GRPO) | seq_mean_token_sum "
-        "| constant (Dr.GRPO: sum / (completions x max_new_tokens)); empty = the loss's default",
+    num_steps: int = option(
+        100, "training steps (rollout batches), each followed by inner_epochs passes of optimizer updates"
     )
-    advantage_estimator: str = option(
-        "grpo",
-        "grpo (group mean, std per std_mode) | rloo (leave-one-out mean) | reinforce_pp (batch mean and std) | "
-        "reinforce_pp_baseline (group mean, then batch std); non-grpo ones need reward.combine "
-        "sum_then_normalize",
-    )
-    std_mode: str = option("", "advantage std: group | global | none; empty = the loss's default")
     lr: float = option(1e-6, "AdamW learning rate")
     weight_decay: float = option(0.0, "AdamW weight decay")
     adam_betas: list[float] = option([0.9, 0.99], "AdamW betas")
-    warmup_steps: int = option(0, "linear learning-rate warm-up (optimizer steps)")
+    warmup_updates: int = option(0, "linear learning-rate warm-up (optimizer updates)")
     max_grad_norm: float = option(1.0, "gradient-norm clip; 0 disables")
-    num_iterations: int = option(1, "passes over each rollout batch (GRPO's mu)")
-    mini_batch_size: int = option(
-        0, "completions per optimizer step, over all processes; 0 = the whole batch"
+    inner_epochs: int = option(1, "passes over each rollout batch (GRPO's mu)")
+    samples_per_update: int = option(
+        0, "completions per optimizer update on one process; 0 = the process's whole share of the batch"
     )
-    micro_batch_size: int = option(0, "completions per forward/backward on a process; 0 = the mini-batch")
+    microbatch_size: int = option(
+        0, "completions per forward/backward on a process; 0 = samples_per_update (no accumulation)"
+    )
+
+
+@dataclass
+class AlgorithmSection:
+    """The objective (gen_rl/vlm/objectives.py) and its options: clipping, KL, aggregation, token and group
+    selection (DAPO dynamic sampling, the 80/20 high-entropy rule)."""
+
+    name: str = option("grpo", "objective: grpo | dr_grpo | dapo | gspo | gspo_token | cispo | sapo")
     clip_low: float = option(0.2, "ratio lower bound is 1 - clip_low (GSPO: ~3e-4)")
-    clip_high: float = option(0.0, "ratio upper bound is 1 + clip_high; 0 = clip_low (DAPO: 0.28)")
-    beta: float = option(0.0, "KL(policy || reference) coefficient (k3 per token); 0 builds no reference")
+    clip_high: float | None = option(
+        None, "ratio upper bound is 1 + clip_high; null = clip_low (DAPO clip-higher: 0.28)"
+    )
+    kl_coef: float = option(
+        0.0, "KL(policy || reference) coefficient (beta; per token); 0 builds no reference"
+    )
+    kl_estimator: str = option("k3", "KL estimator: k1 | k2 | k3")
+    loss_aggregation: str | None = option(
+        None,
+        "per-token losses to one number: token_mean (DAPO) | seq_mean_token_mean (GRPO) | seq_mean_token_sum "
+        "| constant (Dr.GRPO: sum / (completions x max_new_tokens)); null = the objective's default",
+    )
     dual_clip: float = option(
         0.0, "dual-clip c > 1 (Ye et al. 2020; 3 there): loss of A < 0 tokens capped at -c*A; 0 disables"
     )
@@ -182,11 +241,15 @@ class TrainSection:
         "policy gradient only on this top fraction of loss tokens by the sampling policy's entropy, over "
         "the whole batch (Wang et al. 2025, 80/20 rule: 0.2); 1 trains every token",
     )
-    kl_estimator: str = option("k3", "KL estimator: k1 | k2 | k3")
     drop_zero_std_groups: bool = option(False, "leave groups whose rewards are all equal out of the loss")
     dynamic_sampling_rounds: int = option(
         1, "rollout rounds to fill the batch with non-zero-std groups (DAPO dynamic sampling); 1 = no refill"
     )
+
+    @property
+    def clip_high_or_low(self) -> float:
+        """The upper clip epsilon (``clip_low`` when ``clip_high`` is null)."""
+        return self.clip_low if self.clip_high is None else self.clip_high
 
 
 @dataclass
@@ -204,31 +267,51 @@ class RewardSpec:
 class RewardSection:
     """Rewards and how they combine into one group-relative advantage."""
 
-    functions: list[RewardSpec] = option([], "the rewards (at least one)")
+    terms: list[RewardSpec] = option([], "the rewards (at least one): [{name, weight, tasks}]")
     combine: str = option("sum_then_normalize", "sum_then_normalize | normalize_then_sum")
-    advantage_eps: float = option(1e-4, "added to the group std")
-    advantage_clip: float = option(0.0, "clamp advantages to [-clip, clip]; 0 disables")
+    advantage_estimator: str = option(
+        "grpo",
+        "grpo (group mean, std per std_mode) | rloo (leave-one-out mean) | reinforce_pp (batch mean and std) | "
+        "reinforce_pp_baseline (group mean, then batch std); non-grpo ones need combine: sum_then_normalize",
+    )
+    std_mode: str | None = option(
+        None, "advantage std: group | global | none; null = the objective's default (dr_grpo: none)"
+    )
+    std_eps: float = option(1e-4, "added to the advantage std")
+    advantage_clip: float | None = option(None, "clamp advantages to [-clip, clip]; null = no clamp")
     nan_policy: str = option(
         "drop",
         "a reward returning NaN / inf or raising: drop the sample (reported, masked out, counted in "
-        "dropped_samples) or abort the run; never scored 0",
+        "reward/dropped_samples) or abort the run; never scored 0",
     )
+
+    @property
+    def functions(self) -> list[RewardSpec]:
+        """``terms`` under its old name, read by gen_rl/inputs.py until it reads ``reward.terms`` (not a key)."""
+        return self.terms
 
 
 @dataclass
 class LogSection:
-    """Outputs: metrics, sample completions, checkpoints, the final adapter / model."""
+    """Outputs: metrics, sample completions, the tracker, the progress bar."""
 
     output_dir: str = option(
         "outputs/vlm", "run folder: metrics.jsonl, completions.jsonl, checkpoints, final/"
     )
     log_completions: int = option(4, "completions written to completions.jsonl per step")
-    checkpoint_every: int = option(0, "save a resumable checkpoint every N steps; 0 = only at the end")
-    progress_bar: bool = option(True, "tqdm progress bar on the main process")
+    progress: bool = option(True, "tqdm progress bar on the main process")
     tracker: str = option(
         "none", "accelerate tracker for metrics and eval completions: none | tensorboard | wandb"
     )
     run_name: str = option("gen-rl-vlm", "tracker run / project name")
+
+
+@dataclass
+class CheckpointSection:
+    """Resumable checkpoints (the final adapter / model is always written to final/)."""
+
+    every_steps: int = option(0, "save a resumable checkpoint every N steps; 0 = only final/ at the end")
+    keep_last: int = option(2, "checkpoints kept (older ones are deleted after a save succeeds)")
 
 
 @dataclass
@@ -263,31 +346,28 @@ class AcceleratorSection:
 class VLMConfig:
     """GRPO-family training of a vision-language model on verifiable rewards."""
 
+    renamed_keys: ClassVar[dict[str, str]] = RENAMED_KEYS
     task: str = option("vlm", "trainer family; must be 'vlm' for this config")
     seed: int = option(0, "run seed (data order, sampling)")
     model: ModelSection = section(ModelSection)
     data: DataSection = section(DataSection)
     sample: SampleSection = section(SampleSection)
+    algorithm: AlgorithmSection = section(AlgorithmSection)
     train: TrainSection = section(TrainSection)
     reward: RewardSection = section(RewardSection)
     log: LogSection = section(LogSection)
+    checkpoint: CheckpointSection = section(CheckpointSection)
     eval: EvalSection = section(EvalSection)
     accelerator: AcceleratorSection = section(AcceleratorSection)
 
     @property
     def batch_size(self) -> int:
         """Completions per rollout batch, over all processes."""
-        return self.sample.prompts_per_step * self.sample.group_size
+        return self.sample.groups_per_step * self.sample.group_size
 
-    @property
-    def mini_batch_size(self) -> int:
-        """Completions per optimizer step, over all processes."""
-        return self.train.mini_batch_size or self.batch_size
-
-    @property
-    def clip_high(self) -> float:
-        """Upper clip range (``clip_low`` when unset)."""
-        return self.train.clip_high or self.train.clip_low
+    def samples_per_update(self, num_processes: int) -> int:
+        """Completions per optimizer update on one process (``train.samples_per_update``, 0 = its whole share)."""
+        return self.train.samples_per_update or self.batch_size // num_processes
 
     def validate(self) -> None:
         """Check the invariants between keys; each error names the key and the fix."""
@@ -362,42 +442,51 @@ class VLMConfig:
             )
         non_negative = {
             "train.weight_decay": train.weight_decay,
-            "train.warmup_steps": train.warmup_steps,
-            "train.mini_batch_size": train.mini_batch_size,
-            "train.micro_batch_size": train.micro_batch_size,
+            "train.warmup_updates": train.warmup_updates,
+            "train.samples_per_update": train.samples_per_update,
+            "train.microbatch_size": train.microbatch_size,
             "sample.generation_batch_size": self.sample.generation_batch_size,
             "model.min_pixels": model.min_pixels,
             "model.max_pixels": model.max_pixels,
             "data.max_prompt_length": data.max_prompt_length,
-            "reward.advantage_eps": self.reward.advantage_eps,
-            "reward.advantage_clip": self.reward.advantage_clip,
+            "reward.std_eps": self.reward.std_eps,
             "log.log_completions": self.log.log_completions,
-            "log.checkpoint_every": self.log.checkpoint_every,
+            "checkpoint.every_steps": self.checkpoint.every_steps,
         }
         for key, value in non_negative.items():
             if value < 0:
                 raise ConfigError(f"{key} must be >= 0, got {value}")
+        clip = self.reward.advantage_clip
+        if clip is not None and not clip > 0:
+            raise ConfigError(
+                f"reward.advantage_clip must be > 0 (advantages clamped to [-clip, clip]) or null (no clamp), "
+                f"got {clip}"
+            )
+        if self.checkpoint.keep_last < 1:
+            raise ConfigError(f"checkpoint.keep_last must be >= 1, got {self.checkpoint.keep_last}")
         if not self.log.output_dir:
             raise ConfigError("log.output_dir is empty; give the run folder, e.g. outputs/my_vlm_run")
 
     def _validate_names(self) -> None:
         if self.task != "vlm":
             raise ConfigError(f"task must be 'vlm' for VLMConfig, got {self.task!r}; set task: vlm")
+        algorithm, reward = self.algorithm, self.reward
         choices = {
-            "train.loss": (self.train.loss, LOSS_NAMES),
-            "train.std_mode": (self.train.std_mode, ("", "group", "global", "none")),
-            "train.loss_aggregation": (self.train.loss_aggregation, ("", *LOSS_AGGREGATIONS)),
-            "train.advantage_estimator": (self.train.advantage_estimator, ADVANTAGE_ESTIMATORS),
-            "train.kl_estimator": (self.train.kl_estimator, ("k1", "k2", "k3")),
+            "algorithm.name": (algorithm.name, LOSS_NAMES),
+            "algorithm.loss_aggregation": (algorithm.loss_aggregation, (None, *LOSS_AGGREGATIONS)),
+            "algorithm.kl_estimator": (algorithm.kl_estimator, ("k1", "k2", "k3")),
+            "reward.std_mode": (reward.std_mode, (None, "group", "global", "none")),
+            "reward.advantage_estimator": (reward.advantage_estimator, ADVANTAGE_ESTIMATORS),
+            "reward.combine": (reward.combine, ("sum_then_normalize", "normalize_then_sum")),
+            "reward.nan_policy": (reward.nan_policy, ("drop", "abort")),
             "model.dtype": (self.model.dtype, DTYPES),
             "model.reference": (self.model.reference, REFERENCE_MODES),
-            "reward.combine": (self.reward.combine, ("sum_then_normalize", "normalize_then_sum")),
-            "reward.nan_policy": (self.reward.nan_policy, ("drop", "abort")),
             "accelerator.mixed_precision": (self.accelerator.mixed_precision, ("no", "bf16", "fp16")),
         }
         for key, (value, allowed) in choices.items():
             if value not in allowed:
-                raise ConfigError(f"{key} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+                names = ", ".join("null" if choice is None else repr(choice) for choice in allowed)
+                raise ConfigError(f"{key} must be one of {names}, got {value!r}")
         if self.model.reference == "disable_adapter" and not self.model.lora.enabled:
             raise ConfigError(
                 "model.reference=disable_adapter needs model.lora.enabled=true; use frozen_copy or auto for "
@@ -405,43 +494,49 @@ class VLMConfig:
             )
 
     def _validate_batches(self) -> None:
-        sample, train = self.sample, self.train
+        sample, train, algorithm = self.sample, self.train, self.algorithm
         if sample.group_size < 2:
             raise ConfigError(
                 f"sample.group_size must be >= 2 (advantages are relative within a group), got "
                 f"{sample.group_size}"
             )
         positive = {
-            "sample.prompts_per_step": sample.prompts_per_step,
+            "sample.groups_per_step": sample.groups_per_step,
             "sample.max_new_tokens": sample.max_new_tokens,
-            "train.steps": train.steps,
-            "train.num_iterations": train.num_iterations,
-            "train.dynamic_sampling_rounds": train.dynamic_sampling_rounds,
+            "train.num_steps": train.num_steps,
+            "train.inner_epochs": train.inner_epochs,
+            "algorithm.dynamic_sampling_rounds": algorithm.dynamic_sampling_rounds,
         }
         for key, value in positive.items():
             if value < 1:
                 raise ConfigError(f"{key} must be >= 1, got {value}")
         if not sample.temperature > 0:
             raise ConfigError(f"sample.temperature must be > 0 (sampling), got {sample.temperature}")
-        if self.batch_size % self.mini_batch_size != 0:
+        if train.samples_per_update and self.batch_size % train.samples_per_update != 0:
             raise ConfigError(
-                f"train.mini_batch_size={self.mini_batch_size} must divide the rollout batch "
-                f"sample.prompts_per_step x sample.group_size = {self.batch_size}; pick a divisor"
+                f"train.samples_per_update={train.samples_per_update} must divide the rollout batch "
+                f"sample.groups_per_step x sample.group_size = {self.batch_size} (per process: its share); "
+                "pick a divisor or 0"
             )
-        if train.micro_batch_size and self.mini_batch_size % train.micro_batch_size != 0:
+        update = train.samples_per_update
+        if train.microbatch_size and update and update % train.microbatch_size != 0:
             raise ConfigError(
-                f"train.micro_batch_size={train.micro_batch_size} must divide the mini-batch "
-                f"({self.mini_batch_size} completions); pick a divisor or 0"
+                f"train.microbatch_size={train.microbatch_size} must divide train.samples_per_update={update}; "
+                "pick a divisor or 0"
             )
-        if not (train.clip_low >= 0 and train.clip_high >= 0):
-            raise ConfigError("train.clip_low and train.clip_high must be >= 0")
-        if train.loss == "dapo" and not self.clip_high > train.clip_low:
+        if algorithm.clip_low < 0:
+            raise ConfigError(f"algorithm.clip_low must be >= 0, got {algorithm.clip_low}")
+        if algorithm.clip_high is not None and not algorithm.clip_high > 0:
             raise ConfigError(
-                f"train.loss=dapo uses clip-higher: set train.clip_high > train.clip_low (DAPO: 0.28 vs 0.2), "
-                f"got clip_low={train.clip_low}, clip_high={self.clip_high}"
+                f"algorithm.clip_high must be > 0, or null for clip_low, got {algorithm.clip_high}"
             )
-        if train.beta < 0:
-            raise ConfigError(f"train.beta must be >= 0, got {train.beta}")
+        if algorithm.name == "dapo" and not algorithm.clip_high_or_low > algorithm.clip_low:
+            raise ConfigError(
+                f"algorithm.name=dapo uses clip-higher: set algorithm.clip_high > algorithm.clip_low (DAPO: 0.28 "
+                f"vs 0.2), got clip_low={algorithm.clip_low}, clip_high={algorithm.clip_high_or_low}"
+            )
+        if algorithm.kl_coef < 0:
+            raise ConfigError(f"algorithm.kl_coef must be >= 0, got {algorithm.kl_coef}")
 
     def _validate_stages(self) -> None:
         stages = self.data.stages
@@ -467,33 +562,38 @@ class VLMConfig:
                 )
 
     def _validate_rewards(self) -> None:
-        if not self.reward.functions:
-            raise ConfigError("reward.functions is empty; add e.g. {name: exact, weight: 1.0}")
-        names = [spec.name for spec in self.reward.functions]
+        if not self.reward.terms:
+            raise ConfigError("reward.terms is empty; add e.g. {name: exact, weight: 1.0}")
+        names = [spec.name for spec in self.reward.terms]
         if len(set(names)) != len(names):
-            raise ConfigError(f"reward.functions names must be unique, got {names}")
+            raise ConfigError(f"reward.terms names must be unique, got {names}")
 
     def _validate_objective(self) -> None:
-        train = self.train
-        if train.advantage_estimator != "grpo" and self.reward.combine != "sum_then_normalize":
+        algorithm, reward = self.algorithm, self.reward
+        estimator = reward.advantage_estimator
+        if estimator != "grpo" and reward.combine != "sum_then_normalize":
             raise ConfigError(
-                f"train.advantage_estimator={train.advantage_estimator} works on the weighted reward sum; set "
+                f"reward.advantage_estimator={estimator} works on the weighted reward sum; set "
                 "reward.combine: sum_then_normalize"
             )
-        if train.advantage_estimator != "grpo" and train.std_mode:
+        if estimator != "grpo" and reward.std_mode is not None:
             raise ConfigError(
-                f"train.std_mode applies to advantage_estimator grpo only; remove it for "
-                f"{train.advantage_estimator}"
+                f"reward.std_mode applies to advantage_estimator grpo only; remove it for {estimator}"
             )
-        if train.dual_clip and not train.dual_clip > 1:
-            raise ConfigError(f"train.dual_clip must be 0 (off) or > 1 (Ye et al.: 3), got {train.dual_clip}")
-        if train.dual_clip and train.loss in ("cispo", "sapo"):
+        if algorithm.dual_clip and not algorithm.dual_clip > 1:
             raise ConfigError(
-                f"train.dual_clip bounds the PPO clipped surrogate; train.loss={train.loss} has none"
+                f"algorithm.dual_clip must be 0 (off) or > 1 (Ye et al.: 3), got {algorithm.dual_clip}"
             )
-        if not (train.sapo_tau_pos > 0 and train.sapo_tau_neg > 0):
-            raise ConfigError("train.sapo_tau_pos and train.sapo_tau_neg must be > 0 (SAPO: 1.0 and 1.05)")
-        if not 0 < train.top_entropy_fraction <= 1:
+        if algorithm.dual_clip and algorithm.name in ("cispo", "sapo"):
             raise ConfigError(
-                f"train.top_entropy_fraction must be in (0, 1] (80/20 rule: 0.2), got {train.top_entropy_fraction}"
+                f"algorithm.dual_clip bounds the PPO clipped surrogate; algorithm.name={algorithm.name} has none"
+            )
+        if not (algorithm.sapo_tau_pos > 0 and algorithm.sapo_tau_neg > 0):
+            raise ConfigError(
+                "algorithm.sapo_tau_pos and algorithm.sapo_tau_neg must be > 0 (SAPO: 1.0 and 1.05)"
+            )
+        if not 0 < algorithm.top_entropy_fraction <= 1:
+            raise ConfigError(
+                f"algorithm.top_entropy_fraction must be in (0, 1] (80/20 rule: 0.2), got "
+                f"{algorithm.top_entropy_fraction}"
             )

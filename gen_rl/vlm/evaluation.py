@@ -5,17 +5,19 @@ records (record ``i`` goes to process ``i mod world``) greedily once and samples
 completions each; every reward function scores them, the results are gathered and the main process writes
 
 * metrics, merged into that step's ``metrics.jsonl`` record (``R`` = a reward's name, ``reward`` = the weighted
-  sum that training optimises; a reward that does not apply to a record's task is left out of its means):
+  sum that training optimises; a reward that does not apply to a record's task is left out of its means; the
+  names shared with the generation trainer are ``eval/reward/mean`` and ``eval/reward/R``):
 
-  - ``eval/reward/mean``: mean weighted reward of the sampled completions (of the greedy ones when ``k = 0``);
-  - ``eval/reward/greedy``, ``eval/R/greedy``: mean over records of the greedy completion's reward;
-  - ``eval/R/mean@k``: mean over records of the mean of the ``k`` samples' rewards;
-  - ``eval/R/pass@k`` and ``eval/R/pass@1``: the unbiased pass@k estimator (:func:`pass_at_k`), a sample
-    passing when it scores ``>= eval.pass_threshold``, averaged over records (over a record's scored samples:
-    ``k`` is capped at their number when a failing reward dropped some);
-  - ``eval/completion_length`` (tokens, sampled and greedy), ``eval/records``, ``eval/seconds``;
-  - ``eval/dropped_samples``: completions a failing reward left unscored (``reward.nan_policy: drop``; they are
-    out of every mean, never a 0; with ``abort`` the failure stops the run);
+  - ``eval/reward/mean`` and ``eval/reward/R``: mean over records of the sampled completions' mean weighted
+    reward / reward ``R`` (of the greedy completion's when ``k = 0``);
+  - ``eval/reward/greedy``, ``eval/reward/R/greedy``: mean over records of the greedy completion's reward;
+  - ``eval/reward/R/mean@k``: mean over records of the mean of the ``k`` samples' rewards;
+  - ``eval/reward/R/pass@k`` and ``eval/reward/R/pass@1``: the unbiased pass@k estimator (:func:`pass_at_k`), a
+    sample passing when it scores ``>= eval.pass_threshold``, averaged over records (over a record's scored
+    samples: ``k`` is capped at their number when a failing reward dropped some);
+  - ``eval/completion/length_mean`` (tokens, sampled and greedy), ``eval/records``, ``eval/time_s``;
+  - ``eval/reward/dropped_samples``: completions a failing reward left unscored (``reward.nan_policy: drop``;
+    they are out of every mean, never a 0; with ``abort`` the failure stops the run);
 
 * every completion to ``eval_completions.jsonl`` in the run folder (step, record id, mode, completion, rewards),
 * the first ``eval.tracker_completions`` completions to the tracker as text (a table on wandb).
@@ -118,11 +120,13 @@ def eval_metrics(
         metrics["eval/reward/mean"] = metrics["eval/reward/greedy"]
     for name in reward_names:
         if greedy:
-            metrics[f"eval/{name}/greedy"] = _mean([sample.scores[name] for sample in greedy])
+            metrics[f"eval/reward/{name}/greedy"] = _mean([sample.scores[name] for sample in greedy])
         if sampled:
             metrics.update(_sampled_metrics(name, list(sampled.values()), num_samples, pass_threshold))
-    metrics["eval/completion_length"] = _mean([float(sample.length) for sample in samples])
-    metrics["eval/dropped_samples"] = float(sum(not math.isfinite(sample.total) for sample in samples))
+        headline = f"eval/reward/{name}/mean@{num_samples}" if sampled else f"eval/reward/{name}/greedy"
+        metrics[f"eval/reward/{name}"] = metrics[headline]  # the generation trainer's name for the same mean
+    metrics["eval/completion/length_mean"] = _mean([float(sample.length) for sample in samples])
+    metrics["eval/reward/dropped_samples"] = float(sum(not math.isfinite(sample.total) for sample in samples))
     return metrics
 
 
@@ -141,9 +145,9 @@ def _sampled_metrics(
         pass_k.append(pass_at_k(len(scores), passed, min(num_samples, len(scores))))
         pass_1.append(pass_at_k(len(scores), passed, 1))
     return {
-        f"eval/{name}/mean@{num_samples}": _mean(means),
-        f"eval/{name}/pass@{num_samples}": _mean(pass_k),
-        f"eval/{name}/pass@1": _mean(pass_1),
+        f"eval/reward/{name}/mean@{num_samples}": _mean(means),
+        f"eval/reward/{name}/pass@{num_samples}": _mean(pass_k),
+        f"eval/reward/{name}/pass@1": _mean(pass_1),
     }
 
 
@@ -273,7 +277,7 @@ class Evaluator:
         samples = [EvalSample(**entry) for entry in gather_object([asdict(sample) for sample in local])]
         names = [reward.name for reward in self.reward_functions]
         metrics = eval_metrics(samples, names, self.num_samples, self.pass_threshold)
-        metrics["eval/seconds"] = time.perf_counter() - start
+        metrics["eval/time_s"] = time.perf_counter() - start
         if accelerator.is_main_process:
             write_completions(Path(output_dir) / EVAL_COMPLETIONS, step, samples, self.records)
             log_completions_to_trackers(accelerator, samples, step, self.tracker_completions)

@@ -1,10 +1,10 @@
 """GRPO-family objectives for completion tokens, built on the shared core (gen_rl.core.advantages / gen_rl.core.losses).
 
-Every mode minimises ``policy term + beta * KL term`` over a mini-batch of completions with per-token
+Every mode minimises ``policy term + kl_coef * KL term`` over a mini-batch of completions with per-token
 ``log_probs`` (current policy, with gradient), ``old_log_probs`` (sampling policy) and one advantage per
 completion. A mode is three independent choices, declared in :data:`LOSS_MODES` and looked up (never branched
 on by name): the *ratio* (per token, per sequence, or GSPO-token), the per-token *surrogate* and the default
-*aggregation* of per-token losses into one number (overridable by ``train.loss_aggregation``).
+*aggregation* of per-token losses into one number (overridable by ``algorithm.loss_aggregation``).
 
 Modes (the paper's equation each reproduces with its default aggregation):
 
@@ -72,7 +72,7 @@ class LossMode:
     Attributes:
         ratio: ``"token"`` (PPO ratio per token), ``"sequence"`` (GSPO) or ``"sequence_token"`` (GSPO-token).
         surrogate: ``"clip"`` (PPO clipped surrogate), ``"cispo"`` or ``"sapo"`` (see the module docstring).
-        aggregation: default of ``train.loss_aggregation``, one of :data:`AGGREGATIONS`.
+        aggregation: default of ``algorithm.loss_aggregation``, one of :data:`AGGREGATIONS`.
         std_mode: default advantage normalisation for ``group_advantages``.
     """
 
@@ -270,7 +270,7 @@ def policy_loss(
     max_completion_length: int,
     norms: MiniBatchNorms | None = None,
     ref_log_probs: Tensor | None = None,
-    beta: float = 0.0,
+    kl_coef: float = 0.0,
     kl_estimator: str = "k3",
     aggregation: str = "",
     dual_clip: float = 0.0,
@@ -282,7 +282,7 @@ def policy_loss(
 
     Args:
         log_probs / old_log_probs / ref_log_probs: ``[B, T]`` completion-token log-probs (current policy with
-            gradient; sampling policy; reference policy, needed when ``beta > 0``).
+            gradient; sampling policy; reference policy, needed when ``kl_coef > 0``).
         advantages: ``[B]`` one advantage per completion.
         loss_mask: ``[B, T]`` bool, the tokens that count.
         max_completion_length: Dr.GRPO's constant (``sample.max_new_tokens``).
@@ -309,12 +309,12 @@ def policy_loss(
     stats = surrogate_stats(surrogate, new, old, mask)
 
     kl_term = policy_term.new_zeros(())
-    if beta > 0:
+    if kl_coef > 0:
         if ref_log_probs is None:
-            raise ValueError("beta > 0 needs ref_log_probs (the reference policy's token log-probs)")
+            raise ValueError("kl_coef > 0 needs ref_log_probs (the reference policy's token log-probs)")
         per_token_kl = token_kl(log_probs, ref_log_probs, estimator=kl_estimator)
         kl_term = _reduce(per_token_kl, mask, aggregation, norms, max_completion_length)
-    loss = policy_term + beta * kl_term
+    loss = policy_term + kl_coef * kl_term
     return LossOutput(loss=loss, policy_loss=policy_term.detach(), kl=kl_term.detach(), stats=stats)
 
 
@@ -327,7 +327,7 @@ ADVANTAGE_FUNCTIONS: dict[str, Callable[..., AdvantageOutput]] = {
     "reinforce_pp": partial(reinforce_pp_advantages, baseline=False),
     "reinforce_pp_baseline": partial(reinforce_pp_advantages, baseline=True),
 }
-"""``train.advantage_estimator`` -> ``fn(total_reward [N], group_ids [N], eps=, clip=)`` over the whole batch."""
+"""``reward.advantage_estimator`` -> ``fn(total_reward [N], group_ids [N], eps=, clip=)`` over the whole batch."""
 
 
 def entropy_threshold(entropies: Tensor, fraction: float) -> float:

@@ -7,7 +7,7 @@ other tasks in the combined reward and is left out (NaN) of its own logged mean.
 Failures are never a silent 0. A reward that returns NaN / inf or raises follows ``reward.nan_policy``:
 ``"abort"`` stops with :class:`RewardError` naming the reward, the sample and the value or exception;
 ``"drop"`` reports it in one line and marks the SAMPLE as unscored (NaN in every reward): it then counts in
-no group statistic, gets advantage 0, is masked out of the loss and is counted in ``dropped_samples``. A
+no group statistic, gets advantage 0, is masked out of the loss and is counted in ``reward/dropped_samples``. A
 sample that no reward applies to is unscored the same way (no reward, no signal).
 
 Image sizes reach the box rewards through the metadata, model-agnostically (see
@@ -62,7 +62,7 @@ class RewardFunction:
 
 
 def build_reward_functions(specs: Sequence[Any], *, evaluation: bool = False) -> list[RewardFunction]:
-    """Resolve ``reward.functions`` entries (objects with name / weight / tasks) to callables.
+    """Resolve ``reward.terms`` entries (objects with name / weight / tasks) to callables.
 
     A reward marked ``evaluation_only`` (COCO mAP: appending guesses never lowers it) is refused unless
     ``evaluation`` is set, with its reason as the message.
@@ -148,7 +148,7 @@ def score_completions(
             if what and nan_policy == "abort":
                 raise RewardError(
                     _failure(reward, index, record, what) + "; fix the reward or the record, or set "
-                    "reward.nan_policy: drop to drop such samples (counted in dropped_samples)"
+                    "reward.nan_policy: drop to drop such samples (counted in reward/dropped_samples)"
                 )
             if what:
                 report(

@@ -6,14 +6,17 @@ named phases:
 1. ``collect``: draw prompts from the curriculum stage, sample ``G`` completions each, score them, compute
    group-relative advantages (shared core); with DAPO dynamic sampling, extra rounds replace groups whose
    rewards are all equal.
-2. ``reference_pass`` / ``old_pass``: no-grad token log-probs of the KL reference (``beta > 0``) and of the
+2. ``reference_pass`` / ``old_pass``: no-grad token log-probs of the KL reference (``algorithm.kl_coef > 0``) and of the
    sampling policy (only when the batch feeds more than one optimizer step; otherwise ratio 1 is exact and the
    current log-probs, detached, stand in).
-3. ``update``: ``num_iterations`` passes of mini-batch optimizer steps, each accumulated over micro-batches
-   whose losses are divided by the whole mini-batch's denominators.
+3. ``update``: ``train.inner_epochs`` passes of optimizer updates (``train.samples_per_update`` completions per
+   process each), each accumulated over microbatches whose losses are divided by the whole update's
+   denominators (over every process).
 4. ``evaluate`` (every ``eval.every_steps`` and after the last step: held-out greedy and sampled completions,
-   :mod:`gen_rl.vlm.evaluation`), ``log`` (``metrics.jsonl``, ``completions.jsonl``, ``eval_completions.jsonl``,
-   the tracker, tqdm) and ``checkpoint``.
+   :mod:`gen_rl.vlm.evaluation`), ``log`` (``metrics.jsonl`` through the shared :class:`gen_rl.metrics.MetricsLog`,
+   with the metric names shared with the generation trainer; ``completions.jsonl``, ``eval_completions.jsonl``,
+   the tracker, tqdm) and ``checkpoint`` (every ``checkpoint.every_steps``, the shared
+   :func:`gen_rl.checkpoint.write_checkpoint`).
 
 Prompts are encoded once per record by ``_encode_record`` (images, sampled video frames, templates, sizes),
 for training and evaluation alike.
@@ -53,9 +56,8 @@ from gen_rl.checkpoint import (
 from gen_rl.core.config import ConfigError, to_dict
 from gen_rl.core.seeding import derive_seed
 from gen_rl.metrics import MetricsLog
-from gen_rl.run_folder import VLM_TUNABLES
 from gen_rl.run_state import apply_optimizer_settings, install_hooks, open_run, refusing_code
-from gen_rl.vlm.config import VLMConfig
+from gen_rl.vlm.config import RESUME_TUNABLES, VLMConfig
 from gen_rl.vlm.data import (
     Curriculum,
     PromptStream,
@@ -136,7 +138,8 @@ class ScoredRollout:
         keep: ``[N]`` bool, completion counts in the loss (False for dropped zero-std groups).
         num_groups / num_zero_std_groups: over all processes, summed over rounds (before refilling).
         rounds: dynamic-sampling rounds used.
-        generated_tokens / rollout_seconds: for tokens/s.
+        generated_tokens / rollout_seconds: for tokens/s; rollout_seconds is the time in ``generate``.
+        reward_seconds: the time scoring the completions.
     """
 
     rollout: Rollout
@@ -149,6 +152,7 @@ class ScoredRollout:
     rounds: int
     generated_tokens: int
     rollout_seconds: float
+    reward_seconds: float = 0.0
 
 
 class VLMTrainer:
@@ -173,7 +177,12 @@ class VLMTrainer:
         self._check_process_split()
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.run_folder = open_run(  # claim the folder, pick and check the checkpoint: before the model loads
-            self.accelerator, config, resume=resume, overwrite=overwrite, keep_last=2, tunables=VLM_TUNABLES
+            self.accelerator,
+            config,
+            resume=resume,
+            overwrite=overwrite,
+            keep_last=config.checkpoint.keep_last,
+            tunables=RESUME_TUNABLES,
         )
         torch.manual_seed(derive_seed(config.seed, "init"))
 
@@ -188,7 +197,7 @@ class VLMTrainer:
             betas=tuple(config.train.adam_betas),
             weight_decay=config.train.weight_decay,
         )
-        warmup = config.train.warmup_steps
+        warmup = config.train.warmup_updates
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
         )
@@ -200,14 +209,14 @@ class VLMTrainer:
         install_hooks(self.accelerator)
 
         self.settings = self._sampling_settings()
-        self.reward_functions = build_reward_functions(config.reward.functions)
+        self.reward_functions = build_reward_functions(config.reward.terms)
         self.stream = PromptStream(self._build_curriculum(), seed=config.seed, shuffle=config.data.shuffle)
         self.evaluator = self._build_evaluator()
         self._check_video_support()
         if self.accelerator.is_main_process and config.log.tracker != "none":
             self.accelerator.init_trackers(config.log.run_name)
         self.metrics = MetricsLog(self.output_dir / "metrics.jsonl")
-        self.checkpoints = CheckpointManager(self.output_dir, keep_last=2)
+        self.checkpoints = CheckpointManager(self.output_dir, keep_last=config.checkpoint.keep_last)
         self.start_step = self._resume() if resume else 0
         if resume and self.accelerator.is_main_process:  # evals after the checkpoint are run again
             drop_completions_after(self.output_dir / EVAL_COMPLETIONS, self.start_step)
@@ -226,14 +235,21 @@ class VLMTrainer:
 
     def _check_process_split(self) -> None:
         config, world = self.config, self.accelerator.num_processes
-        if config.sample.prompts_per_step % world:
+        if config.sample.groups_per_step % world:
             raise ConfigError(
-                f"sample.prompts_per_step={config.sample.prompts_per_step} must be divisible by the "
+                f"sample.groups_per_step={config.sample.groups_per_step} must be divisible by the "
                 f"{world} processes (each process samples whole groups); pick a multiple of {world}"
             )
-        if config.mini_batch_size % world:
+        share, update = config.batch_size // world, config.samples_per_update(world)
+        if share % update:
             raise ConfigError(
-                f"train.mini_batch_size={config.mini_batch_size} must be divisible by the {world} processes"
+                f"train.samples_per_update={update} must divide each process's share of the batch "
+                f"(sample.groups_per_step x sample.group_size / {world} processes = {share}); pick a divisor"
+            )
+        if config.train.microbatch_size and update % config.train.microbatch_size:
+            raise ConfigError(
+                f"train.microbatch_size={config.train.microbatch_size} must divide the {update} completions of "
+                "an optimizer update on a process (train.samples_per_update); pick a divisor or 0"
             )
 
     def _model_path(self) -> str:
@@ -266,7 +282,7 @@ class VLMTrainer:
         if section.freeze_vision_tower:
             freeze_vision_tower(model)
         self._frozen_copy = None
-        if self.config.train.beta > 0 and self._reference_mode() == "frozen_copy":
+        if self.config.algorithm.kl_coef > 0 and self._reference_mode() == "frozen_copy":
             self._frozen_copy = ReferencePolicy.copy_of(model)
         if section.lora.enabled:
             lora = section.lora
@@ -283,7 +299,7 @@ class VLMTrainer:
         return mode
 
     def _build_reference(self) -> ReferencePolicy | None:
-        if self.config.train.beta <= 0:
+        if self.config.algorithm.kl_coef <= 0:
             return None
         if self._reference_mode() == "frozen_copy":
             return self._frozen_copy
@@ -402,7 +418,7 @@ class VLMTrainer:
     def evaluate(self, step: int) -> dict[str, float]:
         """The held-out ``eval/`` metrics after ``step`` completed steps ({} when eval is off or not due)."""
         every = self.config.eval.every_steps
-        if self.evaluator is None or not (step % every == 0 or step == self.config.train.steps):
+        if self.evaluator is None or not (step % every == 0 or step == self.config.train.num_steps):
             return {}
         policy = self.accelerator.unwrap_model(self.model)
         return self.evaluator.run(self.accelerator, policy, self.processor, step, self.output_dir)
@@ -412,9 +428,9 @@ class VLMTrainer:
     # ------------------------------------------------------------------------------------------------
 
     def _local_prompts(self, step: int) -> list:
-        prompts_per_step = self.config.sample.prompts_per_step
-        records = self.stream.draw(step, prompts_per_step)
-        share = prompts_per_step // self.world_size
+        groups_per_step = self.config.sample.groups_per_step
+        records = self.stream.draw(step, groups_per_step)
+        share = groups_per_step // self.world_size
         rank = self.accelerator.process_index
         return records[rank * share : (rank + 1) * share]
 
@@ -427,8 +443,8 @@ class VLMTrainer:
             encoded.append(prompt)
             metadatas.append(metadata)
         first_group = (
-            step * config.train.dynamic_sampling_rounds + round_index
-        ) * config.sample.prompts_per_step
+            step * config.algorithm.dynamic_sampling_rounds + round_index
+        ) * config.sample.groups_per_step
         first_group += self.accelerator.process_index * len(records)
         group_ids = [first_group + index for index in range(len(records))]
 
@@ -452,17 +468,18 @@ class VLMTrainer:
         policy.train()
         group_size = config.sample.group_size
         sample_metadata = [metadatas[index // group_size] for index in range(len(rollout))]
+        start = time.perf_counter()
         scores = score_completions(
             self.reward_functions, rollout.texts, rollout.records, sample_metadata,
             nan_policy=config.reward.nan_policy, report=self.accelerator.print,
         )  # fmt: skip
-        return rollout, scores, seconds
+        return rollout, scores, seconds, time.perf_counter() - start
 
     def _advantages(self, rollout: Rollout, scores: dict[str, torch.Tensor]):
         """Advantages over the rewards of every process (so ``std_mode: global`` uses the whole batch); each
         process keeps its own slice. Returns ``(local total reward, local advantages, global AdvantageOutput)``."""
         config = self.config
-        std_mode = config.train.std_mode or LOSS_MODES[config.train.loss].std_mode
+        std_mode = config.reward.std_mode or LOSS_MODES[config.algorithm.name].std_mode
         all_scores = {name: self._gathered(values) for name, values in scores.items()}
         all_group_ids = self._gathered(rollout.group_ids).long()
         total, output = advantages_of(
@@ -471,36 +488,37 @@ class VLMTrainer:
             all_group_ids,
             combine=config.reward.combine,
             std_mode=std_mode,
-            eps=config.reward.advantage_eps,
-            clip=config.reward.advantage_clip or None,
+            eps=config.reward.std_eps,
+            clip=config.reward.advantage_clip,
         )
-        estimator = config.train.advantage_estimator
+        estimator = config.reward.advantage_estimator
         if estimator != "grpo":  # on the weighted reward sum, over the whole batch
             output = ADVANTAGE_FUNCTIONS[estimator](
                 total,
                 all_group_ids,
-                eps=config.reward.advantage_eps,
-                clip=config.reward.advantage_clip or None,
+                eps=config.reward.std_eps,
+                clip=config.reward.advantage_clip,
             )
         start = self.accelerator.process_index * len(rollout)
         local = slice(start, start + len(rollout))
         return total[local], output.advantages[local], output
 
     def collect(self, step: int) -> ScoredRollout:
-        """Sample, score and compute advantages. With ``train.drop_zero_std_groups``, groups whose rewards are
-        all equal are left out of the loss, and extra rounds (up to ``train.dynamic_sampling_rounds``, DAPO
-        dynamic sampling) replace them by groups with reward spread, keeping the batch size fixed."""
-        config = self.config
+        """Sample, score and compute advantages. With ``algorithm.drop_zero_std_groups``, groups whose rewards
+        are all equal are left out of the loss, and extra rounds (up to ``algorithm.dynamic_sampling_rounds``,
+        DAPO dynamic sampling) replace them by groups with reward spread, keeping the batch size fixed."""
+        config, algorithm = self.config, self.config.algorithm
         group_size = config.sample.group_size
-        local_prompts = config.sample.prompts_per_step // self.world_size
+        local_prompts = config.sample.groups_per_step // self.world_size
         groups: list[_Group] = []
         num_groups = num_zero_std = rounds = generated = 0
-        seconds = 0.0
-        for round_index in range(config.train.dynamic_sampling_rounds):
-            rollout, scores, round_seconds = self._sample_round(step, round_index)
+        seconds = reward_seconds = 0.0
+        for round_index in range(algorithm.dynamic_sampling_rounds):
+            rollout, scores, round_seconds, round_reward_seconds = self._sample_round(step, round_index)
             total, advantages, advantage_output = self._advantages(rollout, scores)
             rounds += 1
             seconds += round_seconds
+            reward_seconds += round_reward_seconds
             generated += int(rollout.completion_mask.sum())
             num_groups += advantage_output.num_groups
             num_zero_std += advantage_output.num_zero_std_groups
@@ -514,16 +532,16 @@ class VLMTrainer:
                         advantages=advantages[rows],
                     )
                 )
-            if not config.train.drop_zero_std_groups:
+            if not algorithm.drop_zero_std_groups:
                 break
             if self._everyone_has(sum(group.has_spread for group in groups), local_prompts):
                 break
-        if config.train.drop_zero_std_groups:  # groups with spread first, zero-std ones (masked) fill up
+        if algorithm.drop_zero_std_groups:  # groups with spread first, zero-std ones (masked) fill up
             groups = [group for group in groups if group.has_spread] + [g for g in groups if not g.has_spread]
         chosen = groups[:local_prompts]
         keep = torch.cat(
             [
-                torch.full((group_size,), group.has_spread or not config.train.drop_zero_std_groups)
+                torch.full((group_size,), group.has_spread or not algorithm.drop_zero_std_groups)
                 & torch.isfinite(group.total)  # samples dropped by reward.nan_policy stay out of the loss
                 for group in chosen
             ]
@@ -539,6 +557,7 @@ class VLMTrainer:
             rounds=rounds,
             generated_tokens=generated,
             rollout_seconds=seconds,
+            reward_seconds=reward_seconds,
         )
 
     def _everyone_has(self, count: int, needed: int) -> bool:
@@ -551,7 +570,7 @@ class VLMTrainer:
     # ------------------------------------------------------------------------------------------------
 
     def _micro_batches(self, indices: list[int]) -> list[list[int]]:
-        size = self.config.train.micro_batch_size or len(indices)
+        size = self.config.train.microbatch_size or len(indices)
         return [indices[start : start + size] for start in range(0, len(indices), size)]
 
     def _log_probs(self, model, rollout: Rollout, indices: list[int], with_entropy: bool = False):
@@ -596,11 +615,11 @@ class VLMTrainer:
 
     def old_pass(self, rollout: Rollout) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Sampling-policy ``(log-probs, entropies)``: log-probs when the batch feeds more than one optimizer
-        step, entropies when only high-entropy tokens train (``train.top_entropy_fraction < 1``)."""
-        optimizer_steps = self.config.train.num_iterations * (
-            self.config.batch_size // self.config.mini_batch_size
-        )
-        if self.config.train.top_entropy_fraction < 1:
+        update, entropies when only high-entropy tokens train (``algorithm.top_entropy_fraction < 1``)."""
+        config = self.config
+        share = config.batch_size // self.world_size
+        optimizer_steps = config.train.inner_epochs * (share // config.samples_per_update(self.world_size))
+        if config.algorithm.top_entropy_fraction < 1:
             log_probs, entropies = self._no_grad_log_probs(self.model, rollout, with_entropy=True)
             return (log_probs if optimizer_steps > 1 else None), entropies
         if optimizer_steps == 1:
@@ -621,7 +640,7 @@ class VLMTrainer:
         return mask.to(self.accelerator.device)
 
     def _entropy_gate(self, sampling_entropy: torch.Tensor | None, loss_mask: torch.Tensor):
-        """``[N, C]`` float 1 on loss tokens among the top ``train.top_entropy_fraction`` by entropy over the
+        """``[N, C]`` float 1 on loss tokens among the top ``algorithm.top_entropy_fraction`` by entropy over the
         whole batch (every process), else 0; None when every token trains."""
         if sampling_entropy is None:
             return None
@@ -629,24 +648,24 @@ class VLMTrainer:
         padded = self.accelerator.pad_across_processes(local, dim=0, pad_index=float("nan"))
         everyone = self.accelerator.gather(padded)
         threshold = entropy_threshold(
-            everyone[~torch.isnan(everyone)], self.config.train.top_entropy_fraction
+            everyone[~torch.isnan(everyone)], self.config.algorithm.top_entropy_fraction
         )
         return ((sampling_entropy >= threshold) & loss_mask).float()
 
     def update(
         self, step: int, scored: ScoredRollout, old_log_probs, ref_log_probs, sampling_entropy=None
     ) -> dict[str, float]:
-        """``num_iterations`` passes of mini-batch optimizer steps over the rollout; ``sampling_entropy``
+        """``train.inner_epochs`` passes of optimizer updates over the rollout; ``sampling_entropy``
         (from :meth:`old_pass`) restricts the policy gradient to high-entropy tokens."""
         config = self.config
         rollout = scored.rollout
         loss_mask = self.loss_mask(scored)
         token_gate = self._entropy_gate(sampling_entropy, loss_mask)
         advantages = scored.advantages.to(self.accelerator.device)
-        mini_size = config.mini_batch_size // self.world_size
+        mini_size = config.samples_per_update(self.world_size)
         totals: dict[str, list[float]] = {}
         entropy_sums = torch.zeros(2, dtype=torch.float64, device=self.accelerator.device)
-        for iteration in range(config.train.num_iterations):
+        for iteration in range(config.train.inner_epochs):
             generator = np.random.default_rng(derive_seed(config.seed, "minibatch", step, iteration))
             order = generator.permutation(len(rollout)).tolist()
             for start in range(0, len(order), mini_size):
@@ -657,13 +676,15 @@ class VLMTrainer:
                 )  # fmt: skip
                 for key, value in stats.items():
                     totals.setdefault(key, []).append(value)
-        reducers = {"ratio_min": np.min, "ratio_max": np.max}
+        reducers = {"policy/ratio_min": np.min, "policy/ratio_max": np.max}
         result = {key: float(reducers.get(key, np.mean)(values)) for key, values in totals.items()}
+        result["policy/ratio_dev_max"] = max(result["policy/ratio_max"] - 1, 1 - result["policy/ratio_min"])
+        result["optim/updates"] = float(len(totals["loss/total"]))
         entropy_sums = self.accelerator.gather(entropy_sums[None]).sum(dim=0)
-        result["entropy/mean"] = float(entropy_sums[0] / entropy_sums[1].clamp_min(1))
+        result["policy/entropy"] = float(entropy_sums[0] / entropy_sums[1].clamp_min(1))
         if token_gate is not None:
             trained = self._gathered(torch.stack([token_gate.sum(), loss_mask.sum()])).view(-1, 2).sum(dim=0)
-            result["entropy/trained_token_fraction"] = float(trained[0] / trained[1].clamp_min(1))
+            result["policy/trained_token_fraction"] = float(trained[0] / trained[1].clamp_min(1))
         return result
 
     def _global_norms(self, loss_mask: torch.Tensor) -> MiniBatchNorms:
@@ -679,10 +700,10 @@ class VLMTrainer:
     def _optimizer_step(
         self, rollout, mini, loss_mask, advantages, old_log_probs, ref_log_probs, token_gate, entropy_sums
     ):
-        config = self.config
+        config, algorithm = self.config, self.config.algorithm
         norms = self._global_norms(loss_mask[mini])
         micro_batches = self._micro_batches(mini)
-        sums = {"loss": 0.0, "policy_loss": 0.0, "kl": 0.0}
+        sums = {"loss/total": 0.0, "loss/policy": 0.0, "loss/kl": 0.0}
         surrogate: dict[str, list[float]] = {}
         for position, micro in enumerate(micro_batches):
             index = torch.tensor(micro, device=loss_mask.device)
@@ -694,31 +715,31 @@ class VLMTrainer:
                 old = old_log_probs[index, :width] if old_log_probs is not None else log_probs.detach()
                 ref = ref_log_probs[index, :width] if ref_log_probs is not None else None
                 output = policy_loss(
-                    config.train.loss,
+                    algorithm.name,
                     log_probs,
                     old,
                     advantages[index],
                     loss_mask[index, :width],
-                    clip_low=config.train.clip_low,
-                    clip_high=config.clip_high,
+                    clip_low=algorithm.clip_low,
+                    clip_high=algorithm.clip_high_or_low,
                     max_completion_length=config.sample.max_new_tokens,
                     norms=norms,
                     ref_log_probs=ref,
-                    beta=config.train.beta,
-                    kl_estimator=config.train.kl_estimator,
-                    aggregation=config.train.loss_aggregation,
-                    dual_clip=config.train.dual_clip,
-                    tau_pos=config.train.sapo_tau_pos,
-                    tau_neg=config.train.sapo_tau_neg,
+                    kl_coef=algorithm.kl_coef,
+                    kl_estimator=algorithm.kl_estimator,
+                    aggregation=algorithm.loss_aggregation,
+                    dual_clip=algorithm.dual_clip,
+                    tau_pos=algorithm.sapo_tau_pos,
+                    tau_neg=algorithm.sapo_tau_neg,
                     token_weights=token_gate[index, :width] if token_gate is not None else None,
                 )
                 self.accelerator.backward(output.loss)
             if entropy_sums is not None:  # over every completion token, the first pass over the batch
                 completion = rollout.completion_mask[micro, :width].to(entropy.device)
                 entropy_sums += torch.stack([entropy[completion].double().sum(), completion.sum().double()])
-            sums["loss"] += float(output.loss.detach())
-            sums["policy_loss"] += float(output.policy_loss)
-            sums["kl"] += float(output.kl)
+            sums["loss/total"] += float(output.loss.detach())
+            sums["loss/policy"] += float(output.policy_loss)
+            sums["loss/kl"] += float(output.kl)
             for key, value in output.stats.items():
                 surrogate.setdefault(key, []).append(value)
         grad_norm = float("nan")
@@ -730,12 +751,12 @@ class VLMTrainer:
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         stats = dict(sums)
-        stats["grad_norm"] = grad_norm
-        stats["clip_fraction"] = float(np.mean(surrogate["clip_fraction"]))
-        stats["ratio_mean"] = float(np.mean(surrogate["ratio_mean"]))
-        stats["ratio_min"] = float(np.min(surrogate["ratio_min"]))
-        stats["ratio_max"] = float(np.max(surrogate["ratio_max"]))
-        stats["approx_kl"] = float(np.mean(surrogate["approx_kl"]))
+        stats["optim/grad_norm"] = grad_norm
+        stats["policy/clip_fraction"] = float(np.mean(surrogate["clip_fraction"]))
+        stats["policy/ratio_mean"] = float(np.mean(surrogate["ratio_mean"]))
+        stats["policy/ratio_min"] = float(np.min(surrogate["ratio_min"]))
+        stats["policy/ratio_max"] = float(np.max(surrogate["ratio_max"]))
+        stats["policy/approx_kl"] = float(np.mean(surrogate["approx_kl"]))
         return stats
 
     # ------------------------------------------------------------------------------------------------
@@ -748,10 +769,13 @@ class VLMTrainer:
     def _step_metrics(
         self, step: int, scored: ScoredRollout, update_stats: dict, step_seconds: float
     ) -> dict:
+        """The step's ``metrics.jsonl`` record, over every process, under the names shared with the generation
+        trainer (``reward/``, ``advantage/``, ``loss/``, ``policy/``, ``optim/``, ``time/``, ``perf/``) and
+        VLM-only ones (``completion/``, ``sample/``, ``data/stage``)."""
         rollout = scored.rollout
-        metrics: dict[str, Any] = {"step": step + 1, "stage": self.stream.curriculum.stage_at(step).name}
+        metrics: dict[str, Any] = {"step": step + 1, "data/stage": self.stream.curriculum.stage_at(step).name}
         total = self._gathered(scored.total_reward)
-        metrics["dropped_samples"] = int((~torch.isfinite(total)).sum())  # reward.nan_policy: drop
+        metrics["reward/dropped_samples"] = int((~torch.isfinite(total)).sum())  # reward.nan_policy: drop
         total = total[torch.isfinite(total)]
         metrics["reward/mean"] = float(total.mean()) if total.numel() else float("nan")
         metrics["reward/std"] = float(total.std(correction=0)) if total.numel() else float("nan")
@@ -765,22 +789,26 @@ class VLMTrainer:
         advantages = self._gathered(scored.advantages)
         metrics["advantage/mean"] = float(advantages.mean())
         metrics["advantage/std"] = float(advantages.std(correction=0))
+        metrics["advantage/abs_mean"] = float(advantages.abs().mean())
         metrics["advantage/abs_max"] = float(advantages.abs().max())
-        metrics["zero_std_group_fraction"] = scored.num_zero_std_groups / max(scored.num_groups, 1)
-        metrics["kept_fraction"] = float(self._gathered(scored.keep.float()).mean())
-        metrics["sampling_rounds"] = float(scored.rounds)
+        metrics["advantage/zero_std_group_fraction"] = scored.num_zero_std_groups / max(scored.num_groups, 1)
+        metrics["sample/kept_fraction"] = float(self._gathered(scored.keep.float()).mean())
+        metrics["sample/rounds"] = float(scored.rounds)
         lengths = self._gathered(rollout.completion_mask.sum(dim=1).float())
-        metrics["completion_length"] = float(lengths.mean())
-        metrics["truncated_fraction"] = float(self._gathered(rollout.is_truncated.float()).mean())
-        tokens_and_seconds = self._gathered(torch.tensor([scored.generated_tokens, scored.rollout_seconds]))
-        tokens_and_seconds = tokens_and_seconds.view(-1, 2)
-        metrics["rollout_tokens_per_s"] = float(
-            tokens_and_seconds[:, 0].sum() / tokens_and_seconds[:, 1].max()
-        )
-        metrics["rollout_s"] = float(tokens_and_seconds[:, 1].max())
+        metrics["completion/length_mean"] = float(lengths.mean())
+        metrics["completion/truncated_fraction"] = float(self._gathered(rollout.is_truncated.float()).mean())
+        timings = self._gathered(
+            torch.tensor([scored.generated_tokens, scored.rollout_seconds, scored.reward_seconds])
+        ).view(-1, 3)
+        metrics["perf/rollout_tokens_per_s"] = float(timings[:, 0].sum() / timings[:, 1].max())
         metrics.update({key: value for key, value in update_stats.items()})
-        metrics["lr"] = float(self.lr_scheduler.get_last_lr()[0])
-        metrics["step_s"] = step_seconds
+        metrics["optim/lr"] = float(self.lr_scheduler.get_last_lr()[0])
+        metrics["time/sample_s"] = float(timings[:, 1].max())
+        metrics["time/reward_s"] = float(timings[:, 2].max())
+        metrics["time/step_s"] = step_seconds
+        metrics["perf/samples_per_s"] = self.config.batch_size / step_seconds if step_seconds > 0 else 0.0
+        if self.accelerator.device.type == "cuda":
+            metrics["perf/peak_memory_mb"] = torch.cuda.max_memory_allocated(self.accelerator.device) / 2**20
         return metrics
 
     def _log_completions(self, step: int, scored: ScoredRollout) -> None:
@@ -876,22 +904,24 @@ class VLMTrainer:
     # ------------------------------------------------------------------------------------------------
 
     def run(self) -> dict[str, float]:
-        """Train from ``start_step`` to ``train.steps``; returns the summary dict."""
+        """Train from ``start_step`` to ``train.num_steps``; returns the summary dict."""
         config = self.config
         start_time = time.perf_counter()
         progress = tqdm(
-            range(self.start_step, config.train.steps),
+            range(self.start_step, config.train.num_steps),
             initial=self.start_step,
-            total=config.train.steps,
-            disable=not (self.accelerator.is_main_process and config.log.progress_bar),
+            total=config.train.num_steps,
+            disable=not (self.accelerator.is_main_process and config.log.progress),
             desc="vlm-grpo",
         )
         for step in progress:
             step_start = time.perf_counter()
             scored = self.collect(step)
+            update_start = time.perf_counter()
             ref_log_probs = self.reference_pass(scored.rollout)
             old_log_probs, sampling_entropy = self.old_pass(scored.rollout)
             update_stats = self.update(step, scored, old_log_probs, ref_log_probs, sampling_entropy)
+            update_stats["time/update_s"] = time.perf_counter() - update_start
             metrics = self._step_metrics(step, scored, update_stats, time.perf_counter() - step_start)
             metrics.update(self.evaluate(step + 1))
             if self.accelerator.is_main_process:
@@ -899,9 +929,9 @@ class VLMTrainer:
                 if config.log.tracker != "none":
                     self.accelerator.log(_finite_scalars(metrics), step=step + 1)
             self._log_completions(step, scored)
-            progress.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics['kl']:.4f}")
-            every = config.log.checkpoint_every
-            if every and (step + 1) % every == 0 and step + 1 < config.train.steps:
+            progress.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics['loss/kl']:.4f}")
+            every = config.checkpoint.every_steps
+            if every and (step + 1) % every == 0 and step + 1 < config.train.num_steps:
                 self.save_checkpoint(step + 1)
         progress.close()
         self.save_final()
