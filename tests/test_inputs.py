@@ -411,7 +411,7 @@ def test_vlm_image_root_must_be_a_folder(tmp_path):
         None,
         [
             "data.stages=[{synthetic: colour}]",
-            "reward.functions=[{name: exact}]",
+            "reward.terms=[{name: exact}]",
             f"data.image_root={tmp_path / 'nope'}",
             f"log.output_dir={tmp_path / 'run'}",
         ],
@@ -607,7 +607,7 @@ def test_vlm_trainer_curriculum_skips_bad_records(tmp_path):
     )
     base = [
         f"data.stages=[{{files: [{records}]}}]",
-        "reward.functions=[{name: exact}]",
+        "reward.terms=[{name: exact}]",
         f"data.image_root={tmp_path}",
     ]
     config = load_config(VLMConfig, None, base)
@@ -634,9 +634,9 @@ def test_unknown_vlm_reward_names_are_reported_before_any_model_loads():
     config = load_config(
         VLMConfig,
         None,
-        ["data.stages=[{synthetic: colour}]", "reward.functions=[{name: exact}, {name: exactt}]"],
+        ["data.stages=[{synthetic: colour}]", "reward.terms=[{name: exact}, {name: exactt}]"],
     )
     with pytest.raises(
-        ConfigError, match=r"reward.functions\[1\]: unknown verifiable reward 'exactt'. Did you mean"
+        ConfigError, match=r"reward\.(terms|functions)\[1\]: unknown verifiable reward 'exactt'. Did you mean"
     ):
         inputs.check_registered_names(config)
