@@ -2,6 +2,13 @@
 
 ``VLMConfig`` is loaded by ``gen_rl.core.config.load_config`` (YAML + dotted overrides) and checked by
 ``VLMConfig.validate``; ``gen_rl/train.py --describe`` prints every key with its default and unit.
+
+The settings shared with the generation trainer carry its names (``train.num_steps``, ``train.inner_epochs``,
+``train.samples_per_update`` per process, ``train.microbatch_size``, ``train.warmup_updates``, the ``algorithm``
+section, ``reward.terms`` / ``std_mode`` / ``std_eps`` / ``advantage_clip``, ``sample.groups_per_step``,
+``log.progress``, ``checkpoint.every_steps``); a YAML or override with an old key fails with one line naming the
+new one (:data:`RENAMED_KEYS`). The objective's options, DAPO's dynamic sampling included, are in ``algorithm``;
+how rewards become advantages (estimator, std, clamp) is in ``reward``.
 """
 
 from __future__ import annotations
