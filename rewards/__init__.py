@@ -10,7 +10,7 @@ Registered names:
 - learning: ``running_reference`` (distance to an EMA of past samples' features; updated every step).
 
 The trainers score through ``score_reward`` (group ids for rewards that take them), update learning rewards
-with ``update_reward(reward, RewardUpdate(...))`` and save their state with ``reward_state_dicts``.
+with ``update_reward(reward, RewardUpdate(...))`` and save their ``state_dict()`` with the run.
 
 User code plugs in with a dotted path ``package.module:Class``.
 """
@@ -26,10 +26,9 @@ from rewards.base import (
     RewardStateError,
     RewardUpdate,
     build_reward,
-    load_reward_state_dicts,
+    check_reward_state,
     register_reward,
     reward_learns,
-    reward_state_dicts,
     score_reward,
     update_reward,
 )
@@ -65,10 +64,9 @@ __all__ = [
     "SegmentalVideoReward",
     "TemporalConsistency",
     "build_reward",
-    "load_reward_state_dicts",
+    "check_reward_state",
     "register_reward",
     "reward_learns",
-    "reward_state_dicts",
     "score_reward",
     "update_reward",
 ]

@@ -14,9 +14,9 @@ plain callable ``(pixels, prompts, metadata) -> RewardOutput`` keeps working unc
   :func:`score_reward`, which passes group ids only to rewards that take them. A process holds whole groups.
 - **learning**: a :class:`LearningReward` (``learns = True``) gets :func:`update_reward` once per training
   step, after scoring, with a :class:`RewardUpdate` (this process's samples, their scores and a ``gather``
-  across processes so every process keeps identical state), and saves / restores its state with
-  ``state_dict`` / ``load_state_dict`` (tensors and plain values: :func:`reward_state_dicts`,
-  :func:`load_reward_state_dicts`). A learned state that turns non-finite raises one line.
+  across processes so every process keeps identical state), and has ``state_dict`` / ``load_state_dict``
+  (tensors and plain values) that the trainer saves with its other stateful parts. A learned state that
+  turns non-finite raises one line (:func:`check_reward_state`).
 - **differentiable**: ``differentiable = True`` promises scores that keep the autograd graph to the pixels
   (reward backprop); ``__call__`` passes gradients through its [0, 1] clamp unchanged.
 """
@@ -371,30 +371,6 @@ def _flat_items(value: Any, prefix: str = "") -> list[tuple[str, Any]]:
     if isinstance(value, (list, tuple)):
         return [item for index, inner in enumerate(value) for item in _flat_items(inner, f"{prefix}{index}.")]
     return [(prefix[:-1], value)]
-
-
-def reward_state_dicts(rewards: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    """``{key: reward.state_dict()}`` of the learning rewards among ``rewards`` (the trainer's reward keys).
-
-    The trainer saves this with the run (e.g. ``trainer_state.pt["rewards"]``); tensors and plain values only.
-    """
-    return {key: reward.state_dict() for key, reward in rewards.items() if reward_learns(reward)}
-
-
-def load_reward_state_dicts(rewards: Mapping[str, Any], states: Mapping[str, Mapping[str, Any]]) -> None:
-    """Restore :func:`reward_state_dicts` output on resume; one line when a learning reward has no saved state
-    or a saved state belongs to no learning reward of this run, and when a saved state is not finite."""
-    learning = {key for key, reward in rewards.items() if reward_learns(reward)}
-    missing, extra = sorted(learning - set(states)), sorted(set(states) - learning)
-    if missing or extra:
-        raise RewardStateError(
-            f"the checkpoint's reward states ({sorted(states) or 'none'}) do not match this run's learning "
-            f"rewards ({sorted(learning) or 'none'}): missing {missing}, unexpected {extra}; resume with the "
-            "reward.terms the run was saved with"
-        )
-    for key in sorted(learning):
-        check_reward_state(states[key], f"reward {key!r} in the checkpoint")
-        rewards[key].load_state_dict(states[key])
 
 
 # ----- registry ----------------------------------------------------------------------------------------------

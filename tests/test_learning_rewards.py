@@ -26,9 +26,8 @@ from rewards import (
     RewardUpdate,
     RunningReferenceReward,
     build_reward,
-    load_reward_state_dicts,
+    check_reward_state,
     reward_learns,
-    reward_state_dicts,
     score_reward,
     update_reward,
 )
@@ -127,12 +126,11 @@ def test_state_dict_restores_bit_identical_scores_and_future_updates():
     for batch in batches[:2]:
         update_reward(original, update_of(batch))
     buffer = io.BytesIO()
-    torch.save(reward_state_dicts({"running_reference_0": original, "colour_1": ColourReward()}), buffer)
+    torch.save({"parts": {"reward/running_reference": original.state_dict()}}, buffer)
     buffer.seek(0)
-    states = torch.load(buffer, weights_only=True)  # the trainer's checkpoint loader refuses pickled objects
-    assert list(states) == ["running_reference_0"]
+    saved = torch.load(buffer, weights_only=True)  # the trainer's checkpoint loader refuses pickled objects
     restored = RunningReferenceReward(size=4, decay=0.8)
-    load_reward_state_dicts({"running_reference_0": restored, "colour_1": ColourReward()}, states)
+    restored.load_state_dict(saved["parts"]["reward/running_reference"])
     assert torch.equal(
         score_reward(restored, probe, ["p"] * 5).scores, score_reward(original, probe, ["p"] * 5).scores
     )
@@ -145,7 +143,7 @@ def test_state_dict_restores_bit_identical_scores_and_future_updates():
     assert (restored.samples_seen, restored.updates) == (original.samples_seen, original.updates) == (16, 4)
     fresh = RunningReferenceReward(
         size=4, decay=0.8
-    )  # without the state, the scores differ: the test can fail
+    )  # without the state the scores differ: the test can fail
     assert not torch.equal(
         score_reward(fresh, probe, ["p"] * 5).scores, score_reward(original, probe, ["p"] * 5).scores
     )
@@ -155,15 +153,19 @@ def test_state_that_does_not_fit_is_refused_in_one_line():
     reward = colour_reference()
     update_reward(reward, update_of(solid((1, 0, 0))))
     state = reward.state_dict()
-    with pytest.raises(RewardStateError, match="missing \\['reward_0'\\], unexpected \\['other'\\]"):
-        load_reward_state_dicts({"reward_0": colour_reference()}, {"other": state})
     with pytest.raises(
         RewardStateError, match="features='colour', size=8; this reward has features='pixels'"
     ):
         RunningReferenceReward().load_state_dict(state)
     broken = {**state, "reference": torch.tensor([0.5, math.nan, 0.5], dtype=torch.float64)}
-    with pytest.raises(RewardStateError, match="'reference' has 1 of 3 values NaN / inf"):
-        load_reward_state_dicts({"reward_0": colour_reference()}, {"reward_0": broken})
+    with pytest.raises(RewardStateError, match="^running_reference state 'reference' is not finite"):
+        colour_reference().load_state_dict(broken)
+    with pytest.raises(
+        RewardStateError, match="^reward 'r' in the checkpoint: learned state 'reference' has 1 of 3"
+    ):
+        check_reward_state(
+            broken, "reward 'r' in the checkpoint"
+        )  # the generic check, for any learning reward
     learned_on_small = RunningReferenceReward(size=2)
     update_reward(learned_on_small, update_of(solid((1, 0, 0), size=2)))  # 3 x 2 x 2 = 12 features
     with pytest.raises(RewardStateError, match="reference of 12 features but the samples have 4; keep"):
