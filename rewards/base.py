@@ -90,7 +90,7 @@ class Reward(ABC):
         check_pixels(pixels, self.modality, name)
         batch = pixels.shape[0]
         prompts, metadata = per_sample_text(prompts, metadata, batch, name)
-        groups = None if group_ids is None else check_group_ids(group_ids, batch, name)
+        groups = None if group_ids is None else check_group_ids(group_ids, batch, name, pixels.device)
         finite = torch.isfinite(pixels).flatten(1).all(dim=1).cpu()
         cleaned = clean_pixels(pixels)
         if self.uses_group_ids:
@@ -123,8 +123,8 @@ def clean_pixels(pixels: Tensor) -> Tensor:
     return _ClampKeepingGradient.apply(safe) if safe.requires_grad else safe.clamp(0.0, 1.0)
 
 
-def check_group_ids(group_ids: Any, batch: int, owner: str) -> Tensor:
-    """``group_ids`` as a ``[B]`` int64 CPU tensor, or ``ValueError`` naming the shape or dtype problem."""
+def check_group_ids(group_ids: Any, batch: int, owner: str, device: torch.device | None = None) -> Tensor:
+    """``group_ids`` as a ``[B]`` int64 tensor on ``device`` (the pixels'), or ``ValueError`` naming the problem."""
     if not isinstance(group_ids, Tensor) or group_ids.is_floating_point() or group_ids.is_complex():
         kind = f"{group_ids.dtype} tensor" if isinstance(group_ids, Tensor) else type(group_ids).__name__
         raise ValueError(f"{owner} takes group_ids as an integer tensor [B={batch}]; got a {kind}")
@@ -132,7 +132,7 @@ def check_group_ids(group_ids: Any, batch: int, owner: str) -> Tensor:
         raise ValueError(
             f"{owner} got group_ids of shape {tuple(group_ids.shape)}; give one id per sample [B={batch}]"
         )
-    return group_ids.to(device="cpu", dtype=torch.int64)
+    return group_ids.to(device=device or "cpu", dtype=torch.int64)
 
 
 def per_sample_text(
@@ -241,7 +241,9 @@ def score_reward(
     if wants_group_ids(reward):
         if group_ids is None:
             raise ValueError(f"reward {name} takes group_ids; pass group_ids [B] to score_reward")
-        output = reward(pixels, prompts, records, group_ids=check_group_ids(group_ids, batch, name))
+        output = reward(
+            pixels, prompts, records, group_ids=check_group_ids(group_ids, batch, name, pixels.device)
+        )
     else:
         output = reward(pixels, prompts, records)
     finite = torch.isfinite(pixels.detach()).flatten(1).all(dim=1).cpu()
@@ -265,7 +267,7 @@ class RewardUpdate:
     pixels: Tensor  # [B, C, H, W] or video [B, C, T, H, W], in [0, 1]
     prompts: list[str]
     metadata: list[dict]
-    group_ids: Tensor  # [B] int64, samples of one prompt share an id (a process holds whole groups)
+    group_ids: Tensor  # [B] int64 (on the pixels' device), samples of one prompt share an id (whole groups)
     scores: Tensor  # [B] float32, this reward's scores of these samples (NaN: no score)
     gather: Callable[[Tensor], Tensor] = _identity
     step: int = 0  # the training step
@@ -339,7 +341,7 @@ def update_reward(reward: Any, batch: RewardUpdate, name: str | None = None) -> 
         pixels=clean_pixels(pixels),
         prompts=prompts,
         metadata=metadata,
-        group_ids=check_group_ids(batch.group_ids, size, name),
+        group_ids=check_group_ids(batch.group_ids, size, name, pixels.device),
         scores=scores,
         valid=torch.isfinite(pixels).flatten(1).all(dim=1).cpu(),
     )
