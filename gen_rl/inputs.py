@@ -209,8 +209,8 @@ def check_registered_names(config: Any) -> None:
 def _check_vlm_reward_names(config: Any) -> None:
     from gen_rl.vlm.scoring import build_reward_functions
 
-    for index, spec in enumerate(config.reward.functions):
+    for index, spec in enumerate(config.reward.terms):
         try:
             build_reward_functions([spec])
         except (TypeError, ValueError) as error:
-            raise ConfigError(f"reward.functions[{index}]: {error}") from error
+            raise ConfigError(f"reward.terms[{index}]: {error}") from error

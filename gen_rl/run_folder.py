@@ -50,17 +50,18 @@ GENERATION_TUNABLES = (
 )
 VLM_TUNABLES = (
     "train.lr",
-    "train.steps",
+    "train.num_steps",
     "train.weight_decay",
     "train.adam_betas",
-    "train.warmup_steps",
+    "train.warmup_updates",
     "train.max_grad_norm",
-    "train.micro_batch_size",
+    "train.microbatch_size",
     "sample.generation_batch_size",
     "model.gradient_checkpointing",
     "model.attn_implementation",
     "accelerator.",
     "log.",
+    "checkpoint.",
 )
 IGNORED = ("log.output_dir", "log.progress", "log.progress_bar")  # where / how the run is shown, not what
 

@@ -31,6 +31,7 @@ from gen_rl.run_folder import (
     describe_changes,
     record_history,
 )
+from rewards.base import check_reward_state
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -244,6 +245,10 @@ def load_parts(parts: dict[str, Any], saved: dict[str, Any], checkpoint: Path) -
             "a changed algorithm, EMA, tracker or learning reward); resume with the settings it was saved with"
         )
     for name, part in parts.items():
+        if name.startswith(
+            "reward/"
+        ):  # a learning reward's state: refuse NaN / inf with the key that holds it
+            check_reward_state(saved[name], f"{name} in {checkpoint}")
         part.load_state_dict(saved[name])
 
 

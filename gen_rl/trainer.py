@@ -21,11 +21,11 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 
 from gen_rl import run_state
-from gen_rl.algorithms import Algorithm, LossBatch, build_algorithm
-from gen_rl.algorithms.base import finish_stats, reduce_stats
+from gen_rl.algorithms import build_algorithm
+from gen_rl.algorithms.base import Algorithm, LossBatch, finish_stats, reduce_stats
 from gen_rl.checkpoint import CheckpointManager, RunError
 from gen_rl.core.advantages import AdvantageOutput, PerPromptStatTracker
-from gen_rl.core.config import to_dict
+from gen_rl.core.config import ConfigError, to_dict
 from gen_rl.core.ema import ParameterEMA, swapped_parameters
 from gen_rl.core.seeding import derive_seed
 from gen_rl.data import PromptSet, load_prompts, prompt_indices_for_step
@@ -133,6 +133,12 @@ class GenerationTrainer(PhaseLoop):
             _reward_key(i, term.name): build_reward(term.name, **term.kwargs)
             for i, term in enumerate(config.eval.gold)
         }
+        learning_gold = [key for key, model in self.gold_models.items() if reward_learns(model)]
+        if learning_gold:
+            raise ConfigError(
+                f"eval.gold reward(s) {learning_gold} learn, but gold rewards are only scored at eval and never "
+                "updated; use a fixed reward as gold, or optimise the learning reward under reward.terms"
+            )
         self.algorithm: Algorithm = build_algorithm(
             config.algorithm, seed=config.train.seed, num_steps=config.sample.num_steps
         )

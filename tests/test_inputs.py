@@ -264,12 +264,12 @@ def test_overrides_that_conflict():
         ("reward.terms=[{name: colour, kwargs: {scale: .nan}}]", "reward.terms[0].kwargs.scale is nan"),
         ("sample.group_size=0", "sample.group_size is 0: "),
         ("train.weight_decay=-0.1", "train.weight_decay must be >= 0.0, got -0.1"),
-        ("train.kl_coef=-1", "train.kl_coef must be >= 0.0"),
+        ("algorithm.kl_coef=-1", "algorithm.kl_coef must be >= 0.0"),
         ("sample.noise_level=-0.5", "sample.noise_level must be >= 0.0"),
         ("train.adam_betas=[0.9, 1.0]", r"train.adam_betas[1] must be in [0, 1), got 1.0"),
         ("train={ema: true, ema_decay: 1.5}", "train.ema_decay must be in [0, 1), got 1.5"),
         ("model.lora_alpha=0", "model.lora_alpha must be > 0"),
-        ("train.advantage_clip=0", "train.advantage_clip must be > 0"),
+        ("reward.advantage_clip=0", "reward.advantage_clip must be > 0"),
         ("sample.height=-16", "sample.height must be > 0"),
         ("reward.terms=[{name: colour, weight: 0}]", "every reward.terms weight is 0"),
         ("log.output_dir=", "log.output_dir is empty"),
@@ -637,6 +637,6 @@ def test_unknown_vlm_reward_names_are_reported_before_any_model_loads():
         ["data.stages=[{synthetic: colour}]", "reward.terms=[{name: exact}, {name: exactt}]"],
     )
     with pytest.raises(
-        ConfigError, match=r"reward\.(terms|functions)\[1\]: unknown verifiable reward 'exactt'. Did you mean"
+        ConfigError, match=r"reward\.terms\[1\]: unknown verifiable reward 'exactt'. Did you mean"
     ):
         inputs.check_registered_names(config)

@@ -456,8 +456,8 @@ def test_vlm_resume_applies_a_changed_learning_rate_and_refuses_a_changed_lora_r
     from gen_rl.vlm.trainer import VLMTrainer
 
     tiny = DEMO.parents[1] / "vlm" / "tiny_colour_cpu.yaml"
-    base = [f"log.output_dir={tmp_path}", "log.progress_bar=false", "log.checkpoint_every=1", "train.steps=2"]
-    base += ["model.lora.enabled=true", "model.lora.r=4", "model.lora.alpha=8", "sample.prompts_per_step=2"]
+    base = [f"log.output_dir={tmp_path}", "log.progress=false", "checkpoint.every_steps=1", "train.num_steps=2"]
+    base += ["model.lora.enabled=true", "model.lora.r=4", "model.lora.alpha=8", "sample.groups_per_step=2"]
 
     def config(*overrides: str) -> VLMConfig:
         return load_config(VLMConfig, tiny, [*base, *overrides])
@@ -466,13 +466,13 @@ def test_vlm_resume_applies_a_changed_learning_rate_and_refuses_a_changed_lora_r
     with pytest.raises(RunFolderError, match="already holds a run"):
         VLMTrainer(config())
     with pytest.raises(ConfigChangeError, match=r"model\.lora\.r: 4 -> 8 changed"):
-        VLMTrainer(config("model.lora.r=8", "train.steps=3"), resume=True)
-    resumed = VLMTrainer(config("train.lr=0.125", "train.steps=3"), resume=True)
+        VLMTrainer(config("model.lora.r=8", "train.num_steps=3"), resume=True)
+    resumed = VLMTrainer(config("train.lr=0.125", "train.num_steps=3"), resume=True)
     assert resumed.start_step == 1  # checkpoint-000001: the last step is saved as final/, not as a checkpoint
     assert [group["lr"] for group in resumed.optimizer.param_groups] == [0.125]
     assert read_history(tmp_path)[-1]["changes"] == {
         "train.lr": {"from": 0.005, "to": 0.125},
-        "train.steps": {"from": 2, "to": 3},
+        "train.num_steps": {"from": 2, "to": 3},
     }
 
 

@@ -1,12 +1,13 @@
-"""Training algorithms, declared (``base.Algorithm``) and registered by name; ``package.module:Class`` for yours."""
+"""Training algorithms, declared (``base.Algorithm``) and registered by name; ``package.module:Class`` for yours.
+
+Importing this package does not import torch (the config loads ``gen_rl.algorithms.options`` before any model
+library): the algorithm classes load on use, through :func:`build_algorithm` or attribute access.
+"""
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
-
-from gen_rl.algorithms.base import Algorithm, LossBatch, Policy
-from gen_rl.algorithms.options import AlgorithmOptions
-from gen_rl.core.registry import resolve
 
 # name -> "module:Class" (imported on use, so that loading a config never imports torch)
 ALGORITHMS: dict[str, str] = {
@@ -14,17 +15,25 @@ ALGORITHMS: dict[str, str] = {
     "dance_grpo": "gen_rl.algorithms.policy_gradient:DanceGRPO",
     "diffusion_nft": "gen_rl.algorithms.diffusion_nft:DiffusionNFT",
 }
+_LAZY = {"Algorithm": "base", "LossBatch": "base", "Policy": "base", "AlgorithmOptions": "options"}
 
 
-def build_algorithm(options: AlgorithmOptions, **kwargs: Any) -> Algorithm:
+def build_algorithm(options: Any, **kwargs: Any) -> Any:
     """The algorithm ``options.name`` names (registered, or ``package.module:Class``), built with its options."""
+    from gen_rl.algorithms.base import Algorithm
+    from gen_rl.core.registry import resolve
+
     target = ALGORITHMS.get(options.name, options.name)
-    algorithm_class = (
-        resolve({}, target, "algorithm") if ":" in target else resolve(ALGORITHMS, target, "algorithm")
-    )
+    algorithm_class = resolve({}, target, "algorithm")
     if not (isinstance(algorithm_class, type) and issubclass(algorithm_class, Algorithm)):
         raise TypeError(f"algorithm {options.name!r} must subclass gen_rl.algorithms.base.Algorithm")
     return algorithm_class(options, **kwargs)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"gen_rl.algorithms.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'gen_rl.algorithms' has no attribute {name!r}")
 
 
 __all__ = ["ALGORITHMS", "Algorithm", "AlgorithmOptions", "LossBatch", "Policy", "build_algorithm"]

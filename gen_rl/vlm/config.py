@@ -292,11 +292,6 @@ class RewardSection:
         "reward/dropped_samples) or abort the run; never scored 0",
     )
 
-    @property
-    def functions(self) -> list[RewardSpec]:
-        """``terms`` under its old name, read by gen_rl/inputs.py until it reads ``reward.terms`` (not a key)."""
-        return self.terms
-
 
 @dataclass
 class LogSection:
