@@ -347,7 +347,9 @@ def describe(cls: type, where: str = "") -> list[str]:
         name = _join(where, f.name)
         if dataclasses.is_dataclass(hints[f.name]):
             # a section whose class depends on its content (algorithm) is described by its default's class
-            section_class = type(f.default_factory()) if f.default_factory is not dataclasses.MISSING else hints[f.name]
+            section_class = (
+                type(f.default_factory()) if f.default_factory is not dataclasses.MISSING else hints[f.name]
+            )
             lines.append(f"[{name}] {f.metadata.get('doc', '')}")
             lines.extend(describe(section_class, name))
             continue
