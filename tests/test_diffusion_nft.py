@@ -399,12 +399,15 @@ def test_check_refuses_a_sampler_without_the_flow_forward_process(sampler):
     assert "\n" not in message and "rectified-flow" in message and "flow_grpo" in message
 
 
-def test_check_accepts_flow_samplers_and_refuses_cfg():
-    from pipelines import FluxSampler
-    from pipelines.tiny import tiny_flux_pipeline
+def test_check_on_the_real_samplers_accepts_flow_refuses_ddim_and_cfg():
+    from pipelines import FluxSampler, SD3Sampler, SDSampler
+    from pipelines.tiny import tiny_flux_pipeline, tiny_sd3_pipeline, tiny_sd_pipeline
 
     algorithm = make_algorithm()
     algorithm.check(FluxSampler(tiny_flux_pipeline(seed=0)), {}, SimpleNamespace(cfg_scale=1.0))
+    algorithm.check(SD3Sampler(tiny_sd3_pipeline(seed=0)), {}, SimpleNamespace(cfg_scale=1.0))
+    with pytest.raises(ConfigError, match="the sd sampler is not one"):
+        algorithm.check(SDSampler(tiny_sd_pipeline(seed=0)), {}, SimpleNamespace(cfg_scale=1.0))
     algorithm.check(FakeSampler(LinearVelocity(0)), {}, SimpleNamespace(cfg_scale=1.0))
     with pytest.raises(ConfigError, match="cfg_scale: 1") as error:
         algorithm.check(FakeSampler(LinearVelocity(0)), {}, SimpleNamespace(cfg_scale=4.5))
