@@ -320,6 +320,15 @@ def test_sampling_runs_the_ode():
     assert DiffusionNFT.needs == frozenset({"clean_latents"})
 
 
+def test_rollout_context_swaps_in_the_old_policy():
+    algorithm = make_algorithm()
+    policy, old = setup_pair(algorithm)
+    current = [param.detach().clone() for param in policy.parameters]
+    with algorithm.rollout_context(policy):
+        assert all(torch.equal(param, tensor) for param, tensor in zip(policy.parameters, old, strict=True))
+    assert all(torch.equal(param, tensor) for param, tensor in zip(policy.parameters, current, strict=True))
+
+
 def _fill(policy: FakePolicy, value: float) -> None:
     with torch.no_grad():
         for param in policy.parameters:
