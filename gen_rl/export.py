@@ -35,7 +35,12 @@ def lora_target_modules(family: str) -> list[str]:
     return list(load_object(FAMILIES[family].sampler).lora_target_modules)
 
 
-def save_lora(sampler: Any, directory: str | Path, adapter_name: str = "default") -> Path:
+def save_lora(
+    sampler: Any,
+    directory: str | Path,
+    adapter_name: str = "default",
+    state_dict: dict[str, Tensor] | None = None,
+) -> Path:
     """Write the denoiser's LoRA adapter to ``directory`` in diffusers' format and return the folder.
 
     The folder is written whole into a temporary sibling and renamed into place, so a crash never leaves a
@@ -45,7 +50,8 @@ def save_lora(sampler: Any, directory: str | Path, adapter_name: str = "default"
     denoiser = sampler.denoiser
     component = sampler.denoiser_component  # "transformer" or "unet": the key prefix diffusers expects
     config = _adapter_config(denoiser, adapter_name)
-    state_dict = lora_state_dict(denoiser, adapter_name)
+    if state_dict is None:
+        state_dict = lora_state_dict(denoiser, adapter_name)
     metadata = _unit_scale_metadata(config)
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
@@ -68,6 +74,7 @@ def lora_state_dict(transformer: torch.nn.Module, adapter_name: str = "default")
     """The adapter's ``<module>.lora_A/B.weight`` tensors (CPU, contiguous) with its scale folded into B."""
     from peft import get_peft_model_state_dict
     from peft.tuners.lora import LoraLayer
+    from torch.distributed.tensor import DTensor
 
     _adapter_config(transformer, adapter_name)
     state_dict = get_peft_model_state_dict(transformer, adapter_name=adapter_name)
@@ -79,10 +86,12 @@ def lora_state_dict(transformer: torch.nn.Module, adapter_name: str = "default")
     exported = {}
     for key, tensor in state_dict.items():
         tensor = tensor.detach()
+        if isinstance(tensor, DTensor):  # an FSDP2 shard: gathering is a collective, every process calls this
+            tensor = tensor.full_tensor()
         module_name, is_lora_b, _ = key.rpartition(".lora_B.")
         if is_lora_b and scales.get(module_name, 1.0) != 1.0:
             tensor = (tensor.float() * scales[module_name]).to(tensor.dtype)
-        exported[key] = tensor.cpu().contiguous()
+        exported[key] = tensor.cpu().contiguous().clone()  # a copy, never a view of the live parameter
     return exported
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pickle
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -49,6 +49,8 @@ def install_hooks(accelerator: Accelerator) -> None:
     """Make accelerate save / load only the trainable parameters of the prepared models (any trainer)."""
 
     def save_hook(models, weights, output_dir):
+        if not weights:  # FSDP: accelerate wrote the model itself (save_fsdp_model), nothing to filter
+            return
         for index, model in enumerate(models):
             weights[index] = trainable_state(accelerator.unwrap_model(model))
 
@@ -176,32 +178,48 @@ def save(trainer: Any, step: int) -> Path | None:
     A failed write (a full disk) removes the staged folder and raises CheckpointWriteError with one line; the
     previous checkpoint is untouched.
     """
+    # gathered on every process (FSDP2 shards are DTensors: gathering is a collective), written by the main one
+    parts = {name: _whole(part.state_dict()) for name, part in trainer.stateful().items()}
+    lora = _lora_to_export(trainer) if trainer.config.model.lora else None
     return write_checkpoint(
         trainer.accelerator,
         trainer.checkpoints,
         step,
         trainer.run.run_id,
-        lambda staging: _write_trainer_files(trainer, staging, step),
+        lambda staging: _write_trainer_files(trainer, staging, step, parts, lora),
     )
 
 
-def _write_trainer_files(trainer: Any, staging: Path, step: int) -> None:
+def _whole(tree: Any) -> Any:
+    """``tree`` (nested dicts / lists / tuples) with every DTensor gathered whole (every process must call)."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(tree, DTensor):
+        return tree.full_tensor()
+    if isinstance(tree, dict):
+        return {key: _whole(value) for key, value in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_whole(value) for value in tree)
+    return tree
+
+
+def _write_trainer_files(trainer: Any, staging: Path, step: int, parts: dict, lora: dict | None) -> None:
     """The step, every stateful part's ``state_dict`` (``trainer.stateful()``), the config and the LoRA."""
-    state = {"step": step, "parts": {name: part.state_dict() for name, part in trainer.stateful().items()}}
+    state = {"step": step, "parts": parts}
     torch.save(state, staging / TRAINER_STATE)
     (staging / "config.yaml").write_text(yaml.safe_dump(to_dict(trainer.config), sort_keys=False))
-    if trainer.config.model.lora:
-        _export_lora(trainer, staging / "lora")
+    if lora is not None:
+        from gen_rl.export import save_lora
+
+        save_lora(trainer.sampler, staging / "lora", state_dict=lora)
 
 
-def _export_lora(trainer: Any, directory: Path) -> None:
-    from gen_rl.export import save_lora
+def _lora_to_export(trainer: Any) -> dict:
+    """The LoRA tensors to export (the EMA's when there is one), whole on every process."""
+    from gen_rl.export import lora_state_dict
 
-    if trainer.ema is not None:
-        with trainer.ema.swapped_in():
-            save_lora(trainer.sampler, directory)
-    else:
-        save_lora(trainer.sampler, directory)
+    with trainer.ema.swapped_in() if trainer.ema is not None else nullcontext():
+        return lora_state_dict(trainer.sampler.denoiser)
 
 
 def load(trainer: Any) -> int:

@@ -150,6 +150,9 @@ class GenerationTrainer(PhaseLoop):
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.model, self.optimizer = self.accelerator.prepare(self.sampler.denoiser, self.optimizer)
         self.sampler.forward_module = self.model
+        # FSDP2 (fully_shard) replaces every parameter by a sharded DTensor; accelerate re-points the optimizer,
+        # nothing else: clipping, the EMA and the policy's swaps must use the prepared model's parameters
+        self.parameters = [param for param in self.model.parameters() if param.requires_grad]
         self.policy = TrainerPolicy(self.sampler, self.parameters, self.accelerator.unwrap_model(self.model))
         self.algorithm.setup(self.policy)
         self.ema = ParameterEMA(self.parameters, config.train.ema_decay) if config.train.ema else None

@@ -38,7 +38,21 @@ class ParameterEMA:
         if len(state["shadow"]) != len(self.shadow):
             raise ValueError("EMA state does not match the trained parameters (different LoRA config?)")
         self.decay = float(state["decay"])
-        self.shadow = [average.float().clone() for average in state["shadow"]]
+        self.shadow = [
+            _like(param, average) for param, average in zip(self.parameters, state["shadow"], strict=True)
+        ]
+
+
+def _like(param: Tensor, value: Tensor) -> Tensor:
+    """``value`` (a whole tensor) as a float32 copy laid out like ``param`` (an FSDP2 shard: this process's part)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    value = value.detach().float()
+    if isinstance(param, DTensor) and not isinstance(value, DTensor):
+        return distribute_tensor(
+            value.to(param.device), param.device_mesh, param.placements, src_data_rank=None
+        )
+    return value.clone()
 
 
 @contextmanager
