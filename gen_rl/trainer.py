@@ -585,17 +585,17 @@ def _reward_stats(rewards, weights, output: AdvantageOutput, valid, num_groups: 
     for name, value in rewards.items():
         stats[f"reward/{name}/mean"] = float(value.nanmean())
         stats[f"reward/{name}/std"] = (
-            float(value[torch.isfinite(value)].std()) if int(valid.sum()) > 1 else 0.0
+            float(value[torch.isfinite(value)].std(correction=0)) if int(valid.sum()) > 1 else 0.0
         )
     finite = combined[torch.isfinite(combined)]
     stats["reward/mean"] = float(finite.mean()) if finite.numel() else float("nan")
-    stats["reward/std"] = float(finite.std()) if finite.numel() > 1 else 0.0
+    stats["reward/std"] = float(finite.std(correction=0)) if finite.numel() > 1 else 0.0
     stats["reward/dropped_samples"] = int((~valid).sum())
     for name, value in rewards.items():
         stats[f"reward/{name}/nan"] = int((~torch.isfinite(value)).sum())
     advantages = output.advantages
     stats["advantage/mean"] = float(advantages.mean())
-    stats["advantage/std"] = float(advantages.std())
+    stats["advantage/std"] = float(advantages.std(correction=0))
     stats["advantage/abs_mean"] = float(advantages.abs().mean())
     stats["advantage/zero_std_group_fraction"] = output.num_zero_std_groups / max(1, num_groups)
     return stats
