@@ -252,18 +252,19 @@ class GenerationTrainer(PhaseLoop):
         options = self.rollout_options(step, **self.algorithm.sampling(step))
         rollouts = []
         chunk = config.sample.groups_per_rollout
-        for start in range(0, per_process, chunk):
-            chunk_positions = positions[start : start + chunk]
-            rollouts.append(
-                self.sampler.rollout(
-                    [self.train_set.prompts[indices[p]] for p in chunk_positions],
-                    options,
-                    group_size=config.sample.group_size,
-                    epoch=step,
-                    prompt_keys=[f"step-position-{p}" for p in chunk_positions],
-                    metadata=[self.train_set.metadata[indices[p]] for p in chunk_positions],
+        with self.algorithm.rollout_context(self.policy):
+            for start in range(0, per_process, chunk):
+                chunk_positions = positions[start : start + chunk]
+                rollouts.append(
+                    self.sampler.rollout(
+                        [self.train_set.prompts[indices[p]] for p in chunk_positions],
+                        options,
+                        group_size=config.sample.group_size,
+                        epoch=step,
+                        prompt_keys=[f"step-position-{p}" for p in chunk_positions],
+                        metadata=[self.train_set.metadata[indices[p]] for p in chunk_positions],
+                    )
                 )
-            )
         rollout = Rollout.cat(rollouts)
         group_ids = torch.tensor(positions).repeat_interleave(config.sample.group_size)
         batch = StepBatch(rollout=rollout, group_ids=group_ids, rewards={}, step=step)

@@ -5,6 +5,7 @@ The generation trainer never branches on an algorithm's name. It asks the algori
 - ``needs``: what the rollout must record (:data:`RECORDS`);
 - ``check(sampler, rewards, config)``: refuse an impossible combination with one line, before training;
 - ``sampling(step)``: rollout option overrides for training step ``step`` (an SDE window, the ODE, ...);
+- ``rollout_context(policy)``: the context training rollouts run in (an old policy swapped in, ...);
 - ``select(rollout, step)``: which units of each sample train, ``[B, K]`` indices (denoising steps, or grid
   points of the forward process);
 - ``loss(batch, policy)``: the loss of one microbatch at one unit and its named statistics (tensors, no host
@@ -19,7 +20,7 @@ package.module:Class``; its options are its ``Options`` dataclass (a subclass of
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
@@ -97,6 +98,10 @@ class Algorithm(ABC):
     def sampling(self, step: int) -> dict[str, Any]:
         """Rollout option overrides for training step ``step`` (``RolloutOptions`` field -> value)."""
         return {}
+
+    def rollout_context(self, policy: Policy) -> AbstractContextManager[None]:
+        """The context the training rollouts run in (e.g. an "old" policy swapped in); default: the policy."""
+        return nullcontext()
 
     @abstractmethod
     def select(self, rollout: Any, step: int) -> Tensor:
