@@ -144,6 +144,12 @@ class GenerationTrainer(PhaseLoop):
         )
         self.monitor = HackingMonitor(log.diversity_model, self.accelerator.device) if log.monitors else None
         self.sampler = load_sampler(config.model, self.accelerator.device)
+        missing = self.algorithm.needs - self.sampler.records
+        if missing:
+            raise ConfigError(
+                f"algorithm {config.algorithm.name!r} needs rollouts that record {sorted(missing)}, which the "
+                f"{config.model.family} sampler does not record; choose another algorithm or family"
+            )
         self.algorithm.check(self.sampler, self.reward_models, config.sample)
         self.parameters = make_trainable(self.sampler, config.model)
         self.optimizer = _build_optimizer(self.parameters, config.train)

@@ -15,6 +15,7 @@ from typing import Any, ClassVar, Literal
 
 from gen_rl.algorithms.options import AlgorithmOptions, PolicyGradientOptions
 from gen_rl.core.config import ConfigError, check_finite, option, section
+from pipelines.families import FAMILIES
 
 # old key -> new key (a config with an old key fails with one line naming the new one)
 RENAMED_KEYS = {
@@ -247,6 +248,12 @@ class GenerationConfig:
                 f"train.microbatch_size ({train.microbatch_size}) (gradient accumulation takes whole microbatches)."
             )
         self.algorithm.validate(self)
+        family = FAMILIES.get(self.model.family)
+        if family is not None and sample.sde_type not in family.step_kinds:
+            raise ConfigError(
+                f"sample.sde_type {sample.sde_type!r} is not a step of the {self.model.family} family; it steps with "
+                f"{', '.join(family.step_kinds)}: set sample.sde_type to one of them"
+            )
         if not self.reward.terms:
             raise ConfigError(
                 "reward.terms is empty; add at least one reward, e.g. [{name: colour, weight: 1}]"

@@ -217,6 +217,9 @@ class Sampler(ABC):
     denoiser_component: ClassVar[str] = "transformer"  # the pipeline attribute holding the denoiser
     lora_target_modules: ClassVar[tuple[str, ...]] = ()  # default peft target_modules for this family
     step_kinds: ClassVar[tuple[str, ...]]  # the sde_type values this family steps with
+    # what a rollout records (an algorithm's ``needs`` must be among them): every step's log-prob and Gaussian
+    # step mean (recomputed by log_prob), the clean final latents and the whole latent trajectory
+    records: ClassVar[frozenset[str]] = frozenset({"log_probs", "step_means", "clean_latents", "trajectory"})
     default_max_sequence_length: ClassVar[int | None] = None
     video: ClassVar[bool] = False  # True for families whose samples have frames
 

@@ -18,6 +18,11 @@ class Family:
     sampler: str
     image_multiple: int  # sides must be multiples of this when the checkpoint's config files are not at hand
     patch_size: int | None  # latent patch side (FLUX packs 2x2, SD's UNet 1); None: transformer/config.json
+    step_kinds: tuple[str, ...] = (
+        "flow_grpo",
+        "dance_grpo",
+        "cps",
+    )  # the sample.sde_type values it steps with
 
 
 @dataclass(frozen=True)
@@ -33,7 +38,7 @@ class TinyModel:
 FAMILIES: dict[str, Family] = {
     "flux": Family("pipelines.flux:FluxSampler", image_multiple=16, patch_size=2),
     "sd3": Family("pipelines.sd3:SD3Sampler", image_multiple=16, patch_size=None),
-    "sd": Family("pipelines.sd:SDSampler", image_multiple=8, patch_size=1),
+    "sd": Family("pipelines.sd:SDSampler", image_multiple=8, patch_size=1, step_kinds=("ddim",)),
 }
 
 TINY_MODELS: dict[str, TinyModel] = {

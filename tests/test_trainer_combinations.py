@@ -35,6 +35,17 @@ from gen_rl.core.config import ConfigError
         (("reward.per_prompt_tracker=true", "reward.std_mode=global"), "would be ignored"),
         (("reward.std_ddof=2",), "std_ddof must be 0"),
         (("train.ratio_check_fraction=0",), "ratio_check_fraction must be in"),
+        (("sample.sde_type=ddim",), "'ddim' is not a step of the flux family"),
+        (("model.family=sd", "model.pretrained=tiny:sd"), "'flow_grpo' is not a step of the sd family"),
+        (
+            (
+                "algorithm.kl_estimator=flow_grpo",
+                "model.family=sd",
+                "model.pretrained=tiny:sd",
+                "sample.sde_type=ddim",
+            ),
+            "with sample.sde_type: ddim use algorithm.kl_estimator: gaussian",
+        ),
     ],
 )
 def test_impossible_combinations_are_refused_before_any_model_loads(tmp_path, overrides, message):

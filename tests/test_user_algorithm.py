@@ -106,6 +106,21 @@ def test_a_user_algorithm_option_typo_fails_at_config_time(tmp_path, user_packag
         user_config(tmp_path, {"name": user_package, "scal": 2})
 
 
+def test_an_algorithm_needing_what_no_sampler_records_is_refused_at_start(tmp_path, user_package):
+    """Tree rollouts (``branches``) are not recorded by any sampler yet: one line, before training."""
+    import my_algorithms
+
+    class Branching(my_algorithms.Reinforce):
+        needs = frozenset({"log_probs", "branches"})
+
+    my_algorithms.Branching = Branching
+    config = user_config(tmp_path / "run", {"name": "my_algorithms:Branching"})
+    with pytest.raises(
+        ConfigError, match=r"needs rollouts that record \['branches'\], which the flux sampler"
+    ):
+        GenerationTrainer(config)
+
+
 def test_an_unknown_algorithm_names_the_known_ones(tmp_path):
     with pytest.raises(
         ConfigError, match=r"unknown algorithm algorithm.name='flow_grp'. Did you mean 'flow_grpo'"
