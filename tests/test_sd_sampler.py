@@ -194,3 +194,45 @@ def test_denoiser_names(sd_samplers):
         assert sampler.active_denoiser is wrapper and sampler.denoiser is sampler.pipeline.unet
     finally:
         sampler.forward_module = None
+
+
+# ----- trainer level -------------------------------------------------------------------------------------------
+SD_LEARNING = (
+    "sample.group_size=8",
+    "sample.groups_per_step=4",
+    "sample.groups_per_rollout=4",
+    "train.samples_per_update=16",
+    "train.microbatch_size=16",
+    "eval.max_prompts=6",
+    "eval.samples_per_prompt=2",
+    "checkpoint.every_steps=0",
+    "eval.every_steps=0",
+    "log.monitors=false",
+    "model.family=sd",
+    "model.pretrained=tiny:sd-pixel",
+    "sample.sde_type=ddim",
+    "sample.noise_level=1.0",
+    "train.lr=0.1",
+    "algorithm.trainable_steps=[0,3]",
+)
+
+
+def test_a_short_sd_run_raises_the_colour_reward(tmp_path):
+    """20 steps of GRPO over the DDIM SDE (eta 1) of the tiny SD 1.5 with the identity VAE: held-out colour reward
+    +0.028 measured (seed 1: +0.033); with the reward's sign flipped the colour moves +0.004 instead.
+
+    The last DDIM step (t = 1 to alpha_bar(0), std ~0.02) is left untrained: its log-ratio moves ~1/std^2 faster
+    than the others', and training it too gave -0.009 / -0.002 / +0.018 over three seeds. The random-VAE
+    ``tiny:sd`` decodes everything to near-grey (-0.008 measured), so the pixel variant is used.
+    """
+    from trainer_helpers import small_config
+
+    from gen_rl.trainer import GenerationTrainer
+
+    trainer = GenerationTrainer(small_config(tmp_path, *SD_LEARNING, "train.num_steps=20"))
+    assert isinstance(trainer.sampler, SDSampler)
+    before = trainer.evaluate(0)["eval/reward/mean"]
+    train_rewards = [trainer.run_step(step)["reward/mean"] for step in range(20)]
+    after = trainer.evaluate(20)["eval/reward/mean"]
+    assert after - before > 0.015, (before, after)
+    assert sum(train_rewards[-5:]) / 5 > sum(train_rewards[:5]) / 5
