@@ -27,6 +27,14 @@ class SDSampler(DDIMSampler):
     # train_text_to_image_lora.py.
     lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0")
 
+    def __init__(self, pipeline: StableDiffusionPipeline) -> None:
+        super().__init__(pipeline)
+        if self.denoiser.config.get("time_cond_proj_dim") is not None:
+            raise ValueError(
+                "this UNet embeds the guidance scale (time_cond_proj_dim: an LCM-distilled model), which the sd "
+                "sampler does not feed; use a plain SD 1.x / 2.x checkpoint"
+            )
+
     def encode_prompts(
         self, prompts: list[str], options: RolloutOptions, num_per_prompt: int
     ) -> dict[str, Tensor]:

@@ -182,6 +182,10 @@ def test_clear_errors(sd_samplers):
     pipeline.scheduler = FlowMatchEulerDiscreteScheduler()
     with pytest.raises(ValueError, match="sd sampler needs a diffusion scheduler config .* FlowMatchEuler"):
         SDSampler(pipeline)
+    pipeline = tiny_sd_pipeline(seed=0)
+    pipeline.unet.register_to_config(time_cond_proj_dim=8)
+    with pytest.raises(ValueError, match="embeds the guidance scale"):
+        SDSampler(pipeline)
 
 
 def test_denoiser_names(sd_samplers):
