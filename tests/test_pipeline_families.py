@@ -33,6 +33,7 @@ def test_every_family_names_its_sampler():
     assert set(SAMPLERS) == set(FAMILIES)
     for family, sampler_class in SAMPLERS.items():
         assert issubclass(sampler_class, Sampler) and sampler_class.family == family
+        assert FAMILIES[family].step_kinds == sampler_class.step_kinds  # the torch-free copy the config reads
         assert lora_target_modules(family) == list(sampler_class.lora_target_modules)
     with pytest.raises(ValueError, match="known: flux, sd3, sd"):
         lora_target_modules("sdxl")
