@@ -714,12 +714,22 @@ class FlowMatchSampler(Sampler):
         check_flow_grid(levels)
 
     def _transition(
-        self, sde_type, latents, model_output, level, level_next, noise_level, noise, next_sample
-    ):
+        self,
+        sde_type: str,
+        latents: Tensor,
+        model_output: Tensor,
+        level: Tensor,
+        level_next: Tensor,
+        noise_level: float,
+        noise: Tensor | None,
+        next_sample: Tensor | None,
+    ) -> StepOutput:
         step = flow_step_unchecked(sde_type)
         return step(latents, model_output, level, level_next, noise_level, noise, next_sample)
 
-    def _deterministic_transition(self, latents, model_output, level, level_next):
+    def _deterministic_transition(
+        self, latents: Tensor, model_output: Tensor, level: Tensor, level_next: Tensor
+    ) -> StepOutput:
         return flow_euler_unchecked(latents, model_output, level, level_next)
 
 
@@ -787,13 +797,23 @@ class DDIMSampler(Sampler):
             raise ValueError(f"noise_level is DDIM's eta and must lie in [0, 1]; got {noise_level}")
 
     def _transition(
-        self, sde_type, latents, model_output, level, level_next, noise_level, noise, next_sample
-    ):
+        self,
+        sde_type: str,
+        latents: Tensor,
+        model_output: Tensor,
+        level: Tensor,
+        level_next: Tensor,
+        noise_level: float,
+        noise: Tensor | None,
+        next_sample: Tensor | None,
+    ) -> StepOutput:
         return ddim_step_unchecked(
             latents, model_output, level, level_next, noise_level, self.prediction_type, noise, next_sample
         )
 
-    def _deterministic_transition(self, latents, model_output, level, level_next):
+    def _deterministic_transition(
+        self, latents: Tensor, model_output: Tensor, level: Tensor, level_next: Tensor
+    ) -> StepOutput:
         return ddim_step_unchecked(
             latents, model_output, level, level_next, 0.0, self.prediction_type, None, None
         )
