@@ -14,7 +14,9 @@ stands in for the transformer, so every velocity is a closed-form function of kn
 from __future__ import annotations
 
 import io
+import math
 from contextlib import contextmanager
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -456,3 +458,42 @@ def test_options_load_from_the_algorithm_section_and_build_the_algorithm():
         AlgorithmOptions.from_config_mapping({"name": "diffusion_nft", "old_ema_decay": 0.5}, "algorithm")
     algorithm = build_algorithm(options, seed=0, num_steps=STEPS)
     assert isinstance(algorithm, DiffusionNFT) and algorithm.options.beta == 0.1
+
+
+# ----- through the generation trainer ---------------------------------------------------------------------------
+NFT_DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo" / "tiny_flux_nft_cpu.yaml"
+
+
+def test_diffusion_nft_through_the_trainer_raises_the_held_out_reward(tmp_path):
+    """The NFT demo config shrunk to 6 steps of 16 samples: CFG-free ODE rollouts, and the held-out colour reward
+    rises (+0.088 measured; with r flipped to 1 - r it falls)."""
+    from gen_rl.core.config import load_config
+    from gen_rl.trainer import GenerationTrainer
+    from gen_rl.trainer_config import GenerationConfig
+
+    prompts = NFT_DEMO.parent / "prompts"
+    overrides = [
+        f"log.output_dir={tmp_path}",
+        "log.tracker=none",
+        "log.progress=false",
+        "log.monitors=false",
+        "sample.groups_per_step=2",
+        "sample.groups_per_rollout=2",
+        "train.num_steps=6",
+        "train.lr=5.0e-2",
+        "eval.every_steps=0",
+        "checkpoint.every_steps=0",
+        f"data.train_prompts={prompts / 'colour_train.txt'}",
+        f"data.eval_prompts={prompts / 'colour_eval.txt'}",
+    ]
+    trainer = GenerationTrainer(load_config(GenerationConfig, NFT_DEMO, overrides))
+    assert isinstance(trainer.algorithm, DiffusionNFT)
+    rollout = trainer.sample(0).rollout
+    assert rollout.cfg_scale == 1.0 and rollout.noise_level == 0.0
+    assert not bool(rollout.stochastic.any())  # every step was the deterministic ODE
+    before = trainer.evaluate(0)["eval/reward/mean"]
+    records = [trainer.run_step(step) for step in range(6)]
+    after = trainer.evaluate(6)["eval/reward/mean"]
+    assert after - before > 0.04, (before, after)
+    assert all(math.isfinite(record["loss/total"]) for record in records)
+    assert trainer.algorithm.updates == 6  # one soft update of the old policy per optimizer update
