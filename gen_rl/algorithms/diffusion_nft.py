@@ -28,8 +28,8 @@ Practical choices of the paper (Sec. 3.3, unnumbered) as the reference code (NVl
 - the trained times: ``floor(S x 0.99)`` of the S grid points per sample, drawn at random (9 of 10);
 - CFG-free: training and rollouts use ``cfg_scale = 1`` (a config with CFG is refused).
 
-The reference collects rollouts with the old policy; :meth:`DiffusionNFT.rollout_context` gives that context
-for a trainer that asks for it (otherwise rollouts come from the current policy, which the old one trails).
+Data collection uses the old policy, as in the paper (Algorithm 1) and the reference code: the trainer runs the
+training rollouts inside :meth:`DiffusionNFT.rollout_context`, which swaps the old parameters in.
 """
 
 from __future__ import annotations
