@@ -14,6 +14,7 @@ stands in for the transformer, so every velocity is a closed-form function of kn
 from __future__ import annotations
 
 import io
+import json
 import math
 from contextlib import contextmanager
 from pathlib import Path
@@ -497,3 +498,69 @@ def test_diffusion_nft_through_the_trainer_raises_the_held_out_reward(tmp_path):
     assert after - before > 0.04, (before, after)
     assert all(math.isfinite(record["loss/total"]) for record in records)
     assert trainer.algorithm.updates == 6  # one soft update of the old policy per optimizer update
+
+
+def test_a_resumed_nft_run_matches_an_uninterrupted_one(tmp_path):
+    """The old policy and its update count are saved with the run: a run stopped after its step-2 checkpoint and
+    resumed writes the same metrics and ends with the same old and current weights as one run straight through."""
+    from gen_rl.checkpoint import CheckpointManager
+    from gen_rl.core.config import load_config
+    from gen_rl.trainer import GenerationTrainer
+    from gen_rl.trainer_config import GenerationConfig
+
+    prompts = NFT_DEMO.parent / "prompts"
+
+    def config(folder):
+        overrides = [
+            f"log.output_dir={folder}",
+            "log.tracker=none",
+            "log.progress=false",
+            "log.monitors=false",
+            "sample.group_size=4",
+            "sample.groups_per_step=2",
+            "sample.groups_per_rollout=2",
+            "train.samples_per_update=8",
+            "train.microbatch_size=8",
+            "train.num_steps=4",
+            "algorithm.old_decay_rate=0.2",  # the old policy lags: 0.2, 0.4, 0.5, 0.5
+            "eval.every_steps=3",
+            "eval.max_prompts=2",
+            "eval.samples_per_prompt=1",
+            "checkpoint.every_steps=2",
+            f"data.train_prompts={prompts / 'colour_train.txt'}",
+            f"data.eval_prompts={prompts / 'colour_eval.txt'}",
+        ]
+        return load_config(GenerationConfig, NFT_DEMO, overrides)
+
+    straight = GenerationTrainer(config(tmp_path / "straight"))
+    straight.train()
+    stopped = GenerationTrainer(config(tmp_path / "stopped"))
+    for step in range(3):  # the checkpoint after step 2 is written; step 3 is lost in the "crash"
+        stopped.run_step(step)
+    assert CheckpointManager(tmp_path / "stopped", 2).latest().name == "checkpoint-000002"
+    del stopped
+    resumed = GenerationTrainer(config(tmp_path / "stopped"), resume=True)
+    assert resumed.start_step == 2 and resumed.algorithm.updates == 2
+    resumed.train()
+
+    def metrics(folder):
+        lines = (folder / "metrics.jsonl").read_text().splitlines()
+        return [
+            {k: v for k, v in json.loads(line).items() if not k.startswith(("time/", "perf/"))}
+            for line in lines
+        ]
+
+    expected, got = metrics(tmp_path / "straight"), metrics(tmp_path / "stopped")
+    assert [r["step"] for r in got] == [r["step"] for r in expected]
+    for want, have in zip(expected, got, strict=True):
+        assert have.keys() == want.keys()
+        for key in want:
+            assert have[key] == pytest.approx(want[key], rel=1e-5, abs=1e-7), (want["step"], key)
+    assert resumed.algorithm.updates == straight.algorithm.updates == 4
+    pairs = zip(straight.algorithm.old_tensors, straight.parameters, strict=True)
+    lag = max(float((old - param.detach()).abs().max()) for old, param in pairs)
+    assert lag > 1e-3  # the old policy is not the current one, so restoring it matters
+    for mine, theirs in zip(resumed.algorithm.old_tensors, straight.algorithm.old_tensors, strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-6)
+    for mine, theirs in zip(resumed.parameters, straight.parameters, strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-6)
