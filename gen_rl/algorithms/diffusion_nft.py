@@ -131,6 +131,10 @@ class DiffusionNFT(Algorithm):
             self.old_tensors = [param.detach().float().clone() for param in policy.parameters]
         else:
             self._check_shapes(self.old_tensors, policy.parameters)
+            self.old_tensors = [
+                _laid_out_like(param, old)
+                for param, old in zip(policy.parameters, self.old_tensors, strict=True)
+            ]
 
     def sampling(self, step: int) -> dict[str, Any]:
         """Rollouts run the deterministic ODE (the paper's and the reference's data collection)."""
@@ -228,7 +232,9 @@ class DiffusionNFT(Algorithm):
         tensors = [tensor.detach().float().clone() for tensor in state["old_tensors"]]
         if self.old_tensors is not None:
             self._check_shapes(tensors, self.old_tensors)
-            tensors = [tensor.to(old.device) for tensor, old in zip(tensors, self.old_tensors, strict=True)]
+            tensors = [
+                _laid_out_like(old, tensor) for old, tensor in zip(self.old_tensors, tensors, strict=True)
+            ]
         self.old_tensors = tensors
         self.updates = int(state["updates"])
 
@@ -258,6 +264,19 @@ class DiffusionNFT(Algorithm):
                 f"DiffusionNFT old-policy state holds {len(shapes)} tensors that do not match the {len(wanted)} "
                 "trained parameters (a different LoRA rank or target modules?); resume with the same model config"
             )
+
+
+def _laid_out_like(reference: Tensor, value: Tensor) -> Tensor:
+    """``value`` (whole, as a checkpoint holds it) as a float32 tensor laid out like ``reference``: on its device,
+    and, when ``reference`` is an FSDP2 shard (DTensor), as this process's shard of the same mesh and placements."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    value = value.detach().float()
+    if isinstance(reference, DTensor) and not isinstance(value, DTensor):
+        return distribute_tensor(
+            value.to(reference.device), reference.device_mesh, reference.placements, src_data_rank=None
+        )
+    return value.to(reference.device)
 
 
 def _expand(values: Tensor, like: Tensor) -> Tensor:
