@@ -218,7 +218,7 @@ def _lora_to_export(trainer: Any) -> dict:
     """The LoRA tensors to export (the EMA's when there is one), whole on every process."""
     from gen_rl.export import lora_state_dict
 
-    with trainer.ema.swapped_in() if trainer.ema is not None else nullcontext():
+    with trainer.policy.swapped(trainer.ema.shadow) if trainer.ema is not None else nullcontext():
         return lora_state_dict(trainer.sampler.denoiser)
 
 

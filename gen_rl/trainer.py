@@ -87,9 +87,23 @@ class TrainerPolicy:
             finally:
                 denoiser.enable_adapters()
 
+    @contextmanager
     def swapped(self, tensors: list[torch.Tensor]):
-        """The trained parameters temporarily hold ``tensors`` (e.g. an EMA "old" policy)."""
-        return swapped_parameters(self.parameters, tensors)
+        """The trained parameters temporarily hold ``tensors`` (an EMA, an "old" policy), restored after."""
+        _reshard(self.denoiser)
+        with swapped_parameters(self.parameters, tensors):
+            try:
+                yield
+            finally:
+                _reshard(self.denoiser)
+
+
+def _reshard(module: torch.nn.Module) -> None:
+    """FSDP2 keeps the root module unsharded after a forward without backward, so in-place writes to the sharded
+    parameters reach the next forward only after a reshard (no-op without FSDP2)."""
+    reshard = getattr(module, "reshard", None)
+    if callable(reshard):
+        reshard()
 
 
 class GenerationTrainer(PhaseLoop):
@@ -491,7 +505,7 @@ class GenerationTrainer(PhaseLoop):
             step, seed=config.eval.seed, noise_level=config.eval.noise_level, share_initial_noise=False
         )
         mine = _even_shard(count, accelerator.process_index, accelerator.num_processes)
-        ema = self.ema.swapped_in() if self.ema is not None else nullcontext()
+        ema = self.policy.swapped(self.ema.shadow) if self.ema is not None else nullcontext()
         with ema, accelerator.autocast():
             rollout = self.sampler.rollout(
                 [self.eval_set.prompts[i] for i in mine],
