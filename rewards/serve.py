@@ -126,6 +126,11 @@ class RewardServer:
     ) -> None:
         if batch_wait_s < 0:
             raise ValueError(f"batch_wait_s must be >= 0; got {batch_wait_s}")
+        if getattr(reward, "learns", False) or getattr(reward, "uses_group_ids", False):
+            raise ValueError(
+                f"{type(reward).__name__} learns or compares samples within a group, which a served reward cannot "
+                "(each request is scored alone, and nothing updates it); use it as a local reward term instead"
+            )
         if token is not None and not token.strip():
             raise ValueError("the token is empty; give a non-empty token or None for no token")
         check_exposure(host, token)

@@ -859,3 +859,11 @@ def test_corrupted_payloads_are_refused_with_a_4xx_never_a_crash() -> None:
                 assert 400 <= rejected.status < 500, rejected.message
                 statuses.add(rejected.status)
     assert {200, 400} <= statuses
+
+
+def test_a_learning_reward_is_refused_by_the_server() -> None:
+    """A served reward scores each request alone and is never updated: learning rewards stay local."""
+    from rewards.running_reference import RunningReferenceReward
+
+    with pytest.raises(ValueError, match="learns or compares samples within a group"):
+        RewardServer(RunningReferenceReward())
