@@ -292,7 +292,7 @@ def tiny_heads(tmp_path_factory):
     }
 
 
-TINY = {"flux": ("tiny:flux", 16), "sd3": ("tiny:sd3", 32)}
+TINY = {"flux": ("tiny:flux", 16), "sd3": ("tiny:sd3", 32), "sd": ("tiny:sd", 16)}
 
 
 @pytest.mark.parametrize("path", GENERATION, ids=[str(p.relative_to(CONFIGS)) for p in GENERATION])

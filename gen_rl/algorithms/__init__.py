@@ -11,6 +11,7 @@ from typing import Any
 
 # name -> "module:Class" (imported on use, so that loading a config never imports torch)
 ALGORITHMS: dict[str, str] = {
+    "grpo": "gen_rl.algorithms.policy_gradient:PolicyGradient",
     "flow_grpo": "gen_rl.algorithms.policy_gradient:FlowGRPO",
     "dance_grpo": "gen_rl.algorithms.policy_gradient:DanceGRPO",
     "diffusion_nft": "gen_rl.algorithms.diffusion_nft:DiffusionNFT",

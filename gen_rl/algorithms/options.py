@@ -22,7 +22,7 @@ STEP_SELECTIONS = ("all", "random_fraction", "first", "random_window", "sliding_
 class AlgorithmOptions:
     """The training algorithm and its options (one section; ``name`` picks the algorithm)."""
 
-    name: str = option("flow_grpo", "flow_grpo | dance_grpo | diffusion_nft | package.module:Class")
+    name: str = option("flow_grpo", "grpo | flow_grpo | dance_grpo | diffusion_nft | package.module:Class")
 
     @classmethod
     def from_config_mapping(cls, data: Any, where: str) -> AlgorithmOptions:
@@ -219,6 +219,7 @@ class DiffusionNFTOptions(AlgorithmOptions):
 
 # name -> options class (the algorithm classes live in modules that import torch, see ALGORITHMS in __init__)
 BUILTIN_OPTIONS: dict[str, type[AlgorithmOptions]] = {
+    "grpo": PolicyGradientOptions,
     "flow_grpo": PolicyGradientOptions,
     "dance_grpo": PolicyGradientOptions,
     "diffusion_nft": DiffusionNFTOptions,

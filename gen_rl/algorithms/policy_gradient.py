@@ -21,8 +21,8 @@ from gen_rl.core.step_selection import sde_window, train_step_indices
 from gen_rl.objective import log_probs_in_convention, step_loss, transition_kl
 
 
-class FlowGRPO(Algorithm):
-    """Flow-GRPO (Liu et al. 2025): GRPO over the flow SDE's Gaussian steps (also CPS, Fast windows, MixGRPO)."""
+class PolicyGradient(Algorithm):
+    """GRPO's clipped surrogate over the Gaussian steps of any stochastic sampler (flow SDEs, CPS, the DDIM SDE)."""
 
     Options = PolicyGradientOptions
     needs = frozenset({"log_probs", "step_means"})
@@ -100,6 +100,10 @@ class FlowGRPO(Algorithm):
         )
 
 
-class DanceGRPO(FlowGRPO):
+class FlowGRPO(PolicyGradient):
+    """Flow-GRPO (Liu et al. 2025): over the flow SDE's steps (also CPS, the Fast windows and MixGRPO's)."""
+
+
+class DanceGRPO(PolicyGradient):
     """DanceGRPO (Xue et al. 2025): the same surrogate over its constant-eta SDE (``sample.sde_type: dance_grpo``),
     a random fraction of steps per sample and the sample std of rewards (``configs/flux/dev_hps_dancegrpo.yaml``)."""
