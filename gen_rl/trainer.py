@@ -11,6 +11,7 @@ and the KL reference is the same wrapped model with its LoRA disabled.
 from __future__ import annotations
 
 import dataclasses
+import math
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -226,8 +227,6 @@ class GenerationTrainer(PhaseLoop):
         )
 
     def _lr_factor(self, update: int) -> float:
-        import math
-
         train = self.config.train
         if update < train.warmup_updates:
             return (update + 1) / (train.warmup_updates + 1)
