@@ -82,10 +82,12 @@ class TrainerPolicy:
         """The frozen reference: the prepared model with its LoRA adapters disabled, without gradients."""
         denoiser = self.denoiser
         with torch.no_grad():
+            _reshard(denoiser)  # peft toggles requires_grad on the registered (FSDP2: sharded) parameters
             denoiser.disable_adapters()
             try:
                 yield
             finally:
+                _reshard(denoiser)
                 denoiser.enable_adapters()
 
     @contextmanager

@@ -1,8 +1,8 @@
 """Run by ``accelerate launch`` from test_fsdp.py: two generation training steps under DDP or FSDP2, on CPU (gloo).
 
-``python fsdp_worker.py OUTPUT ddp|fsdp2 [OVERRIDES...]``. Each rank writes ``rank{i}.pt``: the wrapper the model
-ran in, the trained weights gathered whole (FSDP2 holds each as a DTensor shard), and the error of a checkpoint
-save after the steps (None when it worked).
+``python fsdp_worker.py OUTPUT ddp|fsdp2[:nft] [OVERRIDES...]`` (``:nft``: the DiffusionNFT demo config). Each
+rank writes ``rank{i}.pt``: the wrapper the model ran in, the trained weights gathered whole (FSDP2 holds each as a
+DTensor shard), and the error of a checkpoint save after the steps (None when it worked).
 
 accelerate (1.16) selects FSDP only on accelerator devices: under ``Accelerator(cpu=True)``, the trainer's choice
 without CUDA, the state is ``MULTI_CPU`` and an FSDP plugin is dropped without a word (the model is wrapped in
@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from trainer_helpers import finish_processes, small_config  # noqa: E402
+from trainer_helpers import DEMO, finish_processes, small_config  # noqa: E402
 
 from gen_rl.trainer import GenerationTrainer  # noqa: E402
 
@@ -48,6 +48,10 @@ def whole_trained_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The trained parameters by name (wrapper prefix removed), whole: a collective under FSDP2."""
     from torch.distributed.tensor import DTensor
 
+    if callable(
+        getattr(model, "reshard", None)
+    ):  # after a forward without backward FSDP2's root stays unsharded,
+        model.reshard()  # and its registered parameters are then the unsharded, grad-free copies
     weights = {}
     for name, param in model.named_parameters():
         if param.requires_grad:
@@ -68,7 +72,9 @@ def save_error(trainer: GenerationTrainer, step: int) -> str | None:
 
 if __name__ == "__main__":
     output, mode, overrides = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
-    config = small_config(output, *overrides)
+    mode, _, recipe = mode.partition(":")  # "fsdp2:nft" runs the DiffusionNFT demo config
+    base_config = DEMO.parent / "tiny_flux_nft_cpu.yaml" if recipe == "nft" else DEMO
+    config = small_config(output, *overrides, base_config=base_config)
     if mode == "fsdp2":
         enter_fsdp2_state(config.train.mixed_precision)
     trainer = GenerationTrainer(config)

@@ -115,3 +115,29 @@ def test_fsdp2_checkpoint_equals_ddp(runs):
     assert exported["ddp"].keys() == exported["fsdp2"].keys()
     for name, value in exported["ddp"].items():
         torch.testing.assert_close(exported["fsdp2"][name], value, rtol=0, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def nft_runs(tmp_path_factory) -> dict[str, dict]:
+    root = tmp_path_factory.mktemp("fsdp_nft")
+    return {mode: _launch(root / mode, f"{mode}:nft") for mode in ("ddp", "fsdp2")}
+
+
+def test_fsdp2_diffusion_nft_trains_as_ddp(nft_runs):
+    """DiffusionNFT swaps its old policy into the sharded parameters (rollouts, the old-velocity pass): under FSDP2
+    the swap must reach the forward (the root module is resharded first), else the old policy is the current one
+    (nft/old_deviation 0) and the metrics leave DDP's from the first step."""
+    ddp, fsdp = nft_runs["ddp"], nft_runs["fsdp2"]
+    assert fsdp["ranks"][0]["wrapper"].startswith("FSDP")
+    for one, two in zip(ddp["records"], fsdp["records"], strict=True):
+        one, two = _numbers(one), _numbers(two)
+        assert one.keys() == two.keys()
+        for key, value in one.items():
+            assert math.isclose(two[key], value, rel_tol=1e-5, abs_tol=1e-7), (key, value, two[key])
+    assert ddp["records"][-1]["nft/old_deviation"] > 0  # the old policy lags the current one after an update
+    weights = ddp["ranks"][0]["weights"]
+    for rank in (*ddp["ranks"], *fsdp["ranks"]):
+        assert sorted(rank["weights"]) == sorted(weights), (sorted(rank["weights"])[:2], sorted(weights)[:2])
+        for name, value in weights.items():
+            torch.testing.assert_close(rank["weights"][name], value, rtol=0, atol=1e-6)
+    assert [rank["save_error"] for rank in fsdp["ranks"]] == [None, None]

@@ -26,8 +26,8 @@ TIMING_KEYS |= {"perf/peak_memory_mb"}
 TIMING_KEYS |= {"ratio_check/floor", "ratio_check/tolerance"}
 
 
-def small_config(output_dir: Path, *overrides: str) -> GenerationConfig:
-    """The demo config shrunk to a few seconds per run: 2 groups of 4, 4 denoising steps, 16 px."""
+def small_config(output_dir: Path, *overrides: str, base_config: Path = DEMO) -> GenerationConfig:
+    """The demo config (or ``base_config``) shrunk to a few seconds per run: 2 groups of 4, 4 steps, 16 px."""
     base = [
         f"log.output_dir={output_dir}",
         "log.tracker=none",
@@ -46,7 +46,7 @@ def small_config(output_dir: Path, *overrides: str) -> GenerationConfig:
         f"data.train_prompts={DEMO.parent / 'prompts' / 'colour_train.txt'}",
         f"data.eval_prompts={DEMO.parent / 'prompts' / 'colour_eval.txt'}",
     ]
-    return load_config(GenerationConfig, DEMO, [*base, *overrides])
+    return load_config(GenerationConfig, base_config, [*base, *overrides])
 
 
 def without_timing(record: dict) -> dict:
