@@ -1,27 +1,54 @@
 """The phase skeleton of a training run, shared by the trainers: one loop a reader follows top to bottom.
 
-Each training step runs the phases ``sample -> score -> advantages -> update -> log`` and, every N steps,
-``evaluate`` (before the step, so step ``t``'s eval describes the weights after ``t`` updates) and ``save``.
-``train()`` adds the progress bar, the final evaluation and save, the reward curve, and the one line printed when
-a run stops early (its last checkpoint is intact: continue with ``--resume``). A trainer subclasses
+Each training step runs the phases ``collect -> update -> log``; ``collect`` is ``sample -> score -> advantages``
+(a trainer that repeats them, as the VLM's DAPO dynamic sampling does, overrides :meth:`PhaseLoop.collect`).
+Every N steps the loop runs ``evaluate`` and ``save``. ``train()`` adds the progress bar, :meth:`PhaseLoop.finish`
+(the final evaluation and save) and the one line printed when a run stops early (its last checkpoint is intact:
+continue with ``--resume``; a failed checkpoint write's error says so itself). A trainer subclasses
 :class:`PhaseLoop` and implements the phases; the loop never looks inside a batch.
+
+Two step-numbering policies (:attr:`PhaseLoop.records_after_update`):
+
+* ``False`` (generation): step ``t``'s record is ``step: t`` and its evaluation runs before the update, so it
+  describes the weights after ``t`` updates; ``finish`` adds a record ``step: num_steps`` with the final eval.
+* ``True`` (VLM): step ``t``'s record is ``step: t + 1``, evaluated after the update (every N steps and after the
+  last step), so each record describes the weights after ``t + 1`` updates and there is no extra final record.
+
+Either way a checkpoint ``s`` holds the weights after ``s`` updates, and a resume from it runs step ``s`` next.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from tqdm.auto import tqdm
 
-from gen_rl.checkpoint import RunError
+from gen_rl.checkpoint import CheckpointWriteError, RunError
 from gen_rl.metrics import plot_reward_curve
+
+
+@dataclass
+class Collected:
+    """What the ``collect`` phase hands to the rest of the step.
+
+    Attributes:
+        batch: this process's share of the step's scored rollouts, with advantages (what ``update`` trains on).
+        stats: the record's reward / advantage statistics.
+        timings: the record's ``time/`` entries of the collect phases (written after the update's statistics).
+    """
+
+    batch: Any
+    stats: dict[str, Any]
+    timings: dict[str, float]
 
 
 class PhaseLoop:
     """Subclasses set ``config``, ``accelerator``, ``metrics``, ``checkpoints``, ``output_dir``, ``start_step`` and
-    implement ``sample``, ``score``, ``advantages``, ``update``, ``evaluate``, ``save`` and ``summary``."""
+    implement ``sample``, ``score``, ``advantages`` (or override ``collect``), ``update``, ``evaluate``, ``save``
+    and ``summary``."""
 
     config: Any
     accelerator: Any
@@ -30,6 +57,9 @@ class PhaseLoop:
     output_dir: Any
     start_step: int = 0
     samples_per_step: int = 1  # samples of one training step over all processes (for perf/samples_per_s)
+    records_after_update: bool = False  # the step-numbering policy (module docstring)
+    progress_name: str = "gen-rl"  # the progress bar's label
+    started_at: float = 0.0  # time.perf_counter() when train() began (for summaries)
 
     # ----- phases (implemented by each trainer) ------------------------------------------------------------------
     def sample(self, step: int) -> Any:
@@ -49,7 +79,7 @@ class PhaseLoop:
         raise NotImplementedError
 
     def evaluate(self, step: int) -> dict[str, Any]:
-        """Held-out evaluation (main process returns the record, the others ``{}``)."""
+        """Held-out evaluation after ``step`` updates (main process returns the record, the others ``{}``)."""
         raise NotImplementedError
 
     def save(self, step: int) -> None:
@@ -60,27 +90,76 @@ class PhaseLoop:
         """What ``train()`` returns."""
         raise NotImplementedError
 
+    # ----- hooks with a default --------------------------------------------------------------------------------
+    def collect(self, step: int) -> Collected:
+        """The step's batch: ``sample -> score -> advantages``, each once, with their statistics and timings."""
+        started = time.perf_counter()
+        batch = self.sample(step)
+        sampled = time.perf_counter()
+        stats = dict(self.score(batch))
+        scored = time.perf_counter()
+        stats.update(self.advantages(batch))
+        advantaged = time.perf_counter()
+        timings = {
+            "time/sample_s": sampled - started,
+            "time/reward_s": scored - sampled,
+            "time/advantage_s": advantaged - scored,
+        }
+        return Collected(batch, stats, timings)
+
+    def eval_due(self, step: int) -> bool:
+        """Whether the weights after ``step`` updates are evaluated inside a step's record: every
+        ``eval.every_steps``, and after the last step when records follow the update (else ``finish`` does)."""
+        every = self.config.eval.every_steps
+        if not every:
+            return False
+        last = self.records_after_update and step == self.config.train.num_steps
+        return step % every == 0 or last
+
+    def log(self, record: dict[str, Any], batch: Any = None) -> None:
+        """Append the step's record to metrics.jsonl and the tracker (main process). A trainer that also logs
+        samples of ``batch`` (the VLM: completions.jsonl) extends it."""
+        if not self.accelerator.is_main_process:
+            return
+        self.metrics.append(record)
+        if self.config.log.tracker != "none":
+            scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+            self.accelerator.log(scalars, step=record["step"])
+
+    def finish(self, num_steps: int) -> None:
+        """After the last step: a record ``step: num_steps`` with the final evaluation (unless the last step's
+        record holds it), the checkpoint of the last step (its only save: ``run_step`` skips it), the reward
+        curve."""
+        if not self.records_after_update:
+            final = {"step": num_steps, **self.evaluate(num_steps)}
+            if self.accelerator.is_main_process and len(final) > 1:
+                self.metrics.append(final)
+        if self.start_step < num_steps or self.checkpoints.latest() is None:
+            self.save(num_steps)
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            plot_reward_curve(self.metrics.read(), self.output_dir / "reward_curve.png")
+
     # ----- the skeleton --------------------------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
-        """Run from ``start_step`` to ``train.num_steps``; returns :meth:`summary`."""
+        """Run from ``start_step`` to ``train.num_steps``, then :meth:`finish`; returns :meth:`summary`."""
+        self.started_at = time.perf_counter()
         num_steps = self.config.train.num_steps
         show = self.config.log.progress and self.accelerator.is_main_process
-        bar = tqdm(range(self.start_step, num_steps), desc="gen-rl", disable=not show, dynamic_ncols=True)
+        steps = range(self.start_step, num_steps)
+        bar = tqdm(
+            steps, desc=self.progress_name, total=num_steps, initial=self.start_step, disable=not show,
+            dynamic_ncols=True,
+        )  # fmt: skip
         try:
             for step in bar:
                 record = self.run_step(step)
                 bar.set_postfix(reward=f"{record.get('reward/mean', float('nan')):.4f}")
-            final = {"step": num_steps, **self.evaluate(num_steps)}
-            if self.accelerator.is_main_process and len(final) > 1:
-                self.metrics.append(final)
-            if self.start_step < num_steps or self.checkpoints.latest() is None:
-                self.save(num_steps)  # the only save of the last step (run_step skips it)
-            self.accelerator.wait_for_everyone()
+            self.finish(num_steps)
             summary = self.summary()
-            if self.accelerator.is_main_process:
-                plot_reward_curve(self.metrics.read(), self.output_dir / "reward_curve.png")
-        except (KeyboardInterrupt, RunError):  # also during the final save or plot
-            if self.accelerator.is_main_process:
+        except (KeyboardInterrupt, RunError) as error:  # also during the final save or plot
+            quiet = isinstance(error, CheckpointWriteError)  # its own one line names the intact checkpoint
+            if self.accelerator.is_main_process and not quiet:
                 latest = self.checkpoints.latest()
                 where = f"{latest} is intact" if latest else "no checkpoint was written yet"
                 print(f"\n[gen-rl] stopped; {where}. Continue with the same command plus --resume.")
@@ -89,42 +168,29 @@ class PhaseLoop:
         return summary
 
     def run_step(self, step: int) -> dict[str, Any]:
-        """One training step: (evaluate), sample, score, advantages, update, log, (save)."""
-        config = self.config
-        record: dict[str, Any] = {"step": step}
-        every_eval = config.eval.every_steps
-        if every_eval and step % every_eval == 0:
+        """One training step: (evaluate), collect, update, (evaluate), log, (save); returns the record."""
+        after = self.records_after_update
+        record: dict[str, Any] = {"step": step + 1 if after else step}
+        if not after and self.eval_due(step):
             record.update(self.evaluate(step))
         started = time.perf_counter()
-        batch = self.sample(step)
-        sampled = time.perf_counter()
-        record.update(self.score(batch))
-        scored = time.perf_counter()
-        record.update(self.advantages(batch))
-        advantaged = time.perf_counter()
-        record.update(self.update(batch, step))
+        collected = self.collect(step)
+        record.update(collected.stats)
+        updating = time.perf_counter()
+        record.update(self.update(collected.batch, step))
         finished = time.perf_counter()
+        record.update(collected.timings)
         record.update(
             {
-                "time/sample_s": sampled - started,
-                "time/reward_s": scored - sampled,
-                "time/advantage_s": advantaged - scored,
-                "time/update_s": finished - advantaged,
+                "time/update_s": finished - updating,
                 "time/step_s": finished - started,
                 "perf/samples_per_s": self.samples_per_step / (finished - started),
             }
         )
-        self.log(record)
-        every = config.checkpoint.every_steps
-        if every and (step + 1) % every == 0 and step + 1 < config.train.num_steps:  # train() saves the last
+        if after and self.eval_due(step + 1):
+            record.update(self.evaluate(step + 1))
+        self.log(record, collected.batch)
+        every, last = self.config.checkpoint.every_steps, self.config.train.num_steps
+        if every and (step + 1) % every == 0 and step + 1 < last:  # finish saves (or exports) the last
             self.save(step + 1)
         return record
-
-    def log(self, record: dict[str, Any]) -> None:
-        """Append to metrics.jsonl and the tracker (main process)."""
-        if not self.accelerator.is_main_process:
-            return
-        self.metrics.append(record)
-        if self.config.log.tracker != "none":
-            scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and math.isfinite(v)}
-            self.accelerator.log(scalars, step=record["step"])

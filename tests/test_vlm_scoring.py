@@ -267,7 +267,7 @@ def test_trainer_drops_failed_samples_from_statistics_and_loss(tmp_path):
     from gen_rl.vlm.trainer import VLMTrainer
 
     trainer = VLMTrainer(_trainer_config(tmp_path, "reward.nan_policy=drop", "sample.max_new_tokens=3"))
-    scored = trainer.collect(step=0)
+    scored = trainer.dynamic_sample(step=0)
     odd = torch.tensor([len(text) % 2 == 1 for text in scored.rollout.texts])
     assert 0 < int(odd.sum()) < len(odd)  # the test needs both kinds
     assert torch.isnan(scored.total_reward[odd]).all() and torch.isfinite(scored.total_reward[~odd]).all()
@@ -304,7 +304,7 @@ def test_trainer_aborts_on_a_failed_reward_under_abort(tmp_path):
     trainer = VLMTrainer(_trainer_config(tmp_path, "reward.nan_policy=abort", "sample.max_new_tokens=3"))
     with pytest.raises(RewardError, match="nan_on_odd_length.*returned nan"):
         for step in range(3):  # some completion of odd length turns up at once with a random tiny model
-            trainer.collect(step)
+            trainer.dynamic_sample(step)
 
 
 def test_a_cropping_processor_reports_no_frame_so_boxes_are_not_misread():

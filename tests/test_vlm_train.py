@@ -136,7 +136,7 @@ def test_dynamic_sampling_keeps_only_groups_with_reward_spread(tmp_path):
         "algorithm.dynamic_sampling_rounds=3", "sample.groups_per_step=4", "sample.max_new_tokens=2",
     )  # fmt: skip
     trainer = VLMTrainer(config)
-    scored = trainer.collect(step=0)
+    scored = trainer.dynamic_sample(step=0)
     group_size = config.sample.group_size
     assert len(scored.rollout) == 4 * group_size
     groups = scored.total_reward.view(-1, group_size)
@@ -164,12 +164,12 @@ def test_one_update_moves_log_probs_towards_the_advantages(tmp_path, model_name)
     seen = (28, 28) if "llava" in model_name else (56, 56)
     assert metadata["original_sizes"] == [(56, 56)] and metadata["processed_sizes"] == [seen]
     for step in range(10):  # the first batch whose rewards differ within a group
-        scored = trainer.collect(step)
+        scored = trainer.dynamic_sample(step)
         if float(scored.advantages.abs().sum()) > 0:
             break
     assert float(scored.advantages.abs().sum()) > 0
     before = trainer._no_grad_log_probs(trainer.model, scored.rollout)
-    trainer.update(step, scored, None, None)
+    trainer.optimize(step, scored, None, None)
     after = trainer._no_grad_log_probs(trainer.model, scored.rollout)
     mask = scored.rollout.completion_mask.to(before.device).float()
     change = ((after - before) * mask).sum(dim=1) / mask.sum(dim=1)

@@ -60,10 +60,10 @@ def one_step(trainer: VLMTrainer) -> dict:
             }
         )
     )
-    scored = trainer.collect(0)
+    scored = trainer.dynamic_sample(0)
     ref_log_probs = trainer.reference_pass(scored.rollout)
     old_log_probs, sampling_entropy = trainer.old_pass(scored.rollout)
-    stats = trainer.update(0, scored, old_log_probs, ref_log_probs, sampling_entropy)
+    stats = trainer.optimize(0, scored, old_log_probs, ref_log_probs, sampling_entropy)
     return {
         "gradients": gradients,
         "rollout": scored.rollout,

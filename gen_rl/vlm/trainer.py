@@ -1,22 +1,23 @@
 """GRPO-family training of a vision-language model on verifiable rewards.
 
-``accelerate launch gen_rl/train.py --config configs/vlm/<run>.yaml`` calls :func:`train`. Every step runs
-named phases:
+``accelerate launch gen_rl/train.py --config configs/vlm/<run>.yaml`` calls :func:`train`. The step loop is the
+shared :class:`gen_rl.loop.PhaseLoop` (records after the update: step ``t``'s record is ``step: t + 1``); this
+module implements its phases:
 
-1. ``collect``: draw prompts from the curriculum stage, sample ``G`` completions each, score them, compute
-   group-relative advantages (shared core); with DAPO dynamic sampling, extra rounds replace groups whose
-   rewards are all equal.
-2. ``reference_pass`` / ``old_pass``: no-grad token log-probs of the KL reference (``algorithm.kl_coef > 0``) and of the
-   sampling policy (only when the batch feeds more than one optimizer step; otherwise ratio 1 is exact and the
-   current log-probs, detached, stand in).
-3. ``update``: ``train.inner_epochs`` passes of optimizer updates (``train.samples_per_update`` completions per
-   process each), each accumulated over microbatches whose losses are divided by the whole update's
-   denominators (over every process).
-4. ``evaluate`` (every ``eval.every_steps`` and after the last step: held-out greedy and sampled completions,
+1. ``collect`` (:meth:`VLMTrainer.dynamic_sample`): draw prompts from the curriculum stage, sample ``G``
+   completions each, score them, compute group-relative advantages (shared core); with DAPO dynamic sampling,
+   extra rounds replace groups whose rewards are all equal.
+2. ``update``: ``reference_pass`` / ``old_pass``, the no-grad token log-probs of the KL reference
+   (``algorithm.kl_coef > 0``) and of the sampling policy (only when the batch feeds more than one optimizer step;
+   otherwise ratio 1 is exact and the current log-probs, detached, stand in); then :meth:`VLMTrainer.optimize`,
+   ``train.inner_epochs`` passes of optimizer updates (``train.samples_per_update`` completions per process
+   each), each accumulated over microbatches whose losses are divided by the whole update's denominators (over
+   every process).
+3. ``evaluate`` (every ``eval.every_steps`` and after the last step: held-out greedy and sampled completions,
    :mod:`gen_rl.vlm.evaluation`), ``log`` (``metrics.jsonl`` through the shared :class:`gen_rl.metrics.MetricsLog`,
    with the metric names shared with the generation trainer; ``completions.jsonl``, ``eval_completions.jsonl``,
-   the tracker, tqdm) and ``checkpoint`` (every ``checkpoint.every_steps``, the shared
-   :func:`gen_rl.checkpoint.write_checkpoint`).
+   the tracker) and ``save`` (every ``checkpoint.every_steps``, the shared
+   :func:`gen_rl.checkpoint.write_checkpoint`); ``finish`` exports ``final/`` (the last step is not checkpointed).
 
 Prompts are encoded once per record by ``_encode_record`` (images, sampled video frames, templates, sizes),
 for training and evaluation alike.
@@ -32,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
 import shutil
 import time
 from dataclasses import dataclass
@@ -43,7 +43,6 @@ import numpy as np
 import torch
 import yaml
 from accelerate import Accelerator, DistributedDataParallelKwargs
-from tqdm.auto import tqdm
 
 from gen_rl.checkpoint import (
     ACCELERATE_DIR,
@@ -55,6 +54,7 @@ from gen_rl.checkpoint import (
 )
 from gen_rl.core.config import ConfigError, to_dict
 from gen_rl.core.seeding import derive_seed
+from gen_rl.loop import Collected, PhaseLoop
 from gen_rl.metrics import MetricsLog
 from gen_rl.run_state import apply_optimizer_settings, install_hooks, open_run, refusing_code
 from gen_rl.vlm.config import RESUME_TUNABLES, VLMConfig
@@ -108,7 +108,7 @@ TRAINER_STATE = "trainer_state.json"
 
 def train(config: VLMConfig, resume: bool = False, overwrite: bool = False) -> dict[str, float]:
     """Run the whole training described by ``config``; returns a summary (first / last mean reward, ...)."""
-    return VLMTrainer(config, resume=resume, overwrite=overwrite).run()
+    return VLMTrainer(config, resume=resume, overwrite=overwrite).train()
 
 
 @dataclass
@@ -155,8 +155,12 @@ class ScoredRollout:
     reward_seconds: float = 0.0
 
 
-class VLMTrainer:
-    """Owns the accelerator, policy, reference, optimizer, data stream and logs of one run."""
+class VLMTrainer(PhaseLoop):
+    """Owns the accelerator, policy, reference, optimizer, data stream and logs of one run; the step loop is
+    :class:`gen_rl.loop.PhaseLoop`'s."""
+
+    records_after_update = True  # step t's record is "step: t + 1", evaluated after its update
+    progress_name = "vlm-grpo"
 
     def __init__(self, config: VLMConfig, resume: bool = False, overwrite: bool = False) -> None:
         config.validate()
@@ -215,6 +219,7 @@ class VLMTrainer:
         self._check_video_support()
         if self.accelerator.is_main_process and config.log.tracker != "none":
             self.accelerator.init_trackers(config.log.run_name)
+        self.samples_per_step = config.batch_size
         self.metrics = MetricsLog(self.output_dir / "metrics.jsonl")
         self.checkpoints = CheckpointManager(self.output_dir, keep_last=config.checkpoint.keep_last)
         self.start_step = self._resume() if resume else 0
@@ -503,7 +508,13 @@ class VLMTrainer:
         local = slice(start, start + len(rollout))
         return total[local], output.advantages[local], output
 
-    def collect(self, step: int) -> ScoredRollout:
+    def collect(self, step: int) -> Collected:
+        """The loop's collect phase: :meth:`dynamic_sample` with its statistics over every process."""
+        scored = self.dynamic_sample(step)
+        stats, timings = self._collect_stats(step, scored)
+        return Collected(scored, stats, timings)
+
+    def dynamic_sample(self, step: int) -> ScoredRollout:
         """Sample, score and compute advantages. With ``algorithm.drop_zero_std_groups``, groups whose rewards
         are all equal are left out of the loss, and extra rounds (up to ``algorithm.dynamic_sampling_rounds``,
         DAPO dynamic sampling) replace them by groups with reward spread, keeping the batch size fixed."""
@@ -652,7 +663,18 @@ class VLMTrainer:
         )
         return ((sampling_entropy >= threshold) & loss_mask).float()
 
-    def update(
+    def update(self, batch: ScoredRollout, step: int) -> dict[str, float]:
+        """The loop's update phase: the reference and sampling-policy passes, then :meth:`optimize`; returns its
+        statistics with the learning rate after the step (and the peak GPU memory)."""
+        ref_log_probs = self.reference_pass(batch.rollout)
+        old_log_probs, sampling_entropy = self.old_pass(batch.rollout)
+        stats = self.optimize(step, batch, old_log_probs, ref_log_probs, sampling_entropy)
+        stats["optim/lr"] = float(self.lr_scheduler.get_last_lr()[0])
+        if self.accelerator.device.type == "cuda":
+            stats["perf/peak_memory_mb"] = torch.cuda.max_memory_allocated(self.accelerator.device) / 2**20
+        return stats
+
+    def optimize(
         self, step: int, scored: ScoredRollout, old_log_probs, ref_log_probs, sampling_entropy=None
     ) -> dict[str, float]:
         """``train.inner_epochs`` passes of optimizer updates over the rollout; ``sampling_entropy``
@@ -766,14 +788,13 @@ class VLMTrainer:
     def _gathered(self, values: torch.Tensor) -> torch.Tensor:
         return self.accelerator.gather(values.to(self.accelerator.device, torch.float64)).cpu()
 
-    def _step_metrics(
-        self, step: int, scored: ScoredRollout, update_stats: dict, step_seconds: float
-    ) -> dict:
-        """The step's ``metrics.jsonl`` record, over every process, under the names shared with the generation
-        trainer (``reward/``, ``advantage/``, ``loss/``, ``policy/``, ``optim/``, ``time/``, ``perf/``) and
-        VLM-only ones (``completion/``, ``sample/``, ``data/stage``)."""
+    def _collect_stats(self, step: int, scored: ScoredRollout) -> tuple[dict[str, Any], dict[str, float]]:
+        """The batch's part of the step's record, over every process, under the names shared with the generation
+        trainer (``reward/``, ``advantage/``, ``perf/``) and VLM-only ones (``completion/``, ``sample/``,
+        ``data/stage``); and its timings: ``time/sample_s`` (the slowest process's ``generate``) and
+        ``time/reward_s``."""
         rollout = scored.rollout
-        metrics: dict[str, Any] = {"step": step + 1, "data/stage": self.stream.curriculum.stage_at(step).name}
+        metrics: dict[str, Any] = {"data/stage": self.stream.curriculum.stage_at(step).name}
         total = self._gathered(scored.total_reward)
         metrics["reward/dropped_samples"] = int((~torch.isfinite(total)).sum())  # reward.nan_policy: drop
         total = total[torch.isfinite(total)]
@@ -801,17 +822,19 @@ class VLMTrainer:
             torch.tensor([scored.generated_tokens, scored.rollout_seconds, scored.reward_seconds])
         ).view(-1, 3)
         metrics["perf/rollout_tokens_per_s"] = float(timings[:, 0].sum() / timings[:, 1].max())
-        metrics.update({key: value for key, value in update_stats.items()})
-        metrics["optim/lr"] = float(self.lr_scheduler.get_last_lr()[0])
-        metrics["time/sample_s"] = float(timings[:, 1].max())
-        metrics["time/reward_s"] = float(timings[:, 2].max())
-        metrics["time/step_s"] = step_seconds
-        metrics["perf/samples_per_s"] = self.config.batch_size / step_seconds if step_seconds > 0 else 0.0
-        if self.accelerator.device.type == "cuda":
-            metrics["perf/peak_memory_mb"] = torch.cuda.max_memory_allocated(self.accelerator.device) / 2**20
-        return metrics
+        return metrics, {
+            "time/sample_s": float(timings[:, 1].max()),
+            "time/reward_s": float(timings[:, 2].max()),
+        }
+
+    def log(self, record: dict[str, Any], batch: ScoredRollout | None = None) -> None:
+        """The loop's log phase, then the first ``log.log_completions`` completions of the batch."""
+        super().log(record)
+        if batch is not None:
+            self._log_completions(record["step"], batch)
 
     def _log_completions(self, step: int, scored: ScoredRollout) -> None:
+        """``completions.jsonl`` and the tracker's table, under the record's ``step``."""
         count = min(self.config.log.log_completions, len(scored.rollout))
         if count <= 0 or not self.accelerator.is_main_process:
             return
@@ -819,7 +842,7 @@ class VLMTrainer:
             for index in range(count):
                 record = scored.rollout.records[index]
                 entry = {
-                    "step": step + 1,
+                    "step": step,
                     "problem": record.problem,
                     "solution": record.solution,
                     "completion": scored.rollout.texts[index],
@@ -831,11 +854,9 @@ class VLMTrainer:
             [str(record.problem), scored.rollout.texts[index], round(float(scored.total_reward[index]), 4)]
             for index, record in enumerate(scored.rollout.records[:count])
         ]
-        log_text_table(
-            self.accelerator, "train/completions", ["problem", "completion", "reward"], rows, step + 1
-        )
+        log_text_table(self.accelerator, "train/completions", ["problem", "completion", "reward"], rows, step)
 
-    def save_checkpoint(self, step: int) -> None:
+    def save(self, step: int) -> None:
         """Crash-safe resumable checkpoint after ``step`` completed steps (weights, optimizer, RNG, data cursor,
         config), committed by :meth:`CheckpointManager.commit`; a failed write raises CheckpointWriteError."""
 
@@ -900,47 +921,22 @@ class VLMTrainer:
         return folder
 
     # ------------------------------------------------------------------------------------------------
-    # the loop
+    # the end of the run (the loop itself is PhaseLoop.train)
     # ------------------------------------------------------------------------------------------------
 
     def run(self) -> dict[str, float]:
-        """Train from ``start_step`` to ``train.num_steps``; returns the summary dict."""
-        config = self.config
-        start_time = time.perf_counter()
-        progress = tqdm(
-            range(self.start_step, config.train.num_steps),
-            initial=self.start_step,
-            total=config.train.num_steps,
-            disable=not (self.accelerator.is_main_process and config.log.progress),
-            desc="vlm-grpo",
-        )
-        for step in progress:
-            step_start = time.perf_counter()
-            scored = self.collect(step)
-            update_start = time.perf_counter()
-            ref_log_probs = self.reference_pass(scored.rollout)
-            old_log_probs, sampling_entropy = self.old_pass(scored.rollout)
-            update_stats = self.update(step, scored, old_log_probs, ref_log_probs, sampling_entropy)
-            update_stats["time/update_s"] = time.perf_counter() - update_start
-            metrics = self._step_metrics(step, scored, update_stats, time.perf_counter() - step_start)
-            metrics.update(self.evaluate(step + 1))
-            if self.accelerator.is_main_process:
-                self.metrics.append(metrics)
-                if config.log.tracker != "none":
-                    self.accelerator.log(_finite_scalars(metrics), step=step + 1)
-            self._log_completions(step, scored)
-            progress.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics['loss/kl']:.4f}")
-            every = config.checkpoint.every_steps
-            if every and (step + 1) % every == 0 and step + 1 < config.train.num_steps:
-                self.save_checkpoint(step + 1)
-        progress.close()
-        self.save_final()
-        return self._summary(time.perf_counter() - start_time)
+        """Train from ``start_step`` to ``train.num_steps`` (:meth:`PhaseLoop.train`); returns the summary."""
+        return self.train()
 
-    def _summary(self, seconds: float) -> dict[str, float]:
+    def finish(self, num_steps: int) -> None:
+        """After the last step (whose record already holds the final eval): export ``final/``, no checkpoint."""
+        self.save_final()
+
+    def summary(self) -> dict[str, float]:
+        """Records, seconds since ``train()`` began, first / last (quarter) mean rewards."""
         records = self.metrics.read() if self.accelerator.is_main_process else []
         rewards = [record["reward/mean"] for record in records if record.get("reward/mean") is not None]
-        summary = {"steps": float(len(records)), "seconds": seconds}
+        summary = {"steps": float(len(records)), "seconds": time.perf_counter() - self.started_at}
         if rewards:
             quarter = max(len(rewards) // 4, 1)
             summary.update(
@@ -973,12 +969,3 @@ def _concat_rollouts(rollouts: list[Rollout], pad_token_id: int) -> Rollout:
         is_truncated=torch.cat([rollout.is_truncated for rollout in rollouts]),
         texts=[text for rollout in rollouts for text in rollout.texts],
     )
-
-
-def _finite_scalars(metrics: dict[str, Any]) -> dict[str, float]:
-    """The finite numbers of a metrics record (what a tracker can plot)."""
-    return {
-        key: value
-        for key, value in metrics.items()
-        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    }
