@@ -21,7 +21,6 @@ from gen_rl.core.config import ConfigError, check_finite, option, section
 __all__ = [
     "LOSS_NAMES",
     "RENAMED_KEYS",
-    "RESUME_TUNABLES",
     "AlgorithmSection",
     "CheckpointSection",
     "REFERENCE_MODES",
@@ -74,23 +73,6 @@ RENAMED_KEYS = {
     "log.progress_bar": "log.progress",
     "log.checkpoint_every": "checkpoint.every_steps",
 }
-
-# keys that may change on --resume (exact dotted keys, or prefixes ending in "."); see gen_rl/run_folder.py
-RESUME_TUNABLES = (
-    "train.lr",
-    "train.num_steps",
-    "train.weight_decay",
-    "train.adam_betas",
-    "train.warmup_updates",
-    "train.max_grad_norm",
-    "train.microbatch_size",
-    "sample.generation_batch_size",
-    "model.gradient_checkpointing",
-    "model.attn_implementation",
-    "accelerator.",
-    "log.",
-    "checkpoint.",
-)
 
 
 @dataclass

@@ -55,9 +55,10 @@ from gen_rl.checkpoint import (
 from gen_rl.core.config import ConfigError, to_dict
 from gen_rl.core.seeding import derive_seed
 from gen_rl.loop import Collected, PhaseLoop
-from gen_rl.metrics import MetricsLog
+from gen_rl.metrics import MetricsLog, plot_reward_curve
+from gen_rl.run_folder import VLM_TUNABLES
 from gen_rl.run_state import apply_optimizer_settings, install_hooks, open_run, refusing_code
-from gen_rl.vlm.config import RESUME_TUNABLES, VLMConfig
+from gen_rl.vlm.config import VLMConfig
 from gen_rl.vlm.data import (
     Curriculum,
     PromptStream,
@@ -186,7 +187,7 @@ class VLMTrainer(PhaseLoop):
             resume=resume,
             overwrite=overwrite,
             keep_last=config.checkpoint.keep_last,
-            tunables=RESUME_TUNABLES,
+            tunables=VLM_TUNABLES,
         )
         torch.manual_seed(derive_seed(config.seed, "init"))
 
@@ -929,8 +930,11 @@ class VLMTrainer(PhaseLoop):
         return self.train()
 
     def finish(self, num_steps: int) -> None:
-        """After the last step (whose record already holds the final eval): export ``final/``, no checkpoint."""
+        """After the last step (whose record already holds the final eval): export ``final/`` (no checkpoint) and
+        plot the reward curve."""
         self.save_final()
+        if self.accelerator.is_main_process:
+            plot_reward_curve(self.metrics.read(), self.output_dir / "reward_curve.png")
 
     def summary(self) -> dict[str, float]:
         """Records, seconds since ``train()`` began, first / last (quarter) mean rewards."""
