@@ -22,9 +22,10 @@ distributed / autocast wrapper a trainer sets) or else the raw one.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -208,6 +209,22 @@ def scheduler_from_config(scheduler_class: type, config: Any, **overrides: Any):
     return scheduler_class(**kept)
 
 
+def _with_cached_device(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Run a sampler method with ``sampler.device`` looked up once (restored after, also on errors)."""
+
+    @functools.wraps(method)
+    def wrapper(self: Sampler, *args: Any, **kwargs: Any) -> Any:
+        if self._device is not None:  # nested: the outer call holds the cache
+            return method(self, *args, **kwargs)
+        self._device = self.pipeline._execution_device
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self._device = None
+
+    return wrapper
+
+
 class Sampler(ABC):
     """A stochastic sampler over a diffusers pipeline; subclasses implement the model-specific hooks."""
 
@@ -233,6 +250,7 @@ class Sampler(ABC):
         self.pipeline = pipeline
         self.scheduler = self.build_scheduler(pipeline.scheduler)
         self.forward_module: torch.nn.Module | None = None
+        self._device: torch.device | None = None  # the execution device, cached while a rollout runs
 
     @classmethod
     def from_pretrained(cls, path_or_id: str, dtype: torch.dtype | None = None, **kwargs: Any):
@@ -265,7 +283,9 @@ class Sampler(ABC):
 
     @property
     def device(self) -> torch.device:
-        return self.pipeline._execution_device
+        """The device the pipeline executes on (diffusers' ``_execution_device``, which walks every component:
+        looked up once per rollout, not once per use)."""
+        return self._device if self._device is not None else self.pipeline._execution_device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -399,6 +419,7 @@ class Sampler(ABC):
         return output_negative + cfg_scale * (output_positive - output_negative)
 
     @torch.no_grad()
+    @_with_cached_device
     def rollout(
         self,
         prompts: Sequence[str],

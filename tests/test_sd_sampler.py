@@ -240,3 +240,19 @@ def test_a_short_sd_run_raises_the_colour_reward(tmp_path):
     after = trainer.evaluate(20)["eval/reward/mean"]
     assert after - before > 0.015, (before, after)
     assert sum(train_rewards[-5:]) / 5 > sum(train_rewards[:5]) / 5
+
+
+def test_the_execution_device_is_looked_up_once_per_rollout_and_never_kept(sd_samplers, monkeypatch):
+    """``sampler.device`` walks every pipeline component in diffusers; a rollout looks it up once and forgets it
+    afterwards (also after an error), so a pipeline moved between rollouts is followed."""
+    sampler = sd_samplers["epsilon"]
+    calls = []
+    real = type(sampler.pipeline)._execution_device
+    monkeypatch.setattr(
+        type(sampler.pipeline), "_execution_device", property(lambda pipe: calls.append(1) or real.fget(pipe))
+    )
+    sampler.rollout(["a red ball"], _options(), group_size=2)
+    assert len(calls) == 1 and sampler._device is None
+    with pytest.raises(ValueError, match="num_steps must be >= 1"):
+        sampler.rollout(["a red ball"], _options(num_steps=0))
+    assert sampler._device is None
