@@ -68,7 +68,7 @@ def test_an_old_key_in_a_yaml_names_the_new_key_in_one_line(tmp_path):
     with pytest.raises(ConfigError) as error:
         load_config(Root, path)
     assert _message(error) == (
-        "config key 'train.beta' was renamed to 'algorithm.kl_coef'; rename it in your YAML"
+        "config key 'train.beta' was renamed to 'algorithm.kl_coef'; rename it in your YAML or command-line override"
     )
     assert BUILT == []  # refused before any dataclass was built
 
@@ -79,7 +79,8 @@ def test_an_old_key_in_an_override_gives_the_same_line(tmp_path):
     with pytest.raises(ConfigError) as error:
         load_config(Root, path, ["train.steps=5"])
     assert (
-        _message(error) == "config key 'train.steps' was renamed to 'train.num_steps'; rename it in your YAML"
+        _message(error)
+        == "config key 'train.steps' was renamed to 'train.num_steps'; rename it in your YAML or command-line override"
     )
 
 

@@ -126,7 +126,10 @@ def test_every_old_key_names_its_new_key(old, new):
     assert _is_field(VLMConfig, new) and not _is_field(VLMConfig, old)
     with pytest.raises(ConfigError) as error:
         load_config(VLMConfig, None, [*MINIMAL, f"{old}=1"])
-    assert str(error.value) == f"config key {old!r} was renamed to {new!r}; rename it in your YAML"
+    assert (
+        str(error.value)
+        == f"config key {old!r} was renamed to {new!r}; rename it in your YAML or command-line override"
+    )
 
 
 def test_the_shared_keys_carry_the_generation_trainers_names():

@@ -96,7 +96,7 @@ def check_renamed_keys(cls: type, data: dict[str, Any], where: str = "") -> None
         if key in renamed:
             raise ConfigError(
                 f"config key {_join(where, key)!r} was renamed to {_join(where, renamed[key])!r}; "
-                "rename it in your YAML"
+                "rename it in your YAML or command-line override"
             )
 
 
