@@ -39,7 +39,9 @@ def time_parts(trainer: GenerationTrainer, step: int) -> dict[str, float]:
     """Seconds of the rollout, the reward and the forward/backward/optimizer work of step ``step``, apart."""
     batch = trainer.sample(step)  # warm inputs for the other parts (not timed)
     rollout_seconds = _timed(lambda: trainer.sample(step))
-    reward_seconds = _timed(lambda: trainer.score_rollout(batch.rollout, trainer.reward_models, batch.group_ids))
+    reward_seconds = _timed(
+        lambda: trainer.score_rollout(batch.rollout, trainer.reward_models, batch.group_ids)
+    )
     trainer.score(batch)
     trainer.advantages(batch)
     update_seconds = _timed(lambda: trainer.update(batch, step))

@@ -456,7 +456,12 @@ def test_vlm_resume_applies_a_changed_learning_rate_and_refuses_a_changed_lora_r
     from gen_rl.vlm.trainer import VLMTrainer
 
     tiny = DEMO.parents[1] / "vlm" / "tiny_colour_cpu.yaml"
-    base = [f"log.output_dir={tmp_path}", "log.progress=false", "checkpoint.every_steps=1", "train.num_steps=2"]
+    base = [
+        f"log.output_dir={tmp_path}",
+        "log.progress=false",
+        "checkpoint.every_steps=1",
+        "train.num_steps=2",
+    ]
     base += ["model.lora.enabled=true", "model.lora.r=4", "model.lora.alpha=8", "sample.groups_per_step=2"]
 
     def config(*overrides: str) -> VLMConfig:

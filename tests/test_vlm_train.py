@@ -32,7 +32,8 @@ def test_grpo_learns_the_colour_task(tmp_path):
     summary = train(_config(tmp_path))
     records = _metrics(tmp_path)
     assert len(records) == 60 and summary["steps"] == 60
-    assert (tmp_path / "reward_curve.png").stat().st_size > 1000  # the same picture the generation trainer draws
+    curve = tmp_path / "reward_curve.png"  # the same picture the generation trainer draws
+    assert curve.stat().st_size > 1000
     assert summary["first_quarter_reward"] < 0.15
     assert summary["last_quarter_reward"] > 0.5
     expected_keys = {  # the names shared with the generation trainer (VOCABULARY.md), then VLM-only ones
