@@ -36,6 +36,10 @@ from gen_rl.core.config import ConfigError
         (("reward.std_ddof=2",), "std_ddof must be 0"),
         (("train.ratio_check_fraction=0",), "ratio_check_fraction must be in"),
         (("sample.sde_type=ddim",), "'ddim' is not a step of the flux family"),
+        (
+            ("algorithm.name=diffusion_nft",),  # the demo's Flow-GRPO options stay in the section
+            r"algorithm.step_selection is an option of another algorithm, not of algorithm.name='diffusion_nft'",
+        ),
         (("model.family=sd", "model.pretrained=tiny:sd"), "'flow_grpo' is not a step of the sd family"),
         (
             (

@@ -8,6 +8,7 @@ subclasses :class:`AlgorithmOptions` (its module is imported when the config loa
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import importlib
 from dataclasses import dataclass
@@ -33,7 +34,9 @@ class AlgorithmOptions:
         name = data.get("name", AlgorithmOptions.name)
         if not isinstance(name, str):
             raise ConfigError(f"{where}.name must be a string, got {name!r}")
-        return from_dict(options_class(name, where), data, where)
+        chosen = options_class(name, where)
+        _refuse_other_algorithms_options(chosen, name, data, where)
+        return from_dict(chosen, data, where)
 
     def validate(self, config: Any) -> None:
         """Check these options against the whole run config (``ConfigError`` with one line naming the fix)."""
@@ -224,6 +227,19 @@ BUILTIN_OPTIONS: dict[str, type[AlgorithmOptions]] = {
     "dance_grpo": PolicyGradientOptions,
     "diffusion_nft": DiffusionNFTOptions,
 }
+
+
+def _refuse_other_algorithms_options(chosen: type, name: str, data: dict, where: str) -> None:
+    """One line when the section holds options of another algorithm (switching ``name`` without removing them)."""
+    own = {f.name for f in dataclasses.fields(chosen)}
+    others = {f.name for options in BUILTIN_OPTIONS.values() for f in dataclasses.fields(options)} - own
+    foreign = [key for key in data if key not in own and key in others]
+    if foreign:
+        raise ConfigError(
+            f"{where}.{foreign[0]} is an option of another algorithm, not of {where}.name={name!r} (its options: "
+            f"{', '.join(sorted(own - {'name'})) or 'none'}); remove {', '.join(foreign)} from the {where} section "
+            "when switching algorithms"
+        )
 
 
 def options_class(name: str, where: str = "algorithm") -> type[AlgorithmOptions]:
