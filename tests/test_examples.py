@@ -30,3 +30,17 @@ def test_sample_example_writes_grid_and_prints_log_probs(tmp_path, capsys):
     assert result["max_log_prob_error"] <= 1e-4
     printed = capsys.readouterr().out
     assert "'a red circle':" in printed and f"{rollout.log_probs[0, 0].item():+.3f}" in printed
+
+
+def test_custom_algorithm_example_trains_with_its_own_algorithm(tmp_path, capsys, monkeypatch):
+    """The example's REINFORCE runs through the trainer by its dotted path (its learning is asserted, on the same
+    module, in test_user_algorithm.py)."""
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    import custom_algorithm
+
+    result = custom_algorithm.main(["--steps", "1", "--out", str(tmp_path / "run")])
+    assert isinstance(result["algorithm"], custom_algorithm.Reinforce)
+    assert (
+        f"held-out reward {result['before']:.4f} -> {result['after']:.4f} in 1 steps"
+        in capsys.readouterr().out
+    )
