@@ -424,7 +424,6 @@ class GenerationTrainer(PhaseLoop):
         train, accelerator = self.config.train, self.accelerator
         rollout = batch.rollout
         units = self.algorithm.select(rollout, step)
-        combined = self._local_combined_reward(batch)
         num_units = units.shape[1]
         totals: dict[str, torch.Tensor] = {}
         calls, grad_norms = 0, []
@@ -442,7 +441,6 @@ class GenerationTrainer(PhaseLoop):
                             rollout=part,
                             units=units[micro.to(units.device)][:, k : k + 1],
                             advantages=batch.advantages[device_micro],
-                            rewards=combined[device_micro],
                             weight=batch.valid[device_micro].float(),
                             step=step,
                             generator=self._loss_generator(step, inner, update_index, position, k),
@@ -458,11 +456,6 @@ class GenerationTrainer(PhaseLoop):
         record["optim/lr"] = self.optimizer.param_groups[0]["lr"]
         record["perf/peak_memory_mb"] = _peak_memory_mb(accelerator.device)
         return record
-
-    def _local_combined_reward(self, batch: StepBatch) -> torch.Tensor:
-        """The weighted raw reward ``[n]`` of this process's samples (0 where a reward was dropped)."""
-        combined = sum(self.reward_weights[name] * value for name, value in batch.rewards.items())
-        return torch.nan_to_num(combined.float(), nan=0.0).to(self.accelerator.device)
 
     def _loss_generator(self, *keys: Any) -> torch.Generator:
         """A generator on the model's device for noise the loss draws, seeded from the run and the call."""

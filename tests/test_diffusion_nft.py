@@ -145,7 +145,6 @@ def make_batch(rollout: Rollout, seed: int = NOISE_SEED, weight: torch.Tensor | 
         rollout=rollout,
         units=UNITS,
         advantages=ADVANTAGES,
-        rewards=torch.zeros(BATCH),
         weight=torch.ones(BATCH) if weight is None else weight,
         step=3,
         generator=torch.Generator().manual_seed(seed),

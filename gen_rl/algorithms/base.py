@@ -39,15 +39,14 @@ class LossBatch:
     """One microbatch at one trained unit: the sub-rollout and what the trainer computed for it.
 
     ``units`` ``[b, 1]`` the unit index of each sample (a denoising step for likelihood-ratio algorithms);
-    ``advantages`` / ``rewards`` / ``weight`` ``[b]``: group advantages, the weighted raw reward and 1 / 0 for a
-    sample whose reward was kept / dropped; ``step`` the training step; ``generator`` a seeded generator on the
-    model's device for any noise the loss draws (derived from the run seed, step, update and unit).
+    ``advantages`` / ``weight`` ``[b]``: group advantages and 1 / 0 for a sample whose reward was kept / dropped;
+    ``step`` the training step; ``generator`` a seeded generator on the model's device for any noise the loss
+    draws (derived from the run seed, step, update and unit).
     """
 
     rollout: Any
     units: Tensor
     advantages: Tensor
-    rewards: Tensor
     weight: Tensor
     step: int
     generator: torch.Generator | None = None
