@@ -322,14 +322,18 @@ class Sampler(ABC):
         """One denoiser call (through ``active_denoiser``) at per-sample ``timesteps`` [B]: the raw
         prediction (velocity, epsilon or v, as the family's step expects)."""
 
-    @abstractmethod
     def decode(self, latents: Tensor, image_size: tuple[int, int]) -> Tensor:
-        """Final latents to pixels ``[B, 3, H, W]`` (video ``[B, 3, T, H, W]``) float32 in [0, 1]."""
+        """Final latents to pixels ``[B, 3, H, W]`` (video ``[B, 3, T, H, W]``) float32 in [0, 1].
 
-    @abstractmethod
+        Default: unpacked VAE latents (undo scaling / shift, decode); families that pack latents override it."""
+        return self._vae_decode(latents)
+
     def encode(self, pixels: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Pixels ``[B, 3, H, W]`` in [0, 1] to clean latents in the model's layout (the inverse of ``decode``):
-        VAE mean (or a sample with ``generator``), the family's scaling / shift and packing."""
+        VAE mean (or a sample with ``generator``), the family's scaling / shift and packing.
+
+        Default: unpacked VAE latents; families that pack latents override it."""
+        return self._vae_encode(pixels, generator)
 
     # step kinds: what one transition is for this family
     @abstractmethod

@@ -74,14 +74,6 @@ class SDSampler(DDIMSampler):
             return_dict=False,
         )[0]
 
-    def decode(self, latents: Tensor, image_size: tuple[int, int]) -> Tensor:
-        """Undo the VAE scaling, decode and post-process to [0, 1] (no safety checker)."""
-        return self._vae_decode(latents)
-
-    def encode(self, pixels: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Pixels ``[B, 3, H, W]`` in [0, 1] to latents ``[B, C, H / f, W / f]`` (VAE mean times scaling)."""
-        return self._vae_encode(pixels, generator)
-
     def default_image_size(self) -> tuple[int, int]:
         """The UNet's sample size times the VAE scale (512 px for SD 1.5)."""
         size = self.denoiser.config.sample_size * self.pipeline.vae_scale_factor

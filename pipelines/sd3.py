@@ -103,11 +103,3 @@ class SD3Sampler(FlowMatchSampler):
             pooled_projections=conditioning["pooled_prompt_embeds"],
             return_dict=False,
         )[0]
-
-    def decode(self, latents: Tensor, image_size: tuple[int, int]) -> Tensor:
-        """Undo the VAE scaling/shift, decode and post-process to [0, 1]."""
-        return self._vae_decode(latents)
-
-    def encode(self, pixels: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Pixels ``[B, 3, H, W]`` in [0, 1] to latents ``[B, C, h, w]`` (VAE mean, shift and scaling)."""
-        return self._vae_encode(pixels, generator)
