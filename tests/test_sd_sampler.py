@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
+from trainer_helpers import LEARNING, small_config
 
 from pipelines import RolloutOptions, SDSampler, build_sampler
 from pipelines.tiny import tiny_sd_pipeline
@@ -202,16 +203,7 @@ def test_denoiser_names(sd_samplers):
 
 # ----- trainer level -------------------------------------------------------------------------------------------
 SD_LEARNING = (
-    "sample.group_size=8",
-    "sample.groups_per_step=4",
-    "sample.groups_per_rollout=4",
-    "train.samples_per_update=16",
-    "train.microbatch_size=16",
-    "eval.max_prompts=6",
-    "eval.samples_per_prompt=2",
-    "checkpoint.every_steps=0",
-    "eval.every_steps=0",
-    "log.monitors=false",
+    *LEARNING,
     "model.family=sd",
     "model.pretrained=tiny:sd-pixel",
     "sample.sde_type=ddim",
@@ -229,7 +221,6 @@ def test_a_short_sd_run_raises_the_colour_reward(tmp_path):
     than the others', and training it too gave -0.009 / -0.002 / +0.018 over three seeds. The random-VAE
     ``tiny:sd`` decodes everything to near-grey (-0.008 measured), so the pixel variant is used.
     """
-    from trainer_helpers import small_config
 
     from gen_rl.trainer import GenerationTrainer
 

@@ -17,26 +17,13 @@ from collections import deque
 
 import pytest
 import torch
-from trainer_helpers import small_config
+from trainer_helpers import LEARNING, small_config
 
 from gen_rl.algorithms.options import PolicyGradientOptions
 from gen_rl.objective import step_loss
 from gen_rl.trainer import GenerationTrainer, StepBatch
 from pipelines import FluxSampler
 from pipelines.tiny import tiny_flux_pipeline
-
-LEARNING = (
-    "sample.group_size=8",
-    "sample.groups_per_step=4",
-    "sample.groups_per_rollout=4",
-    "train.samples_per_update=16",
-    "train.microbatch_size=16",
-    "eval.max_prompts=6",
-    "eval.samples_per_prompt=2",
-    "checkpoint.every_steps=0",
-    "eval.every_steps=0",
-    "log.monitors=false",
-)
 
 
 def test_a_short_run_raises_the_held_out_reward(tmp_path):

@@ -25,6 +25,20 @@ TIMING_KEYS |= {"perf/peak_memory_mb"}
 # The ratio check runs at the start of every run and resume: its floor is logged on the first step of each.
 TIMING_KEYS |= {"ratio_check/floor", "ratio_check/tolerance"}
 
+# overrides of the learning tests: 4 groups of 8 per step, one update of 16 per process, eval over 6 prompts x 2
+LEARNING = (
+    "sample.group_size=8",
+    "sample.groups_per_step=4",
+    "sample.groups_per_rollout=4",
+    "train.samples_per_update=16",
+    "train.microbatch_size=16",
+    "eval.max_prompts=6",
+    "eval.samples_per_prompt=2",
+    "checkpoint.every_steps=0",
+    "eval.every_steps=0",
+    "log.monitors=false",
+)
+
 
 def small_config(output_dir: Path, *overrides: str, base_config: Path = DEMO) -> GenerationConfig:
     """The demo config (or ``base_config``) shrunk to a few seconds per run: 2 groups of 4, 4 steps, 16 px."""
