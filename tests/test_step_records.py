@@ -41,3 +41,20 @@ def test_even_eval_shards_cover_every_prompt_with_equal_sizes(count, world):
     assert len({len(shard) for shard in shards}) == 1  # every process runs the same number of forwards
     assert sorted({index for shard in shards for index in shard}) == list(range(count))
     assert all(0 <= index < count for shard in shards for index in shard)
+
+
+def test_update_statistics_are_means_over_calls_except_maxima():
+    """``reduce_stats`` sums each call's statistic on the device (max for ``*_max``); ``finish_stats`` divides the
+    sums by the number of calls and leaves the maxima: hand-worked over three calls."""
+    from gen_rl.algorithms.base import finish_stats, reduce_stats
+
+    totals: dict = {}
+    calls = [
+        {"loss/total": torch.tensor(1.0), "policy/ratio_dev_max": torch.tensor(0.5)},
+        {"loss/total": torch.tensor(3.0), "policy/ratio_dev_max": torch.tensor(2.0)},
+        {"loss/total": torch.tensor(-1.0), "policy/ratio_dev_max": torch.tensor(1.0)},
+    ]
+    for stats in calls:
+        reduce_stats(totals, stats)
+    assert finish_stats(totals, len(calls)) == {"loss/total": pytest.approx(1.0), "policy/ratio_dev_max": 2.0}
+    assert finish_stats({}, 0) == {}
