@@ -563,3 +563,26 @@ def test_a_resumed_nft_run_matches_an_uninterrupted_one(tmp_path):
         torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-6)
     for mine, theirs in zip(resumed.parameters, straight.parameters, strict=True):
         torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-6)
+
+
+def test_training_rollouts_run_with_the_old_policy(tmp_path, monkeypatch):
+    """The trainer samples inside ``rollout_context``: after an update (old != current) a training rollout equals
+    the rollout of the current model with the old parameters swapped in by hand, and differs from the current
+    model's own rollout (Algorithm 1, line 3: data comes from the old policy)."""
+    from contextlib import nullcontext
+
+    from trainer_helpers import small_config
+
+    from gen_rl.core.ema import swapped_parameters
+    from gen_rl.trainer import GenerationTrainer
+
+    trainer = GenerationTrainer(small_config(tmp_path, "train.lr=5e-2", base_config=NFT_DEMO))
+    trainer.run_step(0)
+    assert float(trainer.run_step(1)["nft/old_deviation"]) > 0  # the old policy lags the current one
+    with_old = trainer.sample(2).rollout.latents
+    monkeypatch.setattr(trainer.algorithm, "rollout_context", lambda policy: nullcontext())
+    current = trainer.sample(2).rollout.latents
+    with swapped_parameters(trainer.parameters, trainer.algorithm.state_dict()["old_tensors"]):
+        by_hand = trainer.sample(2).rollout.latents
+    assert torch.equal(with_old, by_hand)
+    assert not torch.equal(with_old, current)
