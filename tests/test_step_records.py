@@ -58,3 +58,35 @@ def test_update_statistics_are_means_over_calls_except_maxima():
         reduce_stats(totals, stats)
     assert finish_stats(totals, len(calls)) == {"loss/total": pytest.approx(1.0), "policy/ratio_dev_max": 2.0}
     assert finish_stats({}, 0) == {}
+
+
+def test_eval_record_counts_a_padded_prompt_once_and_orders_the_grid_by_prompt(tmp_path):
+    """Two processes evaluate 3 prompts x 2 samples: rank 0 holds prompts [0, 2], rank 1 [1, 1] (padded). The mean
+    weights every prompt once (a repeat is dropped), gold rewards stay apart, and the grid rows follow the prompts."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from gen_rl.trainer import GenerationTrainer
+
+    trainer = SimpleNamespace(
+        config=SimpleNamespace(eval=SimpleNamespace(samples_per_prompt=2)),
+        reward_weights={"colour": 2.0},
+        monitor=None,
+        output_dir=tmp_path,
+    )
+    pixels = {
+        index: torch.full((2, 3, 4, 4), index / 4) for index in range(3)
+    }  # prompt i is grey level i / 4
+    scores = {index: [float(index), float(index) + 1.0] for index in range(3)}
+    gathered = [
+        ([0, 2], {"colour": scores[0] + scores[2], "gold/x": [1.0] * 4}, torch.cat([pixels[0], pixels[2]])),
+        ([1, 1], {"colour": scores[1] + scores[1], "gold/x": [3.0] * 4}, torch.cat([pixels[1], pixels[1]])),
+    ]
+    record = GenerationTrainer._eval_record(trainer, 5, gathered)
+    assert record["eval/reward/colour"] == pytest.approx((0 + 1 + 1 + 2 + 2 + 3) / 6)
+    assert record["eval/reward/mean"] == pytest.approx(2.0 * 1.5)
+    assert record["eval/gold/x"] == pytest.approx((1 + 1 + 1 + 1 + 3 + 3) / 6)
+    grid = Image.open(tmp_path / "eval" / "step-000005.png").convert("L")
+    rows = [grid.getpixel((3, 3 + 6 * row)) for row in range(3)]  # 4 px tiles, 2 px padding
+    assert rows == sorted(rows) and len(set(rows)) == 3  # prompts 0, 1, 2 top to bottom
