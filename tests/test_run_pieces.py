@@ -109,3 +109,36 @@ def test_metrics_log_truncates_for_resume_and_draws_the_curve(tmp_path):
 
     image = Image.open(path)
     assert image.size == (720, 420) and not math.isnan(image.getextrema()[0][0])
+
+
+def test_load_parts_restores_each_part_and_refuses_a_missing_or_non_finite_one(tmp_path):
+    """The one save/load mechanism: every stateful part gets its saved state back; a part the checkpoint lacks, or a
+    learning reward's state holding NaN, stops the resume with one line."""
+    import torch
+
+    from gen_rl.run_folder import ConfigChangeError
+    from gen_rl.run_state import load_parts
+    from rewards.base import RewardStateError
+
+    class Part:
+        def __init__(self) -> None:
+            self.state: dict = {}
+
+        def state_dict(self) -> dict:
+            return self.state
+
+        def load_state_dict(self, state: dict) -> None:
+            self.state = dict(state)
+
+    parts = {"algorithm": Part(), "reward/ref": Part()}
+    saved = {"algorithm": {"updates": 3}, "reward/ref": {"reference": torch.ones(2)}}
+    load_parts(parts, saved, tmp_path)
+    assert parts["algorithm"].state == {"updates": 3} and torch.equal(
+        parts["reward/ref"].state["reference"], torch.ones(2)
+    )
+    with pytest.raises(ConfigChangeError, match=r"holds no state for \['reward/ref'\]"):
+        load_parts(parts, {"algorithm": {}}, tmp_path)
+    with pytest.raises(RewardStateError, match="reference"):
+        load_parts(
+            parts, {"algorithm": {}, "reward/ref": {"reference": torch.tensor([1.0, float("nan")])}}, tmp_path
+        )
