@@ -432,6 +432,25 @@ def build_inner_reward(
     return reward if isinstance(reward, Reward) else build_reward(reward, **(kwargs or {}))
 
 
+def check_reward_sources(reward_class: type, kwargs: Mapping[str, Any], key: str) -> None:
+    """``MissingWeightsError`` (one line) when a model a reward will load is not there; loads nothing.
+
+    A reward declares ``weight_sources = {argument: marker file}`` (e.g. ``{"model": "config.json"}``); each
+    such argument given in ``kwargs`` (or its default) must be a local folder holding the marker, or a hub id
+    that is reachable or cached. For start-up checks before the first rollout; ``key`` names the config entry.
+    """
+    from gen_rl.core.hub import check_weights
+
+    defaults = inspect.signature(reward_class.__init__).parameters
+    for argument, marker in getattr(reward_class, "weight_sources", {}).items():
+        source = kwargs.get(argument)
+        if source is None and argument in defaults:
+            default = defaults[argument].default
+            source = None if default is inspect.Parameter.empty else default
+        if isinstance(source, str) and source:
+            check_weights(source, f"{key}.kwargs.{argument}", marker)
+
+
 def _check_arguments(reward_class: type[Reward], name: str, kwargs: dict[str, Any]) -> None:
     """TypeError naming the reward and its accepted arguments when ``kwargs`` do not fit ``__init__``."""
     signature = inspect.signature(reward_class.__init__)
