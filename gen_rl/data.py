@@ -19,6 +19,9 @@ from gen_rl.core.config import ConfigError, resolve_path
 logger = logging.getLogger(__name__)
 
 BadRecords = Literal["abort", "skip"]
+# JSONL keys holding a source file (image-to-video and editing sources, reference videos): resolved against the
+# prompt file's folder and checked to exist when the file loads
+MEDIA_KEYS = ("image", "video")
 
 
 class DataError(ConfigError):
@@ -51,7 +54,7 @@ def load_prompts(
     if not numbered:
         raise DataError(f"prompt file {shown} ({key}) is empty; put one prompt per line (or JSONL records)")
     if shown.suffix == ".jsonl":
-        prompts, metadata, problems = _parse_jsonl(numbered)
+        prompts, metadata, problems = _parse_jsonl(numbered, shown.parent)
     else:
         prompts, metadata, problems = [line for _, line in numbered], [{} for _ in numbered], []
     report_bad_records(shown, problems, bad_records, total=len(numbered))
@@ -106,7 +109,7 @@ def report_bad_records(
 
 
 def _parse_jsonl(
-    numbered: list[tuple[int, str]],
+    numbered: list[tuple[int, str]], root: Path
 ) -> tuple[list[str], list[dict[str, Any]], list[tuple[int, str]]]:
     prompts, metadata, problems = [], [], []
     for number, line in numbered:
@@ -118,9 +121,29 @@ def _parse_jsonl(
         if not isinstance(record, dict) or not isinstance(record.get("prompt"), str) or not record["prompt"]:
             problems.append((number, "each JSONL record needs a non-empty string 'prompt' key"))
             continue
+        problem = _resolve_media(record, root)
+        if problem:
+            problems.append((number, problem))
+            continue
         prompts.append(record.pop("prompt"))
         metadata.append(record)
     return prompts, metadata, problems
+
+
+def _resolve_media(record: dict[str, Any], root: Path) -> str:
+    """Make the record's media paths (``MEDIA_KEYS``) absolute, relative to the prompt file's folder; a problem
+    line for a missing file (empty when all exist)."""
+    for key in MEDIA_KEYS:
+        if key not in record:
+            continue
+        if not isinstance(record[key], str) or not record[key]:
+            return f"'{key}' must be a file path (relative to the prompt file), got {record[key]!r}"
+        path = Path(record[key]).expanduser()
+        path = path if path.is_absolute() else root / path
+        if not path.is_file():
+            return f"'{key}' file {path} does not exist"
+        record[key] = str(path)
+    return ""
 
 
 def prompt_indices_for_step(num_prompts: int, step: int, groups_per_step: int, seed: int) -> list[int]:

@@ -239,6 +239,8 @@ class Sampler(ABC):
     records: ClassVar[frozenset[str]] = frozenset({"log_probs", "step_means", "clean_latents", "trajectory"})
     default_max_sequence_length: ClassVar[int | None] = None
     video: ClassVar[bool] = False  # True for families whose samples have frames
+    # metadata keys every prompt must carry (("image",) for image-to-video and editing): encode_conditions reads them
+    conditions: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, pipeline: DiffusionPipeline) -> None:
         missing = [name for name in self.required_components if getattr(pipeline, name, None) is None]
@@ -334,6 +336,21 @@ class Sampler(ABC):
 
         Default: unpacked VAE latents; families that pack latents override it."""
         return self._vae_encode(pixels, generator)
+
+    def encode_conditions(
+        self,
+        metadata: list[dict[str, Any]],
+        options: RolloutOptions,
+        num_per_prompt: int,
+        image_size: tuple[int, int],
+        num_frames: int | None,
+    ) -> dict[str, Tensor]:
+        """Batch-first conditioning from each prompt's metadata (``len(metadata) * num_per_prompt`` rows): the
+        source image of image-to-video or editing, encoded once at sampling and stored in
+        ``rollout.conditioning``, so training recomputes each step with exactly the stored source.
+
+        Default: none (text-only families). Families with ``conditions`` override it."""
+        return {}
 
     # step kinds: what one transition is for this family
     @abstractmethod
@@ -459,6 +476,10 @@ class Sampler(ABC):
 
         initial_seeds = stream_seeds("initial", options.share_initial_noise)
         conditioning = self.encode_prompts(prompts, options, group_size)
+        if self.conditions:
+            conditioning.update(
+                self.encode_conditions(list(metadata or []), options, group_size, image_size, num_frames)
+            )
         latents = self.initial_latents(make_generators(initial_seeds), image_size, num_frames)
         latent_dtype, device = latents.dtype, latents.device
         sde_generators = make_generators(stream_seeds("sde", shared_within_group=False), device)
@@ -645,6 +666,14 @@ class Sampler(ABC):
             raise ValueError(
                 f"got {len(metadata)} metadata records for {len(prompts)} prompts; give one per prompt"
             )
+        for key in self.conditions:
+            missing = [i for i, item in enumerate(metadata or [{}] * len(prompts)) if item.get(key) is None]
+            if missing:
+                raise ValueError(
+                    f"the {self.family} family conditions every sample on metadata {key!r}, but prompt "
+                    f"{missing[0]} ({prompts[missing[0]]!r}) has none; give JSONL prompt records with "
+                    f'{{"prompt": ..., "{key}": "path/to/source.png"}}'
+                )
         if options.num_steps < 1:
             raise ValueError(f"num_steps must be >= 1; got {options.num_steps}")
         self._check_step_kind(options.sde_type)

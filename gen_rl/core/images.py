@@ -60,3 +60,37 @@ def save_image_grid(pixels: torch.Tensor, path: str | os.PathLike, columns: int 
     Image.fromarray(grid.squeeze(-1) if grid.shape[-1] == 1 else grid).save(temporary, format="PNG")
     os.replace(temporary, path)
     return path
+
+
+def load_condition_image(
+    value: str | os.PathLike | Image.Image | torch.Tensor, height: int, width: int
+) -> torch.Tensor:
+    """A source image (image-to-video, editing) as ``[3, height, width]`` float32 in [0, 1].
+
+    ``value``: a file path, a PIL image, or a ``[3, H, W]`` tensor in [0, 1]. Resized with bicubic resampling
+    (PIL) when its size differs; a missing or unreadable file fails with its path and the fix."""
+    if isinstance(value, torch.Tensor):
+        if value.ndim != 3 or value.shape[0] != 3:
+            raise ValueError(
+                f"a condition image tensor must be [3, H, W] in [0, 1]; got {tuple(value.shape)}"
+            )
+        image = Image.fromarray(to_uint8(value[None])[0]) if value.shape[1:] != (height, width) else None
+        if image is None:
+            return value.detach().float().clamp(0, 1)
+    elif isinstance(value, Image.Image):
+        image = value
+    else:
+        path = Path(value)
+        try:
+            with Image.open(path) as opened:
+                image = opened.convert("RGB")
+        except (OSError, ValueError) as error:
+            raise FileNotFoundError(
+                f"cannot read the condition image {path.resolve()}: {error}; give a PNG/JPEG path (relative paths in a "
+                "JSONL prompt file are relative to that file)"
+            ) from error
+    image = image.convert("RGB")
+    if image.size != (width, height):
+        image = image.resize((width, height), Image.Resampling.BICUBIC)
+    array = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())
+    return array.permute(2, 0, 1).float() / 255
