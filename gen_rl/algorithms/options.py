@@ -23,7 +23,11 @@ STEP_SELECTIONS = ("all", "random_fraction", "first", "random_window", "sliding_
 class AlgorithmOptions:
     """The training algorithm and its options (one section; ``name`` picks the algorithm)."""
 
-    name: str = option("flow_grpo", "grpo | flow_grpo | dance_grpo | diffusion_nft | package.module:Class")
+    name: str = option(
+        "flow_grpo",
+        "grpo | flow_grpo | dance_grpo | diffusion_nft | awm | dgpo | diffusion_dpo | sft | draft | refl | "
+        "partial_edit | few_step_grpo | package.module:Class",
+    )
 
     @classmethod
     def from_config_mapping(cls, data: Any, where: str) -> AlgorithmOptions:
@@ -227,6 +231,8 @@ BUILTIN_OPTIONS: dict[str, type[AlgorithmOptions]] = {
     "dance_grpo": PolicyGradientOptions,
     "diffusion_nft": DiffusionNFTOptions,
 }
+# the forward-process, reward-backprop and few-step algorithms register themselves (options_matching.py)
+import gen_rl.algorithms.options_matching  # noqa: E402, F401 - imported last: it subclasses the options above
 
 
 def _refuse_other_algorithms_options(chosen: type, name: str, data: dict, where: str) -> None:
