@@ -22,6 +22,7 @@ _LAZY = {
     "FluxSampler": "pipelines.flux",
     "SD3Sampler": "pipelines.sd3",
     "SDSampler": "pipelines.sd",
+    "SDXLSampler": "pipelines.sdxl",
 }
 
 
@@ -57,6 +58,7 @@ __all__ = [
     "RolloutOptions",
     "SD3Sampler",
     "SDSampler",
+    "SDXLSampler",
     "Sampler",
     "StepLogProbs",
     "build_sampler",

@@ -39,6 +39,7 @@ FAMILIES: dict[str, Family] = {
     "flux": Family("pipelines.flux:FluxSampler", image_multiple=16, patch_size=2),
     "sd3": Family("pipelines.sd3:SD3Sampler", image_multiple=16, patch_size=None),
     "sd": Family("pipelines.sd:SDSampler", image_multiple=8, patch_size=1, step_kinds=("ddim",)),
+    "sdxl": Family("pipelines.sdxl:SDXLSampler", image_multiple=8, patch_size=1, step_kinds=("ddim",)),
 }
 
 TINY_MODELS: dict[str, TinyModel] = {
@@ -50,6 +51,11 @@ TINY_MODELS: dict[str, TinyModel] = {
     "tiny:sd": TinyModel("sd", 2, "pipelines.tiny:tiny_sd_pipeline", {"seed": 0}),
     "tiny:sd-pixel": TinyModel(
         "sd", 1, "pipelines.tiny:tiny_sd_pipeline", {"seed": 0, "pixel_decoder": True}
+    ),
+    "tiny:sd2": TinyModel("sd", 2, "pipelines.tiny_sdxl:tiny_sd2_pipeline", {"seed": 0}),
+    "tiny:sdxl": TinyModel("sdxl", 2, "pipelines.tiny_sdxl:tiny_sdxl_pipeline", {"seed": 0}),
+    "tiny:sdxl-pixel": TinyModel(
+        "sdxl", 1, "pipelines.tiny_sdxl:tiny_sdxl_pipeline", {"seed": 0, "pixel_decoder": True}
     ),
 }
 
