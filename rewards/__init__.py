@@ -7,7 +7,8 @@ Registered names:
   ``dino_similarity``; ``binary`` thresholds any of them (DanceGRPO);
 - video: ``segmental`` (InstructVideo SegVR + TAR over any image reward), ``temporal_consistency`` (DINOv2);
 - ``remote``: any reward served by ``python -m rewards.serve`` on another GPU or machine;
-- learning: ``running_reference`` (distance to an EMA of past samples' features; updated every step).
+- learning: ``running_reference`` (distance to an EMA of past samples' features; updated every step);
+- trained here: ``preference_model`` (a checkpoint of ``task: reward_model``, loaded by ``path``).
 
 The trainers score through ``score_reward`` (group ids for rewards that take them), update learning rewards
 with ``update_reward(reward, RewardUpdate(...))`` and save their ``state_dict()`` with the run.
@@ -38,6 +39,7 @@ from rewards.colour import ColourReward
 from rewards.compression import JpegCompressibility, JpegIncompressibility
 from rewards.dino import DinoSimilarity
 from rewards.hps import HPSReward
+from rewards.preference_model import PreferenceModelReward
 from rewards.remote import RemoteReward
 from rewards.running_reference import RunningReferenceReward
 from rewards.video import SegmentalVideoReward, TemporalConsistency
@@ -55,6 +57,7 @@ __all__ = [
     "JpegIncompressibility",
     "LearningReward",
     "PickScore",
+    "PreferenceModelReward",
     "RemoteReward",
     "Reward",
     "RewardOutput",
