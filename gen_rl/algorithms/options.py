@@ -73,6 +73,10 @@ class PolicyGradientOptions(AlgorithmOptions):
     trainable_steps: tuple[int, int] | None = option(
         None, "[lo, hi) denoising steps that may be trained; null: all (DanceGRPO: [0, S-1))"
     )
+    best_of_n_k: int | None = option(
+        None,
+        "DanceGRPO best-of-N: advantages on the whole group, only each group's top k and bottom k train; null: all",
+    )
 
     @property
     def clip_high_or_low(self) -> float:
@@ -115,6 +119,11 @@ class PolicyGradientOptions(AlgorithmOptions):
                 )
         if self.clip_low <= 0 or (self.clip_high is not None and self.clip_high <= 0):
             raise ConfigError("algorithm.clip_low and algorithm.clip_high must be > 0")
+        if self.best_of_n_k is not None and not 1 <= 2 * self.best_of_n_k <= sample.group_size:
+            raise ConfigError(
+                f"algorithm.best_of_n_k ({self.best_of_n_k}) trains the top and bottom k of each group, so it must "
+                f"satisfy 1 <= 2k <= sample.group_size ({sample.group_size}); lower it or set it to null"
+            )
         if self._trainable_candidates(sample) == 0:
             raise ConfigError(
                 f"this step selection trains no denoising step: algorithm.trainable_steps {self.trainable_steps} "
