@@ -26,7 +26,8 @@ class AlgorithmOptions:
     name: str = option(
         "flow_grpo",
         "grpo | flow_grpo | dance_grpo | diffusion_nft | awm | dgpo | diffusion_dpo | sft | draft | refl | "
-        "partial_edit | few_step_grpo | package.module:Class",
+        "partial_edit | few_step_grpo | grpo_guard | flow_dppo | tempflow_grpo | branch_grpo | flash_grpo | "
+        "package.module:Class",
     )
 
     @classmethod
@@ -240,8 +241,10 @@ BUILTIN_OPTIONS: dict[str, type[AlgorithmOptions]] = {
     "dance_grpo": PolicyGradientOptions,
     "diffusion_nft": DiffusionNFTOptions,
 }
-# the forward-process, reward-backprop and few-step algorithms register themselves (options_matching.py)
-import gen_rl.algorithms.options_matching  # noqa: E402, F401 - imported last: it subclasses the options above
+# the forward-process, reward-backprop, few-step (options_matching.py) and likelihood-ratio (options_likelihood.py)
+# algorithms register themselves; imported last: they subclass the options above
+import gen_rl.algorithms.options_likelihood  # noqa: E402, F401
+import gen_rl.algorithms.options_matching  # noqa: E402, F401
 
 
 def _refuse_other_algorithms_options(chosen: type, name: str, data: dict, where: str) -> None:
