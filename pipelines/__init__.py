@@ -23,6 +23,8 @@ _LAZY = {
     "SD3Sampler": "pipelines.sd3",
     "SDSampler": "pipelines.sd",
     "SDXLSampler": "pipelines.sdxl",
+    "WanSampler": "pipelines.wan",
+    "WanI2VSampler": "pipelines.wan",
 }
 
 
@@ -61,5 +63,7 @@ __all__ = [
     "SDXLSampler",
     "Sampler",
     "StepLogProbs",
+    "WanI2VSampler",
+    "WanSampler",
     "build_sampler",
 ]

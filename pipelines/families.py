@@ -40,6 +40,8 @@ FAMILIES: dict[str, Family] = {
     "sd3": Family("pipelines.sd3:SD3Sampler", image_multiple=16, patch_size=None),
     "sd": Family("pipelines.sd:SDSampler", image_multiple=8, patch_size=1, step_kinds=("ddim",)),
     "sdxl": Family("pipelines.sdxl:SDXLSampler", image_multiple=8, patch_size=1, step_kinds=("ddim",)),
+    "wan": Family("pipelines.wan:WanSampler", image_multiple=16, patch_size=2),
+    "wan_i2v": Family("pipelines.wan:WanI2VSampler", image_multiple=16, patch_size=2),
 }
 
 TINY_MODELS: dict[str, TinyModel] = {
@@ -57,6 +59,9 @@ TINY_MODELS: dict[str, TinyModel] = {
     "tiny:sdxl-pixel": TinyModel(
         "sdxl", 1, "pipelines.tiny_sdxl:tiny_sdxl_pipeline", {"seed": 0, "pixel_decoder": True}
     ),
+    "tiny:wan": TinyModel("wan", 16, "pipelines.tiny_wan:tiny_wan_pipeline", {"seed": 0}),
+    "tiny:wan22": TinyModel("wan", 16, "pipelines.tiny_wan:tiny_wan_pipeline", {"seed": 0, "two_experts": True}),
+    "tiny:wan_i2v": TinyModel("wan_i2v", 16, "pipelines.tiny_wan:tiny_wan_i2v_pipeline", {"seed": 0}),
 }
 
 
