@@ -136,7 +136,9 @@ class WanSampler(FlowMatchSampler):
         """The experts a rollout calls: ``high`` alone without a boundary, both with one."""
         boundary = pipeline.config.get("boundary_ratio")
         needed = ("high",) if boundary is None else EXPERTS
-        missing = [EXPERT_COMPONENTS[e] for e in needed if getattr(pipeline, EXPERT_COMPONENTS[e], None) is None]
+        missing = [
+            EXPERT_COMPONENTS[e] for e in needed if getattr(pipeline, EXPERT_COMPONENTS[e], None) is None
+        ]
         if missing:
             raise ValueError(
                 f"the Wan pipeline (boundary_ratio={boundary}) needs {missing}, which it lacks; load the full "
@@ -333,7 +335,9 @@ class WanSampler(FlowMatchSampler):
         """Video ``[B, 3, T, H, W]`` in [0, 1] to normalised latents ``(z - mean) / std`` (the inverse of
         ``decode``): the VAE mean, or a sample with ``generator``."""
         if pixels.ndim != 5 or pixels.shape[1] != 3:
-            raise ValueError(f"Wan encode expects video pixels [B, 3, T, H, W] in [0, 1]; got {tuple(pixels.shape)}")
+            raise ValueError(
+                f"Wan encode expects video pixels [B, 3, T, H, W] in [0, 1]; got {tuple(pixels.shape)}"
+            )
         vae = self.pipeline.vae
         video = self.pipeline.video_processor.normalize(pixels.to(self.device, vae.dtype))
         distribution = vae.encode(video).latent_dist
@@ -441,7 +445,7 @@ class WanI2VSampler(WanSampler):
     def initial_latents(
         self, generators: list[torch.Generator], image_size: tuple[int, int], num_frames: int | None = None
     ) -> Tensor:
-        """Float32 noise ``[B, z_dim, T', h, w]``: the ``randn_tensor`` draw of ``WanImageToVideoPipeline.prepare_latents``."""
+        """Float32 noise ``[B, z_dim, T', h, w]``: the ``randn_tensor`` draw of the I2V ``prepare_latents``."""
         shape = (len(generators), self.pipeline.vae.config.z_dim, *self._latent_grid(image_size, num_frames))
         return randn_tensor(shape, generator=generators, device=self.device, dtype=torch.float32)
 
