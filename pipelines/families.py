@@ -60,7 +60,9 @@ TINY_MODELS: dict[str, TinyModel] = {
         "sdxl", 1, "pipelines.tiny_sdxl:tiny_sdxl_pipeline", {"seed": 0, "pixel_decoder": True}
     ),
     "tiny:wan": TinyModel("wan", 16, "pipelines.tiny_wan:tiny_wan_pipeline", {"seed": 0}),
-    "tiny:wan22": TinyModel("wan", 16, "pipelines.tiny_wan:tiny_wan_pipeline", {"seed": 0, "two_experts": True}),
+    "tiny:wan22": TinyModel(
+        "wan", 16, "pipelines.tiny_wan:tiny_wan_pipeline", {"seed": 0, "two_experts": True}
+    ),
     "tiny:wan_i2v": TinyModel("wan_i2v", 16, "pipelines.tiny_wan:tiny_wan_i2v_pipeline", {"seed": 0}),
 }
 
