@@ -42,9 +42,25 @@ FAMILIES: dict[str, Family] = {
     "sdxl": Family("pipelines.sdxl:SDXLSampler", image_multiple=8, patch_size=1, step_kinds=("ddim",)),
     "wan": Family("pipelines.wan:WanSampler", image_multiple=16, patch_size=2),
     "wan_i2v": Family("pipelines.wan:WanI2VSampler", image_multiple=16, patch_size=2),
+    "qwen_image": Family("pipelines.qwen_image:QwenImageSampler", image_multiple=16, patch_size=2),
+    "flux2": Family("pipelines.flux2:Flux2Sampler", image_multiple=16, patch_size=2),
+    "flux2_klein": Family("pipelines.flux2:Flux2KleinSampler", image_multiple=16, patch_size=2),
+    "z_image": Family("pipelines.z_image:ZImageSampler", image_multiple=16, patch_size=2),
+    "flux_kontext": Family("pipelines.flux_kontext:FluxKontextSampler", image_multiple=16, patch_size=2),
 }
 
 TINY_MODELS: dict[str, TinyModel] = {
+    "tiny:qwen_image": TinyModel(
+        "qwen_image", 8, "pipelines.tiny_2026:tiny_qwen_image_pipeline", {"seed": 0}
+    ),
+    "tiny:flux2": TinyModel("flux2", 2, "pipelines.tiny_2026:tiny_flux2_pipeline", {"seed": 0}),
+    "tiny:flux2_klein": TinyModel(
+        "flux2_klein", 2, "pipelines.tiny_2026:tiny_flux2_klein_pipeline", {"seed": 0}
+    ),
+    "tiny:z_image": TinyModel("z_image", 2, "pipelines.tiny_2026:tiny_z_image_pipeline", {"seed": 0}),
+    "tiny:flux_kontext": TinyModel(
+        "flux_kontext", 2, "pipelines.tiny_2026:tiny_flux_kontext_pipeline", {"seed": 0}
+    ),
     "tiny:flux": TinyModel("flux", 2, "pipelines.tiny:tiny_flux_pipeline", {"seed": 0}),
     "tiny:flux-pixel": TinyModel(
         "flux", 2, "pipelines.tiny:tiny_flux_pipeline", {"seed": 0, "pixel_decoder": True}

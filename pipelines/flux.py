@@ -7,6 +7,8 @@ Composes the pipeline's own ``encode_prompt``, ``prepare_latents`` (packed 2x2 l
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
@@ -89,27 +91,9 @@ class FluxSampler(FlowMatchSampler):
 
     def grid(self, options: RolloutOptions, latents: Tensor) -> tuple[Tensor, Tensor]:
         """FluxPipeline's schedule: linspace(1, 1/S) shifted by mu(image tokens), or a static ``shift``."""
-        num_steps = options.num_steps
         config = self.scheduler.config
-        sigmas = np.linspace(1.0, 1 / num_steps, num_steps)
-        if options.shift is None:
-            scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
-            mu = calculate_shift(
-                latents.shape[1],
-                config.get("base_image_seq_len", 256),
-                config.get("max_image_seq_len", 4096),
-                config.get("base_shift", 0.5),
-                config.get("max_shift", 1.15),
-            )
-        else:
-            scheduler = FlowMatchEulerDiscreteScheduler.from_config(
-                config, shift=options.shift, use_dynamic_shifting=False
-            )
-            mu = None
-        if self.pipeline.scheduler.config.get("use_flow_sigmas", False):
-            sigmas = None
-        timesteps, _ = retrieve_timesteps(scheduler, num_steps, self.device, sigmas=sigmas, mu=mu)
-        return scheduler.sigmas.to(self.device, torch.float32), timesteps.to(torch.float32)
+        mu = sequence_length_shift(config, latents.shape[1])
+        return shifted_flow_grid(config, options, self.device, linear_sigmas(options.num_steps), mu)
 
     def model_output(
         self, latents: Tensor, timesteps: Tensor, conditioning: dict[str, Tensor], image_size: tuple[int, int]
@@ -167,3 +151,38 @@ class FluxSampler(FlowMatchSampler):
                 f"FLUX image height and width must be multiples of {multiple}; got {height}x{width}"
             )
         return height, width
+
+
+def linear_sigmas(num_steps: int) -> np.ndarray:
+    """The unshifted grid ``linspace(1, 1/S, S)`` the FLUX-style pipelines pass as ``sigmas``."""
+    return np.linspace(1.0, 1 / num_steps, num_steps)
+
+
+def sequence_length_shift(config: Any, image_seq_len: int) -> float:
+    """FLUX's resolution-dependent shift mu: linear in the number of image tokens between the config's
+    ``(base_image_seq_len, base_shift)`` and ``(max_image_seq_len, max_shift)`` (FLUX.1, Qwen-Image, Z-Image)."""
+    return calculate_shift(
+        image_seq_len,
+        config.get("base_image_seq_len", 256),
+        config.get("max_image_seq_len", 4096),
+        config.get("base_shift", 0.5),
+        config.get("max_shift", 1.15),
+    )
+
+
+def shifted_flow_grid(
+    config: Any, options: RolloutOptions, device: torch.device, sigmas: Any, mu: float | None
+) -> tuple[Tensor, Tensor]:
+    """The grid ``[S+1]`` and timesteps ``[S]`` (float32) of a FLUX-style pipeline: its ``sigmas`` shifted by ``mu``
+    through ``retrieve_timesteps``, or by a static ``options.shift`` when set (then ``mu`` is unused)."""
+    if options.shift is None:
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
+    else:
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(
+            config, shift=options.shift, use_dynamic_shifting=False
+        )
+        mu = None
+    if config.get("use_flow_sigmas", False):
+        sigmas = None
+    timesteps, _ = retrieve_timesteps(scheduler, options.num_steps, device, sigmas=sigmas, mu=mu)
+    return scheduler.sigmas.to(device, torch.float32), timesteps.to(torch.float32)
