@@ -1,0 +1,185 @@
+"""Tiny randomly initialised judges of the real architectures, saved in the real formats (tests, recipes).
+
+- :func:`save_tiny_qwen2_vl_judge`: a ``Qwen2VLForConditionalGeneration`` (2 layers, width 32) with a
+  ``Qwen2VLProcessor`` (56 x 56 pixels = 4 image tokens, Qwen's chat tokens), saved with ``save_pretrained``
+  so that :class:`rewards.vlm_judge.VLMJudge` loads it through ``AutoModelForImageTextToText`` exactly like a
+  hub checkpoint. Its word-level tokenizer holds the judges' answer words (``yes`` / ``no``, ``1`` .. ``10``,
+  ``first`` / ``second``) as single tokens.
+- :func:`save_tiny_dino_for_adversarial`: rewards.tiny's DINOv2 (re-exported for the adversarial recipes).
+
+Nothing is downloaded. (``rewards`` imports only ``gen_rl.core``, so this builds its own tokenizer rather than
+reuse ``gen_rl.vlm.tiny``.)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+from transformers import (
+    GenerationConfig,
+    PreTrainedTokenizerFast,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+    Qwen2VLImageProcessorPil,
+    Qwen2VLProcessor,
+)
+
+from rewards.tiny import save_tiny_dino as save_tiny_dino_for_adversarial
+
+__all__ = ["JUDGE_WORDS", "save_tiny_dino_for_adversarial", "save_tiny_qwen2_vl_judge", "judge_tokenizer"]
+
+SPECIAL_TOKENS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+JUDGE_WORDS = (
+    "<unk>",
+    "system",
+    "user",
+    "assistant",
+    "does",
+    "this",
+    "image",
+    "picture",
+    "show",
+    "a",
+    "an",
+    "the",
+    "is",
+    "in",
+    "of",
+    "or",
+    "answer",
+    "yes",
+    "no",
+    "Yes",
+    "No",
+    "which",
+    "better",
+    "matches",
+    "first",
+    "second",
+    "same",
+    "rate",
+    "from",
+    "to",
+    "red",
+    "green",
+    "blue",
+    "yellow",
+    "square",
+    "circle",
+    "apple",
+    "cat",
+    "dog",
+    "?",
+    ".",
+    ",",
+    ":",
+    *(str(number) for number in range(11)),
+)
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def judge_tokenizer() -> PreTrainedTokenizerFast:
+    """Word-level tokenizer: Qwen's special tokens (ids 0..7), then :data:`JUDGE_WORDS`; left padding."""
+    tokens = [*SPECIAL_TOKENS, *JUDGE_WORDS]
+    backend = Tokenizer(models.WordLevel({token: i for i, token in enumerate(tokens)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.add_special_tokens(
+        [AddedToken(token, special=True, normalized=False) for token in SPECIAL_TOKENS]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+        unk_token="<unk>",
+        model_max_length=4096,
+    )
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def _video_processor():
+    from transformers.utils import is_torchvision_available
+
+    if not is_torchvision_available():
+        return None
+    from transformers import Qwen2VLVideoProcessor
+
+    return Qwen2VLVideoProcessor(
+        size={"shortest_edge": 56 * 56, "longest_edge": 56 * 56}, cap_pixels_per_frame=False
+    )
+
+
+def tiny_qwen2_vl_judge(seed: int = 0) -> tuple[Qwen2VLForConditionalGeneration, Qwen2VLProcessor]:
+    """A ~100k-parameter Qwen2-VL (float32, eval mode) and its processor, deterministic in ``seed``."""
+    tokenizer = judge_tokenizer()
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIAL_TOKENS}
+    config = Qwen2VLConfig(
+        text_config={
+            "vocab_size": len(tokenizer),
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 512,
+            "bos_token_id": ids["<|endoftext|>"],
+            "eos_token_id": ids["<|im_end|>"],
+            "pad_token_id": ids["<|endoftext|>"],
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 1, 1]},
+        },
+        vision_config={
+            "depth": 2,
+            "embed_dim": 32,
+            "hidden_size": 32,
+            "num_heads": 4,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+        },
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2VLForConditionalGeneration(config).eval()
+    model.generation_config = GenerationConfig(
+        bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"]
+    )
+    extra = {} if (video := _video_processor()) is None else {"video_processor": video}
+    processor = Qwen2VLProcessor(
+        image_processor=Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=56 * 56),
+        tokenizer=tokenizer,
+        chat_template=CHAT_TEMPLATE,
+        **extra,
+    )
+    return model, processor
+
+
+def save_tiny_qwen2_vl_judge(folder: str | Path, seed: int = 0) -> Path:
+    """Write :func:`tiny_qwen2_vl_judge` (model + processor) to ``folder`` with ``save_pretrained``."""
+    folder = Path(folder)
+    model, processor = tiny_qwen2_vl_judge(seed)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
