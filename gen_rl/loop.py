@@ -117,14 +117,22 @@ class PhaseLoop:
         return step % every == 0 or last
 
     def log(self, record: dict[str, Any], batch: Any = None) -> None:
-        """Append the step's record to metrics.jsonl and the tracker (main process). A trainer that also logs
-        samples of ``batch`` (the VLM: completions.jsonl) extends it."""
+        """Append the step's record to metrics.jsonl and the tracker (main process); redraw the reward curve when
+        the record holds an evaluation. A trainer that also logs samples of ``batch`` (the VLM:
+        completions.jsonl) extends it."""
         if not self.accelerator.is_main_process:
             return
         self.metrics.append(record)
         if self.config.log.tracker != "none":
             scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and math.isfinite(v)}
             self.accelerator.log(scalars, step=record["step"])
+        if any(key.startswith("eval/") for key in record):
+            plot_reward_curve(self.metrics.read(), self.output_dir / "reward_curve.png")
+
+    def describe_run(self) -> list[tuple[str, str]]:
+        """(what, value) lines of the start-up summary: model, algorithm, rewards, processes, batch sizes, output
+        folder. Trainers fill it."""
+        return []
 
     def finish(self, num_steps: int) -> None:
         """After the last step: a record ``step: num_steps`` with the final evaluation (unless the last step's
@@ -142,19 +150,26 @@ class PhaseLoop:
 
     # ----- the skeleton --------------------------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
-        """Run from ``start_step`` to ``train.num_steps``, then :meth:`finish`; returns :meth:`summary`."""
+        """Run from ``start_step`` to ``train.num_steps``, then :meth:`finish`; returns :meth:`summary`.
+
+        The main process prints the start-up summary (and the checkpoint a resumed run continues from) before the
+        first step, and a few lines in words when the run ends."""
         self.started_at = time.perf_counter()
         num_steps = self.config.train.num_steps
         show = self.config.log.progress and self.accelerator.is_main_process
+        if self.accelerator.is_main_process:
+            print(startup_text(self.describe_run(), self.start_step, num_steps, self.checkpoints.latest()))
         steps = range(self.start_step, num_steps)
         bar = tqdm(
             steps, desc=self.progress_name, total=num_steps, initial=self.start_step, disable=not show,
             dynamic_ncols=True,
         )  # fmt: skip
+        shown: dict[str, str] = {}
         try:
             for step in bar:
                 record = self.run_step(step)
-                bar.set_postfix(reward=f"{record.get('reward/mean', float('nan')):.4f}")
+                shown.update(progress_fields(record))
+                bar.set_postfix(shown, refresh=False)
             self.finish(num_steps)
             summary = self.summary()
         except (KeyboardInterrupt, RunError) as error:  # also during the final save or plot
@@ -165,6 +180,9 @@ class PhaseLoop:
                 print(f"\n[gen-rl] stopped; {where}. Continue with the same command plus --resume.")
             raise
         self.accelerator.end_training()
+        if self.accelerator.is_main_process:
+            print(closing_text(self.metrics.read(), self.start_step, num_steps, time.perf_counter() - self.started_at,
+                               self.output_dir))  # fmt: skip
         return summary
 
     def run_step(self, step: int) -> dict[str, Any]:
@@ -194,3 +212,45 @@ class PhaseLoop:
         if every and (step + 1) % every == 0 and step + 1 < last:  # finish saves (or exports) the last
             self.save(step + 1)
         return record
+
+
+# the progress bar shows these metrics under their metrics.jsonl names (the last value seen of each)
+PROGRESS_KEYS = ("reward/mean", "eval/reward/mean", "loss/total", "policy/approx_kl")
+
+
+def progress_fields(record: dict[str, Any]) -> dict[str, str]:
+    """The record's :data:`PROGRESS_KEYS` values, formatted for the bar (keys exactly as in metrics.jsonl)."""
+    return {key: f"{record[key]:.4g}" for key in PROGRESS_KEYS if isinstance(record.get(key), (int, float))}
+
+
+def startup_text(lines: list[tuple[str, str]], start_step: int, num_steps: int, latest: Any) -> str:
+    """The start-up summary: one aligned line per (what, value), then where the run starts."""
+    width = max((len(what) for what, _ in lines), default=0)
+    text = ["[gen-rl] run"] + [f"  {what:<{width}}  {value}" for what, value in lines]
+    if start_step > 0:
+        text.append(f"  resumed from {latest} (step {start_step} of {num_steps})")
+    else:
+        text.append(f"  starting at step 0 of {num_steps}")
+    return "\n".join(text)
+
+
+def closing_text(
+    records: list[dict[str, Any]], start_step: int, num_steps: int, seconds: float, output_dir: Any
+) -> str:
+    """A few lines in words: steps and time, the reward (held-out when evaluated) first to last, where things are."""
+    minutes, rest = divmod(int(round(seconds)), 60)
+    text = [f"[gen-rl] finished steps {start_step}..{num_steps} in {minutes} min {rest} s"]
+    for key, what in (("eval/reward/mean", "held-out reward"), ("reward/mean", "training reward")):
+        values = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+        if len(values) >= 2:
+            (first_step, first), (last_step, last) = values[0], values[-1]
+            text.append(f"  {what}: {first:.4f} at step {first_step} -> {last:.4f} at step {last_step}")
+    golds = sorted({key for r in records for key in r if key.startswith("eval/gold/")})
+    for key in golds:
+        values = [r[key] for r in records if isinstance(r.get(key), (int, float))]
+        if len(values) >= 2:
+            text.append(
+                f"  gold {key[len('eval/gold/') :]} (not optimised): {values[0]:.4f} -> {values[-1]:.4f}"
+            )
+    text.append(f"  outputs: {output_dir} (metrics.jsonl, reward_curve.png, checkpoints; --resume continues)")
+    return "\n".join(text)

@@ -30,6 +30,7 @@ from gen_rl.core.config import ConfigError, to_dict
 from gen_rl.core.ema import ParameterEMA, swapped_parameters
 from gen_rl.core.seeding import derive_seed
 from gen_rl.data import PromptSet, load_prompts, prompt_indices_for_step
+from gen_rl.eval_media import save_eval_samples
 from gen_rl.loop import PhaseLoop
 from gen_rl.metrics import MetricsLog
 from gen_rl.monitoring import HackingMonitor
@@ -123,6 +124,8 @@ class GenerationTrainer(PhaseLoop):
             project_dir=str(self.output_dir),
         )
         config.validate(num_processes=self.accelerator.num_processes)
+        if self.accelerator.device.type == "cpu" and config.train.cpu_threads > 0:
+            torch.set_num_threads(config.train.cpu_threads)
         # claim the run folder, pick and check the checkpoint to resume: before any model loads
         self.run = run_state.open_run(
             self.accelerator,
@@ -518,8 +521,6 @@ class GenerationTrainer(PhaseLoop):
         return self._eval_record(step, gathered)
 
     def _eval_record(self, step: int, gathered: list) -> dict[str, Any]:
-        from gen_rl.core.images import save_image_grid
-
         per_prompt = self.config.eval.samples_per_prompt
         per_name: dict[str, dict[int, list[float]]] = {}
         images: dict[int, torch.Tensor] = {}
@@ -548,8 +549,30 @@ class GenerationTrainer(PhaseLoop):
             group_ids = torch.arange(len(grid)) // per_prompt
             statistics, diversity = self.monitor.local(grid.to(self.accelerator.device), group_ids)
             record.update(HackingMonitor.record(statistics.cpu(), diversity.cpu(), prefix="eval/monitor/"))
-        save_image_grid(grid, self.output_dir / "eval" / f"step-{step:06d}.png", columns=per_prompt)
+        prompts = [self.eval_set.prompts[index] for index in sorted(images)]
+        save_eval_samples(self, step, grid, prompts, [f"reward {value:.3f}" for value in combined.tolist()])
         return record
+
+    def describe_run(self) -> list[tuple[str, str]]:
+        """The start-up summary's lines: model, algorithm, rewards, processes, batch sizes, output folder."""
+        config, accelerator = self.config, self.accelerator
+        model, sample, train = config.model, config.sample, config.train
+        trained = f"LoRA r={model.lora_rank}" if model.lora else "all weights"
+        rewards = ", ".join(f"{term.name} x {term.weight:g}" for term in config.reward.terms)
+        gold = ", ".join(term.name for term in config.eval.gold)
+        threads = f", {torch.get_num_threads()} CPU threads" if accelerator.device.type == "cpu" else ""
+        return [
+            ("model", f"{model.family} {model.pretrained} ({model.dtype}, {trained})"),
+            ("algorithm", f"{config.algorithm.name}, {sample.sde_type} steps x {sample.num_steps}"),
+            ("rewards", rewards + (f"; gold (eval only): {gold}" if gold else "")),
+            ("processes", f"{accelerator.num_processes} on {accelerator.device.type}{threads}"),
+            (
+                "batch",
+                f"{sample.groups_per_step} prompts x {sample.group_size} samples per step; "
+                f"{self.updates_per_step} updates of {train.samples_per_update} per process",
+            ),
+            ("output", str(self.output_dir)),
+        ]
 
     # ----- checkpoints -------------------------------------------------------------------------------------
     def save(self, step: int) -> None:

@@ -102,6 +102,7 @@ class TrainConfig:
         0.1, "the ratio check fails when max |log-prob mismatch| > this x min(algorithm.clip_low, clip_high)"
     )
     optimizer: Literal["adamw", "sgd"] = option("adamw", "AdamW, or plain SGD (no momentum)")
+    cpu_threads: int = option(0, "torch intra-op threads when running on CPU; 0 keeps torch's default")
 
 
 @dataclass

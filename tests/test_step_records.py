@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -67,13 +68,17 @@ def test_eval_record_counts_a_padded_prompt_once_and_orders_the_grid_by_prompt(t
 
     from PIL import Image
 
+    from gen_rl.core.grids import labelled_grid
     from gen_rl.trainer import GenerationTrainer
 
     trainer = SimpleNamespace(
-        config=SimpleNamespace(eval=SimpleNamespace(samples_per_prompt=2)),
+        config=SimpleNamespace(
+            eval=SimpleNamespace(samples_per_prompt=2), log=SimpleNamespace(tracker="none")
+        ),
         reward_weights={"colour": 2.0},
         monitor=None,
         output_dir=tmp_path,
+        eval_set=SimpleNamespace(prompts=["prompt zero", "prompt one", "prompt two"]),
     )
     pixels = {
         index: torch.full((2, 3, 4, 4), index / 4) for index in range(3)
@@ -87,6 +92,9 @@ def test_eval_record_counts_a_padded_prompt_once_and_orders_the_grid_by_prompt(t
     assert record["eval/reward/colour"] == pytest.approx((0 + 1 + 1 + 2 + 2 + 3) / 6)
     assert record["eval/reward/mean"] == pytest.approx(2.0 * 1.5)
     assert record["eval/gold/x"] == pytest.approx((1 + 1 + 1 + 1 + 3 + 3) / 6)
-    grid = Image.open(tmp_path / "eval" / "step-000005.png").convert("L")
-    rows = [grid.getpixel((3, 3 + 6 * row)) for row in range(3)]  # 4 px tiles, 2 px padding
-    assert rows == sorted(rows) and len(set(rows)) == 3  # prompts 0, 1, 2 top to bottom
+    # the grid: prompts 0, 1, 2 top to bottom, each row labelled with its prompt, each sample with its reward
+    grid = np.asarray(Image.open(tmp_path / "eval" / "step-000005.png"))
+    ordered = torch.cat([pixels[0], pixels[1], pixels[2]])
+    labels = [f"reward {2.0 * value:.3f}" for index in range(3) for value in scores[index]]
+    expected = labelled_grid(ordered, ["prompt zero", "prompt one", "prompt two"], labels)
+    assert np.array_equal(grid, np.asarray(expected))

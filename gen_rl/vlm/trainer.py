@@ -936,6 +936,26 @@ class VLMTrainer(PhaseLoop):
         if self.accelerator.is_main_process:
             plot_reward_curve(self.metrics.read(), self.output_dir / "reward_curve.png")
 
+    def describe_run(self) -> list[tuple[str, str]]:
+        """The start-up summary's lines: model, algorithm, rewards, processes, batch sizes, output folder."""
+        config, accelerator = self.config, self.accelerator
+        lora = config.model.lora
+        trained = f"LoRA r={lora.r}" if lora.enabled else "all language-model weights"
+        rewards = ", ".join(f"{term.name} x {term.weight:g}" for term in config.reward.terms)
+        threads = f", {torch.get_num_threads()} CPU threads" if accelerator.device.type == "cpu" else ""
+        return [
+            ("model", f"{config.model.name_or_path} ({config.model.dtype}, {trained})"),
+            ("algorithm", f"{config.algorithm.name}, kl_coef {config.algorithm.kl_coef:g}"),
+            ("rewards", rewards),
+            ("processes", f"{accelerator.num_processes} on {accelerator.device.type}{threads}"),
+            (
+                "batch",
+                f"{config.sample.groups_per_step} prompts x {config.sample.group_size} completions per step; "
+                f"updates of {config.train.samples_per_update} per process",
+            ),
+            ("output", str(self.output_dir)),
+        ]
+
     def summary(self) -> dict[str, float]:
         """Records, seconds since ``train()`` began, first / last (quarter) mean rewards."""
         records = self.metrics.read() if self.accelerator.is_main_process else []
