@@ -47,6 +47,15 @@ FAMILIES: dict[str, Family] = {
     "flux2_klein": Family("pipelines.flux2:Flux2KleinSampler", image_multiple=16, patch_size=2),
     "z_image": Family("pipelines.z_image:ZImageSampler", image_multiple=16, patch_size=2),
     "flux_kontext": Family("pipelines.flux_kontext:FluxKontextSampler", image_multiple=16, patch_size=2),
+    "hunyuan_video": Family(
+        "pipelines.hunyuan_video:HunyuanVideoSampler", image_multiple=16, patch_size=None
+    ),
+    "hunyuan_video_i2v": Family(
+        "pipelines.hunyuan_video:HunyuanVideoI2VSampler", image_multiple=16, patch_size=None
+    ),
+    "hunyuan_video_15": Family(
+        "pipelines.hunyuan_video_15:HunyuanVideo15Sampler", image_multiple=16, patch_size=None
+    ),
 }
 
 TINY_MODELS: dict[str, TinyModel] = {
@@ -80,6 +89,15 @@ TINY_MODELS: dict[str, TinyModel] = {
         "wan", 16, "pipelines.tiny_wan:tiny_wan_pipeline", {"seed": 0, "two_experts": True}
     ),
     "tiny:wan_i2v": TinyModel("wan_i2v", 16, "pipelines.tiny_wan:tiny_wan_i2v_pipeline", {"seed": 0}),
+    "tiny:hunyuan_video": TinyModel(
+        "hunyuan_video", 16, "pipelines.tiny_hunyuan:tiny_hunyuan_video_pipeline", {"seed": 0}
+    ),
+    "tiny:hunyuan_video_i2v": TinyModel(
+        "hunyuan_video_i2v", 16, "pipelines.tiny_hunyuan:tiny_hunyuan_video_i2v_pipeline", {"seed": 0}
+    ),
+    "tiny:hunyuan_video_15": TinyModel(
+        "hunyuan_video_15", 16, "pipelines.tiny_hunyuan:tiny_hunyuan_video_15_pipeline", {"seed": 0}
+    ),
 }
 
 
