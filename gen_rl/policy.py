@@ -24,6 +24,11 @@ def load_sampler(model: ModelConfig, device: torch.device) -> Sampler:
     else:
         sampler = build_sampler(model.family, model.pretrained, dtype=dtype)
     sampler.pipeline.to(device)
+    vae = getattr(sampler.pipeline, "vae", None)
+    if model.vae_tiling:
+        vae.enable_tiling()  # decode / encode in tiles: less memory for large images and videos
+    if model.vae_slicing:
+        vae.enable_slicing()  # one sample at a time
     for component in sampler.pipeline.components.values():
         if isinstance(component, torch.nn.Module):
             component.requires_grad_(False)

@@ -77,6 +77,7 @@ class TrainerPolicy:
         self.denoiser = (
             denoiser  # the unwrapped module holding the adapters; calls still go through the wrapper
         )
+        self.reward_weights: dict[str, float] = {}  # reward key -> weight (the trainer fills it)
 
     @contextmanager
     def reference(self):
@@ -180,6 +181,7 @@ class GenerationTrainer(PhaseLoop):
         # nothing else: clipping, the EMA and the policy's swaps must use the prepared model's parameters
         self.parameters = [param for param in self.model.parameters() if param.requires_grad]
         self.policy = TrainerPolicy(self.sampler, self.parameters, self.accelerator.unwrap_model(self.model))
+        self.policy.reward_weights = dict(self.reward_weights)  # reward backprop sums differentiable rewards
         self.algorithm.setup(self.policy)
         self.ema = ParameterEMA(self.parameters, config.train.ema_decay) if config.train.ema else None
         self.stat_tracker = (
@@ -260,6 +262,7 @@ class GenerationTrainer(PhaseLoop):
             share_initial_noise=sample.share_initial_noise,
             seed=self.config.train.seed,
             max_sequence_length=sample.max_sequence_length,
+            num_frames=sample.num_frames,
         )
         return dataclasses.replace(options, **overrides)
 
@@ -280,7 +283,8 @@ class GenerationTrainer(PhaseLoop):
             for start in range(0, per_process, chunk):
                 chunk_positions = positions[start : start + chunk]
                 rollouts.append(
-                    self.sampler.rollout(
+                    self.algorithm.rollout(
+                        self.sampler,
                         [self.train_set.prompts[indices[p]] for p in chunk_positions],
                         options,
                         group_size=config.sample.group_size,
@@ -428,11 +432,18 @@ class GenerationTrainer(PhaseLoop):
         rollout = batch.rollout
         units = self.algorithm.select(rollout, step)
         num_units = units.shape[1]
+        device = batch.advantages.device
+        unit_advantages, unit_weights = self.algorithm.unit_advantages(
+            rollout, batch.group_ids.to(device), batch.advantages, units.to(device)
+        )
+        unit_weights = unit_weights * batch.valid[:, None].float()
         totals: dict[str, torch.Tensor] = {}
         calls, grad_norms = 0, []
         for inner in range(train.inner_epochs):
             order_seed = derive_seed(train.seed, "minibatch", step, inner, accelerator.process_index)
             order = torch.randperm(len(rollout), generator=torch.Generator().manual_seed(order_seed))
+            if self.algorithm.whole_groups:
+                order = whole_groups_first(batch.group_ids, order)
             for update_index, update_indices in enumerate(order.split(train.samples_per_update)):
                 microbatches = update_indices.split(train.microbatch_size)
                 scale = 1.0 / (len(microbatches) * num_units)
@@ -443,8 +454,8 @@ class GenerationTrainer(PhaseLoop):
                         loss_batch = LossBatch(
                             rollout=part,
                             units=units[micro.to(units.device)][:, k : k + 1],
-                            advantages=batch.advantages[device_micro],
-                            weight=batch.valid[device_micro].float(),
+                            advantages=unit_advantages[device_micro, k],
+                            weight=unit_weights[device_micro, k],
                             step=step,
                             generator=self._loss_generator(step, inner, update_index, position, k),
                         )
@@ -590,6 +601,17 @@ class GenerationTrainer(PhaseLoop):
             "last_train_reward": train[-1] if train else None,
             "output_dir": str(self.output_dir),
         }
+
+
+def whole_groups_first(group_ids: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """``order`` with each group's members made adjacent (groups in the order their first member appears), so a
+    minibatch of a multiple of ``group_size`` samples holds whole groups."""
+    ids = group_ids[order].tolist()
+    first: dict[int, int] = {}
+    for position, group in enumerate(ids):
+        first.setdefault(group, position)
+    key = torch.tensor([first[group] for group in ids])
+    return order[torch.sort(key, stable=True).indices]
 
 
 def _even_shard(count: int, rank: int, world: int) -> list[int]:

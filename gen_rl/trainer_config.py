@@ -50,6 +50,8 @@ class ModelConfig:
     lora_alpha: float = option(16.0, "LoRA alpha (scale = alpha / r)")
     lora_target_modules: list[str] = option([], "module names for LoRA; empty: the family's default list")
     gradient_checkpointing: bool = option(False, "recompute activations in backward (saves memory)")
+    vae_tiling: bool = option(False, "VAE decode / encode in tiles (large images, videos: saves memory)")
+    vae_slicing: bool = option(False, "VAE decode / encode one sample at a time (saves memory)")
 
 
 @dataclass
@@ -72,6 +74,7 @@ class SampleConfig:
     groups_per_step: int = option(8, "distinct prompts per training step, summed over all processes")
     groups_per_rollout: int = option(2, "prompts per rollout call on one process (memory knob)")
     max_sequence_length: int | None = option(None, "T5 tokens; null: the family default")
+    num_frames: int | None = option(None, "video families: frames per sample; null: the family default")
 
 
 @dataclass

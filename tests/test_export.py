@@ -94,8 +94,10 @@ def test_default_targets_exist_in_the_architecture(family):
     for target in lora_target_modules(family):
         matches = [name for name in names if name.endswith("." + target)]
         assert matches and all(isinstance(transformer.get_submodule(m), torch.nn.Linear) for m in matches)
-    with pytest.raises(ValueError, match="known: flux, sd3"):
-        lora_target_modules("sdxl")
+    with pytest.raises(
+        ValueError, match="no default LoRA target modules for family 'not_a_family'; known: flux, sd3"
+    ):
+        lora_target_modules("not_a_family")
 
 
 def test_saving_again_replaces_the_folder_and_leaves_no_temporaries(tmp_path):

@@ -98,3 +98,15 @@ def test_eval_record_counts_a_padded_prompt_once_and_orders_the_grid_by_prompt(t
     labels = [f"reward {2.0 * value:.3f}" for index in range(3) for value in scores[index]]
     expected = labelled_grid(ordered, ["prompt zero", "prompt one", "prompt two"], labels)
     assert np.array_equal(grid, np.asarray(expected))
+
+
+def test_whole_groups_first_makes_each_group_adjacent_in_first_seen_order():
+    from gen_rl.trainer import whole_groups_first
+
+    group_ids = torch.tensor([7, 7, 7, 3, 3, 3, 5, 5, 5])  # three groups of three, as the trainer lays them out
+    order = torch.tensor([4, 0, 8, 1, 3, 6, 2, 5, 7])  # a random permutation of the samples
+    reordered = whole_groups_first(group_ids, order)
+    assert reordered.tolist() == [4, 3, 5, 0, 1, 2, 8, 6, 7]  # group 3 seen first, then 7, then 5; stable within
+    assert sorted(reordered.tolist()) == list(range(9))
+    for chunk in reordered.split(3):  # microbatches of group_size hold one whole group each
+        assert len(set(group_ids[chunk].tolist())) == 1

@@ -19,13 +19,10 @@ CONFIGS = sorted(CONFIGS_ROOT.rglob("*.yaml"))
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[str(p.relative_to(p.parents[1])) for p in CONFIGS])
 def test_every_config_file_loads_and_validates(path):
-    task = task_of(str(path), [])
-    config_class = GenerationConfig
-    if task == "vlm":
-        from gen_rl.vlm.config import VLMConfig
+    from gen_rl.train import config_class_of
 
-        config_class = VLMConfig
-    config = load_config(config_class, path)
+    task = task_of(str(path), [])
+    config = load_config(config_class_of(task), path)
     assert config.task == task
     first_line = path.read_text().splitlines()[0]
     assert first_line.startswith("# ")  # the file opens with the exact command that runs it

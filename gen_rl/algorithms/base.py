@@ -6,8 +6,13 @@ The generation trainer never branches on an algorithm's name. It asks the algori
 - ``check(sampler, rewards, config)``: refuse an impossible combination with one line, before training;
 - ``sampling(step)``: rollout option overrides for training step ``step`` (an SDE window, the ODE, ...);
 - ``rollout_context(policy)``: the context training rollouts run in (an old policy swapped in, ...);
+- ``rollout(sampler, prompts, options, **kwargs)``: the training rollout (default ``sampler.rollout``; a tree
+  algorithm builds its own from the sampler's hooks);
 - ``select(rollout, step)``: which units of each sample train, ``[B, K]`` indices (denoising steps, or grid
   points of the forward process);
+- ``unit_advantages(rollout, group_ids, advantages, units)``: advantages and weights ``[B, K]`` per trained unit
+  (default: each sample's advantage at every unit, weight 1; BranchGRPO's per-node, best-of-N's subset);
+- ``whole_groups``: True when a microbatch must hold whole groups (the trainer orders samples group by group);
 - ``loss(batch, policy)``: the loss of one microbatch at one unit and its named statistics (tensors, no host
   sync; a statistic whose name ends in ``_max`` is reduced by max, the others by mean);
 - ``after_update(policy)``: called after every optimizer step (an EMA "old" policy, a schedule, ...);
@@ -57,6 +62,7 @@ class Policy(Protocol):
 
     sampler: Any  # the family sampler: log_prob(rollout, units), predict(...), encode / decode
     parameters: list[torch.nn.Parameter]  # the trained parameters (LoRA or all)
+    reward_weights: dict[str, float]  # reward key -> weight of reward.terms (reward backprop sums them)
 
     def reference(self) -> AbstractContextManager[None]:
         """Inside the block the sampler runs the frozen reference (LoRA disabled), without gradients."""
@@ -70,6 +76,7 @@ class Algorithm(ABC):
 
     Options: ClassVar[type[AlgorithmOptions]] = AlgorithmOptions
     needs: ClassVar[frozenset[str]] = frozenset()
+    whole_groups: ClassVar[bool] = False  # microbatches of whole groups (losses comparing a group's members)
 
     def __init__(self, options: AlgorithmOptions, *, seed: int, num_steps: int) -> None:
         self.options = options
@@ -101,6 +108,19 @@ class Algorithm(ABC):
     def rollout_context(self, policy: Policy) -> AbstractContextManager[None]:
         """The context the training rollouts run in (e.g. an "old" policy swapped in); default: the policy."""
         return nullcontext()
+
+    def rollout(self, sampler: Any, prompts: list[str], options: Any, **kwargs: Any) -> Any:
+        """The training rollout of ``prompts`` (``Sampler.rollout``'s arguments); default ``sampler.rollout``."""
+        return sampler.rollout(prompts, options, **kwargs)
+
+    def unit_advantages(
+        self, rollout: Any, group_ids: Tensor, advantages: Tensor, units: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Advantages and weights ``[B, K]`` of the selected ``units`` from the samples' advantages ``[B]`` of this
+        process's whole groups (``group_ids`` ``[B]``: each sample's group in the step). Default: each sample's
+        advantage at every unit, weight 1."""
+        expanded = advantages[:, None].expand(-1, units.shape[1])
+        return expanded, torch.ones(expanded.shape, device=advantages.device)
 
     @abstractmethod
     def select(self, rollout: Any, step: int) -> Tensor:
