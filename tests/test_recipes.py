@@ -284,7 +284,22 @@ def tiny_heads(tmp_path_factory):
     clip = save_tiny_clip(root / "clip", seed=0)
     aesthetic_clip, aesthetic_head = save_tiny_aesthetic(root / "aesthetic", seed=1)
     hps_config, _ = save_tiny_hps(root / "hps", seed=0)
+    from rewards.tiny_judges import (
+        save_tiny_dino_for_adversarial,
+        save_tiny_qwen2_vl_judge,
+        save_tiny_references,
+    )
+
+    dino, references = (
+        save_tiny_dino_for_adversarial(root / "dino"),
+        save_tiny_references(root / "references"),
+    )
+    judge = str(save_tiny_qwen2_vl_judge(root / "judge"))
     return {
+        "adversarial": {"model": str(dino), "references": str(references), "hidden": 16},
+        "vlm_judge": {"model": judge},
+        "srum": {"model": judge},
+        "pairwise_win_rate": {"model": judge},
         "pickscore": {"model": str(clip), "processor": str(clip)},
         "clip_score": {"model": str(clip), "processor": str(clip)},
         "aesthetic": {"clip_model": str(aesthetic_clip), "head": str(aesthetic_head)},
@@ -292,7 +307,24 @@ def tiny_heads(tmp_path_factory):
     }
 
 
-TINY = {"flux": ("tiny:flux", 16), "sd3": ("tiny:sd3", 32), "sd": ("tiny:sd", 16)}
+TINY = {"flux": ("tiny:flux", 16), "sd3": ("tiny:sd3", 32), "sd": ("tiny:sd", 16), "sdxl": ("tiny:sdxl", 16)}
+TINY.update(
+    {
+        "qwen_image": ("tiny:qwen_image", 16),
+        "flux2": ("tiny:flux2", 16),
+        "flux2_klein": ("tiny:flux2_klein", 16),
+        "z_image": ("tiny:z_image", 16),
+        "flux_kontext": ("tiny:flux_kontext", 16),
+    }
+)
+# Families whose prompts carry a source image keep their recipe's JSONL prompts (the colour prompts have none).
+EDIT_PROMPTS = CONFIGS / "editing" / "prompts"
+TINY_OVERRIDES = {
+    "flux_kontext": (
+        f"data.train_prompts={EDIT_PROMPTS / 'edit_train.jsonl'}",
+        f"data.eval_prompts={EDIT_PROMPTS / 'edit_eval.jsonl'}",
+    ),
+}
 
 
 @pytest.mark.parametrize("path", GENERATION, ids=[str(p.relative_to(CONFIGS)) for p in GENERATION])
@@ -327,6 +359,7 @@ def test_every_generation_config_trains_two_steps_on_tiny_models(
             "log.progress=false",
             f"data.train_prompts={DEMO.parent / 'prompts' / 'colour_train.txt'}",
             f"data.eval_prompts={DEMO.parent / 'prompts' / 'colour_eval.txt'}",
+            *TINY_OVERRIDES.get(family, ()),
         ],
     )
     for term in [*config.reward.terms, *config.eval.gold]:
