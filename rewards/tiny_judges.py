@@ -4,7 +4,7 @@
   ``Qwen2VLProcessor`` (56 x 56 pixels = 4 image tokens, Qwen's chat tokens), saved with ``save_pretrained``
   so that :class:`rewards.vlm_judge.VLMJudge` loads it through ``AutoModelForImageTextToText`` exactly like a
   hub checkpoint. Its word-level tokenizer holds the judges' answer words (``yes`` / ``no``, ``1`` .. ``10``,
-  ``first`` / ``second``) as single tokens.
+  ``first`` / ``second``, ``First`` / ``Second``) as single tokens.
 - :func:`save_tiny_dino_for_adversarial`: rewards.tiny's DINOv2 (re-exported for the adversarial recipes).
 
 Nothing is downloaded. (``rewards`` imports only ``gen_rl.core``, so this builds its own tokenizer rather than
@@ -28,7 +28,13 @@ from transformers import (
 
 from rewards.tiny import save_tiny_dino as save_tiny_dino_for_adversarial
 
-__all__ = ["JUDGE_WORDS", "save_tiny_dino_for_adversarial", "save_tiny_qwen2_vl_judge", "judge_tokenizer"]
+__all__ = [
+    "JUDGE_WORDS",
+    "judge_tokenizer",
+    "save_tiny_dino_for_adversarial",
+    "save_tiny_qwen2_vl_judge",
+    "save_tiny_references",
+]
 
 SPECIAL_TOKENS = (
     "<|endoftext|>",
@@ -67,6 +73,8 @@ JUDGE_WORDS = (
     "matches",
     "first",
     "second",
+    "First",
+    "Second",
     "same",
     "rate",
     "from",
@@ -182,4 +190,18 @@ def save_tiny_qwen2_vl_judge(folder: str | Path, seed: int = 0) -> Path:
     model, processor = tiny_qwen2_vl_judge(seed)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
+    return folder
+
+
+def save_tiny_references(folder: str | Path, count: int = 4, size: int = 24, seed: int = 0) -> Path:
+    """``count`` random-colour PNGs of ``size`` x ``size`` in ``folder``: a reference folder for the recipes."""
+    from PIL import Image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(seed)
+    colours = (torch.rand(count, 3, generator=generator) * 255).round().to(torch.uint8)
+    for index, colour in enumerate(colours):
+        array = colour[None, None, :].expand(size, size, 3).numpy().copy()
+        Image.fromarray(array).save(folder / f"reference_{index:02d}.png")
     return folder
