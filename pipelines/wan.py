@@ -48,6 +48,7 @@ EXPERTS = ("high", "low")  # WanPipeline's transformer (t >= boundary) and trans
 EXPERT_COMPONENTS = {"high": "transformer", "low": "transformer_2"}
 # sub-folders of a two-expert LoRA export (the high / low noise file naming of released Wan 2.2 LoRAs)
 EXPERT_EXPORT_FOLDERS = {"high": "high_noise", "low": "low_noise"}
+UNIPC_START_OFFSET = 1e-6  # UniPC's flow grid starts at 1 - 1e-6
 DEFAULT_NUM_FRAMES = 81  # WanPipeline's default
 DEFAULT_IMAGE_SIZE = (480, 832)  # WanPipeline's default (height, width)
 
@@ -255,7 +256,8 @@ class WanSampler(FlowMatchSampler):
 
     def grid(self, options: RolloutOptions, latents: Tensor) -> tuple[Tensor, Tensor]:
         """The shipped scheduler's own grid (``set_timesteps`` of a fresh copy: UniPC's flow sigmas for released
-        Wan checkpoints, FlowMatchEuler's for others), with ``options.shift`` replacing its (flow) shift."""
+        Wan checkpoints, FlowMatchEuler's for others), with ``options.shift`` replacing its (flow) shift; a
+        first sigma of UniPC's ``1 - 1e-6`` is taken as 1."""
         shipped = self.pipeline.scheduler
         overrides = {}
         if options.shift is not None:
@@ -268,6 +270,11 @@ class WanSampler(FlowMatchSampler):
             )
         scheduler.set_timesteps(options.num_steps, device=self.device)
         sigmas = scheduler.sigmas.to(self.device, torch.float32)
+        if abs(float(sigmas[0]) - 1.0) < UNIPC_START_OFFSET * 10:
+            # UniPC starts at 1 - 1e-6 (its log-SNR is infinite at 1). The SDE steps treat s = 1 as the start
+            # (Flow-GRPO's g = a sqrt(s / (1 - s)) would give a first-step std of ~700 a at 1 - 1e-6); the model
+            # still gets the scheduler's own timestep (999).
+            sigmas[0] = 1.0
         timesteps = scheduler.timesteps.to(self.device, torch.float32)
         if sigmas.shape[0] != timesteps.shape[0] + 1 or timesteps.shape[0] != options.num_steps:
             raise ValueError(
