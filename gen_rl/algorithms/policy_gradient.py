@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from gen_rl.algorithms.base import Algorithm, LossBatch, Policy
+from gen_rl.algorithms.likelihood_tools import weighted_step_loss
 from gen_rl.algorithms.options import PolicyGradientOptions
 from gen_rl.core.step_selection import sde_window, train_step_indices
 from gen_rl.objective import log_probs_in_convention, step_loss, transition_kl
@@ -75,14 +76,30 @@ class PolicyGradient(Algorithm):
             if self.options.kl_coef
             else None
         )
-        return step_loss(
-            self.options,
-            log_probs_in_convention(out.log_probs, stds, convention),
-            log_probs_in_convention(old_log_probs, stds, convention),
-            batch.advantages,
-            batch.weight,
-            kl,
+        new = log_probs_in_convention(out.log_probs, stds, convention)
+        old = log_probs_in_convention(old_log_probs, stds, convention)
+        step_weight = self.step_weight(part, column, policy)
+        if step_weight is None:
+            return step_loss(self.options, new, old, batch.advantages, batch.weight, kl)
+        return weighted_step_loss(
+            self.options, new - old.detach(), batch.advantages, batch.weight, step_weight, kl
         )
+
+    def step_weight(self, part: Any, column: Tensor, policy: Policy) -> Tensor | None:
+        """A per-sample weight ``[b]`` of the surrogate at ``column`` (TempFlow-GRPO, Flash-GRPO); None: 1."""
+        return None
+
+    def unit_advantages(
+        self, rollout: Any, group_ids: Tensor, advantages: Tensor, units: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Advantages and weights ``[B, K]``: each sample's advantage at every unit; with ``best_of_n_k`` only each
+        group's top and bottom k samples by advantage weigh 1, the others 0 (advantages unchanged)."""
+        expanded = advantages[:, None].expand(-1, units.shape[1])
+        weights = torch.ones(expanded.shape, device=advantages.device)
+        if self.options.best_of_n_k is not None:
+            chosen = best_of_n_mask(advantages, group_ids, self.options.best_of_n_k)
+            weights = weights * chosen[:, None].float()
+        return expanded, weights
 
     def reference_kl(self, policy: Policy, part: Any, column: Tensor, means: Tensor, stds: Tensor) -> Tensor:
         """KL ``[b]`` of the policy's step (``means`` with grad) to the frozen reference's (no grad)."""
@@ -98,6 +115,23 @@ class PolicyGradient(Algorithm):
             sde_type=part.sde_type,
             estimator=self.options.kl_estimator,
         )
+
+
+def best_of_n_mask(advantages: Tensor, group_ids: Tensor, k: int) -> Tensor:
+    """``[B]`` bool: the ``k`` highest and ``k`` lowest advantages of every group (DanceGRPO's best-of-N subset:
+    advantages come from the whole group, only this subset trains). Ties keep the earlier sample."""
+    chosen = torch.zeros(advantages.shape, dtype=torch.bool, device=advantages.device)
+    group_ids = group_ids.to(advantages.device)
+    for group in torch.unique(group_ids):
+        members = torch.nonzero(group_ids == group).flatten()
+        if 2 * k > len(members):
+            raise ValueError(
+                f"best_of_n_k={k} needs at least {2 * k} samples per group; group {int(group)} has {len(members)}"
+            )
+        order = torch.sort(advantages[members], descending=True, stable=True).indices
+        chosen[members[order[:k]]] = True
+        chosen[members[order[len(order) - k :]]] = True
+    return chosen
 
 
 class FlowGRPO(PolicyGradient):
