@@ -15,18 +15,23 @@ import statistics
 import time
 
 import torch
+from diffusers import DDIMScheduler
 
 from gen_rl.core.seeding import make_generators
-from pipelines import FluxSampler, RolloutOptions, SD3Sampler, SDSampler
+from pipelines import FluxSampler, RolloutOptions, SD3Sampler, SDSampler, SDXLSampler
 from pipelines.tiny import tiny_flux_pipeline, tiny_sd3_pipeline, tiny_sd_pipeline
+from pipelines.tiny_sdxl import tiny_sd2_pipeline, tiny_sdxl_pipeline
 
 # (sampler, builder, image side in pixels): each gives 1024 latent positions, as in shared/TINY_MODELS.md
 CASES = {
     "sd3": (SD3Sampler, tiny_sd3_pipeline, 32),
     "flux": (FluxSampler, tiny_flux_pipeline, 64),
     "sd": (SDSampler, tiny_sd_pipeline, 64),
+    "sd2": (SDSampler, tiny_sd2_pipeline, 64),
+    "sdxl": (SDXLSampler, tiny_sdxl_pipeline, 64),
 }
 TARGETS = {"sd3": 1.05, "flux": 1.05, "sd": 1.05}
+TARGETS.update({"sd2": 1.05, "sdxl": 1.05})
 
 
 def _timed(function) -> float:
@@ -46,9 +51,12 @@ def measure(family: str, batch: int, steps: int, repeats: int) -> dict[str, floa
     pipeline_kwargs = {"guidance_scale": 1.0, "max_sequence_length": 64} if family == "sd3" else {}
     if family == "flux":
         pipeline_kwargs = {"max_sequence_length": 64}
-    if family == "sd":  # DDIM with eta = 1 on both sides: the pipeline draws variance noise every step too
+    # DDIM with eta = 1 on both sides: the pipeline draws variance noise every step too
+    if family in ("sd", "sd2", "sdxl"):
         options = RolloutOptions(num_steps=steps, height=side, width=side, sde_type="ddim", noise_level=1.0)
         pipeline_kwargs = {"guidance_scale": 1.0, "eta": 1.0}
+        # SDXL ships Euler: the pipeline steps with DDIM from the same config, as the rollout does
+        sampler.pipeline.scheduler = DDIMScheduler.from_config(sampler.pipeline.scheduler.config)
     seeds = sampler.rollout(prompts, options).seeds.tolist()
 
     def call_pipeline() -> None:
