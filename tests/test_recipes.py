@@ -317,12 +317,23 @@ TINY.update(
         "flux_kontext": ("tiny:flux_kontext", 16),
     }
 )
+TINY.update({"wan": ("tiny:wan22", 16), "wan_i2v": ("tiny:wan_i2v", 16)})  # wan: the two-expert layout
+# The Wan recipes score frames with PickScore inside the segmental video reward, a nested reward the tiny heads
+# above do not reach: on tiny models the segmental reward scores colour instead.
+WAN_TINY_REWARD = "reward.terms=[{name: segmental, weight: 1.0, kwargs: {reward: colour, segments: 5}}]"
+WAN_PROMPTS = CONFIGS / "wan" / "prompts"
 # Families whose prompts carry a source image keep their recipe's JSONL prompts (the colour prompts have none).
 EDIT_PROMPTS = CONFIGS / "editing" / "prompts"
 TINY_OVERRIDES = {
     "flux_kontext": (
         f"data.train_prompts={EDIT_PROMPTS / 'edit_train.jsonl'}",
         f"data.eval_prompts={EDIT_PROMPTS / 'edit_eval.jsonl'}",
+    ),
+    "wan": (WAN_TINY_REWARD,),
+    "wan_i2v": (
+        WAN_TINY_REWARD,
+        f"data.train_prompts={WAN_PROMPTS / 'i2v_train.jsonl'}",
+        f"data.eval_prompts={WAN_PROMPTS / 'i2v_eval.jsonl'}",
     ),
 }
 
