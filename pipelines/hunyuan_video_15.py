@@ -11,17 +11,27 @@ from __future__ import annotations
 
 import torch
 from diffusers import HunyuanVideo15Pipeline
+from diffusers.loaders import HunyuanVideoLoraLoaderMixin
 from torch import Tensor
 
 from pipelines.base import ATTENTION_LORA_TARGETS, NEGATIVE_PREFIX, RolloutOptions
 from pipelines.hunyuan_video import VideoFlowSampler
 
 
+class HunyuanVideo15LoraPipeline(HunyuanVideo15Pipeline, HunyuanVideoLoraLoaderMixin):
+    """``HunyuanVideo15Pipeline`` with diffusers' HunyuanVideo LoRA loader (``load_lora_weights`` /
+    ``save_lora_weights``), which diffusers 0.42.1 does not give the 1.5 pipeline. The files are diffusers' usual
+    ``transformer.``-prefixed LoRA; a stock ``HunyuanVideo15Pipeline`` loads them with ``pipe.transformer.
+    load_lora_adapter(folder, prefix="transformer", weight_name="pytorch_lora_weights.safetensors")``.
+    """
+
+
 class HunyuanVideo15Sampler(VideoFlowSampler):
-    """SDE sampler for HunyuanVideo 1.5 text-to-video (true CFG optional)."""
+    """SDE sampler for HunyuanVideo 1.5 text-to-video (true CFG optional). ``from_pretrained`` loads the checkpoint
+    as ``HunyuanVideo15LoraPipeline`` so that LoRA export and ``load_lora_weights`` work."""
 
     family = "hunyuan_video_15"
-    pipeline_class = HunyuanVideo15Pipeline
+    pipeline_class = HunyuanVideo15LoraPipeline
     required_components = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
     # The dual-stream blocks' and the token refiner's attention projections.
     lora_target_modules = ATTENTION_LORA_TARGETS

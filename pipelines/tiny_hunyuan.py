@@ -17,7 +17,6 @@ from diffusers import (
     AutoencoderKLHunyuanVideo15,
     FlowMatchEulerDiscreteScheduler,
     HunyuanSkyreelsImageToVideoPipeline,
-    HunyuanVideo15Pipeline,
     HunyuanVideo15Transformer3DModel,
     HunyuanVideoPipeline,
     HunyuanVideoTransformer3DModel,
@@ -34,6 +33,7 @@ from transformers import (
     T5EncoderModel,
 )
 
+from pipelines.hunyuan_video_15 import HunyuanVideo15LoraPipeline
 from pipelines.tiny import VOCAB_SIZE, _clip_config, _eval_mode, build_char_tokenizer
 
 TINY_PROMPT_TEMPLATE = {"template": "{}", "crop_start": 0}  # the prompt alone: no Llama system prompt to crop
@@ -138,8 +138,9 @@ _QWEN_CHAT_TEMPLATE = (
 )
 
 
-def tiny_hunyuan_video_15_pipeline(seed: int = 0) -> HunyuanVideo15Pipeline:
-    """A HunyuanVideo 1.5-architecture text-to-video pipeline (sizes of diffusers' test_hunyuan_1_5.py).
+def tiny_hunyuan_video_15_pipeline(seed: int = 0) -> HunyuanVideo15LoraPipeline:
+    """A HunyuanVideo 1.5-architecture text-to-video pipeline (sizes of diffusers' test_hunyuan_1_5.py), with the
+    LoRA loader the sampler's ``from_pretrained`` adds (``HunyuanVideo15LoraPipeline``).
 
     The Qwen2.5-VL text tower reads a character tokenizer whose chat template keeps only the user prompt (no
     system prompt to crop: ``prompt_template_encode_start_idx = 0``); sequence lengths are cut to tiny ones
@@ -204,7 +205,7 @@ def tiny_hunyuan_video_15_pipeline(seed: int = 0) -> HunyuanVideo15Pipeline:
             eos_token_id=1,
         )
     )
-    pipeline = HunyuanVideo15Pipeline(
+    pipeline = HunyuanVideo15LoraPipeline(
         transformer=transformer,
         vae=vae,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
