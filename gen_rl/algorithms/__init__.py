@@ -15,6 +15,19 @@ ALGORITHMS: dict[str, str] = {
     "flow_grpo": "gen_rl.algorithms.policy_gradient:FlowGRPO",
     "dance_grpo": "gen_rl.algorithms.policy_gradient:DanceGRPO",
     "diffusion_nft": "gen_rl.algorithms.diffusion_nft:DiffusionNFT",
+    "grpo_guard": "gen_rl.algorithms.grpo_guard:GRPOGuard",
+    "flow_dppo": "gen_rl.algorithms.flow_dppo:FlowDPPO",
+    "tempflow_grpo": "gen_rl.algorithms.tempflow_grpo:TempFlowGRPO",
+    "branch_grpo": "gen_rl.algorithms.branch_grpo:BranchGRPO",
+    "flash_grpo": "gen_rl.algorithms.flash_grpo:FlashGRPO",
+    "awm": "gen_rl.algorithms.awm:AWM",
+    "dgpo": "gen_rl.algorithms.dgpo:DGPO",
+    "diffusion_dpo": "gen_rl.algorithms.dpo:DiffusionDPO",
+    "sft": "gen_rl.algorithms.sft:SFT",
+    "draft": "gen_rl.algorithms.reward_backprop:DRaFT",
+    "refl": "gen_rl.algorithms.reward_backprop:ReFL",
+    "partial_edit": "gen_rl.algorithms.reward_backprop:PartialEdit",
+    "few_step_grpo": "gen_rl.algorithms.few_step:FewStepGRPO",
 }
 _LAZY = {"Algorithm": "base", "LossBatch": "base", "Policy": "base", "AlgorithmOptions": "options"}
 
