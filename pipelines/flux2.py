@@ -21,6 +21,7 @@ from torch import Tensor
 
 from pipelines.base import ATTENTION_LORA_TARGETS, NEGATIVE_PREFIX, FlowMatchSampler, RolloutOptions
 from pipelines.flux import linear_sigmas, shifted_flow_grid
+from pipelines.qwen_image import refuse_embedded_guidance
 
 DEFAULT_GUIDANCE = 4.0  # Flux2Pipeline.__call__'s guidance_scale
 
@@ -171,11 +172,7 @@ class Flux2KleinSampler(Flux2Sampler):
     ) -> dict[str, Tensor]:
         """Qwen3 hidden states ``[B, L, 3 * width]``; the negative prompt's too when ``cfg_scale > 1`` (base
         model only: the step-distilled pipeline ignores CFG, so a ``cfg_scale > 1`` is refused there)."""
-        if options.guidance is not None:
-            raise ValueError(
-                "FLUX.2-klein has no guidance embedding; set sample.guidance to null (use sample.cfg_scale for "
-                "true CFG on the klein base model)"
-            )
+        refuse_embedded_guidance(self.family, options)
         conditioning = self._encode(prompts, options, num_per_prompt)
         if options.cfg_scale > 1.0:
             if self.pipeline.config.get("is_distilled", False):

@@ -22,6 +22,15 @@ from pipelines.flux import linear_sigmas, sequence_length_shift, shifted_flow_gr
 MASK_KEY = "prompt_embeds_mask"
 
 
+def refuse_embedded_guidance(family: str, options: RolloutOptions) -> None:
+    """A clear error for ``sample.guidance`` on a family without a guidance embedding (it would be ignored)."""
+    if options.guidance is not None:
+        raise ValueError(
+            f"the {family} family has no guidance embedding; set sample.guidance to null and use "
+            "sample.cfg_scale for true classifier-free guidance"
+        )
+
+
 def pad_sequence_to(embeds: Tensor, mask: Tensor | None, length: int) -> tuple[Tensor, Tensor]:
     """``[B, L, D]`` embeddings and their ``[B, L]`` mask (None: all valid) zero-padded to ``length`` tokens."""
     batch, current, width = embeds.shape
@@ -66,6 +75,7 @@ class QwenImageSampler(FlowMatchSampler):
         self, prompts: list[str], options: RolloutOptions, num_per_prompt: int
     ) -> dict[str, Tensor]:
         """Qwen2.5-VL prompt embeddings and mask, padded to ``max_sequence_length``; ``negative_*`` with CFG."""
+        refuse_embedded_guidance(self.family, options)
         conditioning = self._encode(prompts, options, num_per_prompt)
         if options.cfg_scale > 1.0:
             negative = self._encode([options.negative_prompt] * len(prompts), options, num_per_prompt)
@@ -75,7 +85,10 @@ class QwenImageSampler(FlowMatchSampler):
     def _encode(self, prompts: list[str], options: RolloutOptions, num_per_prompt: int) -> dict[str, Tensor]:
         length = self._max_sequence_length(options)
         embeds, mask = self.pipeline.encode_prompt(
-            prompt=prompts, device=self.device, num_images_per_prompt=num_per_prompt, max_sequence_length=length
+            prompt=prompts,
+            device=self.device,
+            num_images_per_prompt=num_per_prompt,
+            max_sequence_length=length,
         )
         embeds, mask = pad_sequence_to(embeds, mask, length)
         return {"prompt_embeds": embeds, MASK_KEY: mask}

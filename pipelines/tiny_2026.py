@@ -54,8 +54,20 @@ USER_TURNS_TEMPLATE = (
 # These words and the newline are single tokens here, so the system turn is exactly those 34 tokens too.
 QWEN_IMAGE_TEMPLATE_WORDS = (
     "\n",
-    *"system Describe the image by detailing color shape size texture quantity text spatial".split(),
-    *"relationships of objects and background user assistant".split(),
+    *(
+        "system",
+        "Describe",
+        "the",
+        "image",
+        "by",
+        "detailing",
+        "color",
+        "shape",
+        "size",
+        "texture",
+        "quantity",
+    ),
+    *("text", "spatial", "relationships", "of", "objects", "and", "background", "user", "assistant"),
 )
 TEXT_WIDTH = 16  # hidden size of every tiny text encoder here
 
@@ -69,7 +81,9 @@ def build_chat_tokenizer(model_max_length: int = 1100) -> PreTrainedTokenizerFas
     )
     tokenizer.add_tokens([AddedToken(word, normalized=False) for word in QWEN_IMAGE_TEMPLATE_WORDS])
     tokenizer.chat_template = USER_TURNS_TEMPLATE
-    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(single="$A", pair="$A $B")  # no <s>
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="$A", pair="$A $B"
+    )  # no <s>
     return tokenizer
 
 
@@ -158,7 +172,13 @@ def tiny_qwen_image_pipeline(seed: int = 0) -> QwenImagePipeline:
             "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [1, 1, 2]},
             "pad_token_id": tokenizer.pad_token_id,
         },
-        vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2, "out_hidden_size": 16},
+        vision_config={
+            "depth": 1,
+            "hidden_size": 16,
+            "intermediate_size": 16,
+            "num_heads": 2,
+            "out_hidden_size": 16,
+        },
         vision_start_token_id=len(tokenizer),
         vision_end_token_id=len(tokenizer) + 1,
         image_token_id=len(tokenizer) + 2,

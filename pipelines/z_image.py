@@ -24,6 +24,7 @@ from torch import Tensor
 
 from pipelines.base import NEGATIVE_PREFIX, FlowMatchSampler, RolloutOptions
 from pipelines.flux import sequence_length_shift, shifted_flow_grid
+from pipelines.qwen_image import refuse_embedded_guidance
 
 DEFAULT_IMAGE_SIDE = 1024  # ZImagePipeline.__call__'s default height and width
 LENGTHS_KEY = "prompt_lengths"
@@ -52,6 +53,7 @@ class ZImageSampler(FlowMatchSampler):
     ) -> dict[str, Tensor]:
         """Caption features ``[B, max_sequence_length, D]`` (zero-padded) and their lengths ``[B]``;
         ``negative_*`` too when ``cfg_scale > 1``."""
+        refuse_embedded_guidance(self.family, options)
         use_cfg = options.cfg_scale > 1.0
         length = self._max_sequence_length(options)
         positive, negative = self.pipeline.encode_prompt(
@@ -64,7 +66,9 @@ class ZImageSampler(FlowMatchSampler):
         conditioning = _padded_captions(positive, length, num_per_prompt)
         if use_cfg:
             negative_conditioning = _padded_captions(negative, length, num_per_prompt)
-            conditioning.update({NEGATIVE_PREFIX + key: value for key, value in negative_conditioning.items()})
+            conditioning.update(
+                {NEGATIVE_PREFIX + key: value for key, value in negative_conditioning.items()}
+            )
         return conditioning
 
     def initial_latents(
@@ -98,7 +102,9 @@ class ZImageSampler(FlowMatchSampler):
         lengths = conditioning[LENGTHS_KEY].tolist()
         caption_list = [caption[:length] for caption, length in zip(captions, lengths, strict=True)]
         latent_list = list(latents.to(self.dtype).unsqueeze(2).unbind(dim=0))
-        outputs = self.active_denoiser(latent_list, (1000 - timesteps) / 1000, caption_list, return_dict=False)[0]
+        outputs = self.active_denoiser(
+            latent_list, (1000 - timesteps) / 1000, caption_list, return_dict=False
+        )[0]
         return -torch.stack([output.float() for output in outputs]).squeeze(2)
 
     def default_image_size(self) -> tuple[int, int]:
@@ -108,7 +114,9 @@ class ZImageSampler(FlowMatchSampler):
         height, width = super()._image_size(options)
         multiple = self.pipeline.vae_scale_factor * 2
         if height % multiple or width % multiple:
-            raise ValueError(f"Z-Image height and width must be multiples of {multiple}; got {height}x{width}")
+            raise ValueError(
+                f"Z-Image height and width must be multiples of {multiple}; got {height}x{width}"
+            )
         return height, width
 
 
