@@ -1,9 +1,9 @@
 """Entry point: ``accelerate launch gen_rl/train.py --config configs/<family>/<run>.yaml [key=value ...]``.
 
-The YAML's ``task`` picks the trainer (``generation``, the default, or ``vlm``); dotted overrides such as
-``train.lr=1e-5`` replace values of the file. ``--resume`` continues from the run folder's latest checkpoint.
-``--describe`` prints every config key with its default and meaning. Relative paths in the YAML resolve
-against the working directory.
+The YAML's ``task`` picks the trainer (``generation``, the default, ``vlm``, or ``reward_model``); dotted
+overrides such as ``train.lr=1e-5`` replace values of the file. ``--resume`` continues from the run folder's
+latest checkpoint. ``--describe`` prints every config key with its default and meaning. Relative paths in the
+YAML resolve against the working directory.
 
 A bad input (config, data file, weights, environment) ends the run before any model loads with one line on
 stderr naming the problem and the fix, and exit status 2; ``--debug`` shows the traceback instead. The config
@@ -58,8 +58,8 @@ def task_of(path: str | None, overrides: list[str]) -> str:
     """The ``task`` of a config file plus overrides (``generation`` when absent)."""
     data = merge(read_yaml(path) if path else {}, parse_overrides(overrides))
     task = data.get("task", "generation")
-    if task not in ("generation", "vlm"):
-        raise ConfigError(f"task must be 'generation' or 'vlm', got {task!r}")
+    if task not in ("generation", "vlm", "reward_model"):
+        raise ConfigError(f"task must be 'generation', 'vlm' or 'reward_model', got {task!r}")
     return task
 
 
@@ -69,6 +69,10 @@ def config_class_of(task: str) -> type:
         from gen_rl.vlm.config import VLMConfig
 
         return VLMConfig
+    if task == "reward_model":
+        from gen_rl.reward_model.config import RewardModelConfig
+
+        return RewardModelConfig
     from gen_rl.trainer_config import GenerationConfig
 
     return GenerationConfig
@@ -85,6 +89,10 @@ def load_checked_config(args: argparse.Namespace) -> Any:
     config = load_config(config_class_of(task), args.config, args.overrides)
     if task == "vlm":
         inputs.check_vlm_inputs(config)
+    elif task == "reward_model":
+        from gen_rl.reward_model.inputs import check_reward_model_inputs
+
+        check_reward_model_inputs(config)
     else:
         inputs.check_generation_inputs(config)
     check_start(config, resume=args.resume, overwrite=args.overwrite)  # used folder, config change on resume
@@ -95,6 +103,10 @@ def run(config: Any, resume: bool, overwrite: bool = False) -> dict[str, Any]:
     """Import the trainer (torch and the model libraries load here), check names, build and train."""
     from gen_rl.inputs import check_registered_names
 
+    if config.task == "reward_model":
+        from gen_rl.reward_model.trainer import train as train_reward_model
+
+        return train_reward_model(config, resume=resume, overwrite=overwrite)
     check_registered_names(config)
     if config.task == "vlm":
         from gen_rl.vlm.trainer import train
@@ -115,7 +127,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.check:
         from gen_rl.inputs import check_registered_names
 
-        check_registered_names(config)
+        if config.task != "reward_model":  # its records and images are checked when the trainer reads them
+            check_registered_names(config)
         print(f"{args.config}: config, data files and weights checked, no problem found")
         return {}
     return run(config, resume=args.resume, overwrite=args.overwrite)

@@ -47,7 +47,9 @@ class PreferenceModelSpec:
     feature_dim: int  # width of the backbone's (projected) embedding
     preprocess: dict[str, Any]  # an ImagePreprocess recipe
     max_text_length: int = 77
-    trained_with: dict[str, Any] = field(default_factory=dict)  # provenance (mode, data, steps); not used to load
+    trained_with: dict[str, Any] = field(
+        default_factory=dict
+    )  # provenance (mode, data, steps); not used to load
     format_version: int = FORMAT_VERSION
 
     def check(self) -> None:
@@ -270,5 +272,3 @@ def score_images(
             for start in range(0, len(images), batch_size)
         ]
     return torch.cat(chunks).float().cpu() if chunks else torch.empty(0)
-
-
