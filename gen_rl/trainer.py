@@ -248,23 +248,7 @@ class GenerationTrainer(PhaseLoop):
     # ----- phases ------------------------------------------------------------------------------------------
     def rollout_options(self, step: int, **overrides: Any) -> RolloutOptions:
         """The sampling options of the config, with ``overrides`` (the algorithm's, or eval's seed and noise)."""
-        sample = self.config.sample
-        options = RolloutOptions(
-            num_steps=sample.num_steps,
-            height=sample.height,
-            width=sample.width,
-            cfg_scale=sample.cfg_scale,
-            negative_prompt=sample.negative_prompt,
-            guidance=sample.guidance,
-            shift=sample.shift,
-            sde_type=sample.sde_type,
-            noise_level=sample.noise_level,
-            share_initial_noise=sample.share_initial_noise,
-            seed=self.config.train.seed,
-            max_sequence_length=sample.max_sequence_length,
-            num_frames=sample.num_frames,
-        )
-        return dataclasses.replace(options, **overrides)
+        return sampling_options(self.config, **overrides)
 
     @torch.no_grad()
     def sample(self, step: int) -> StepBatch:
@@ -509,9 +493,7 @@ class GenerationTrainer(PhaseLoop):
             return {}
         config, accelerator = self.config, self.accelerator
         count = min(len(self.eval_set), config.eval.max_prompts)
-        options = self.rollout_options(
-            step, seed=config.eval.seed, noise_level=config.eval.noise_level, share_initial_noise=False
-        )
+        options = eval_options(config)
         mine = _even_shard(count, accelerator.process_index, accelerator.num_processes)
         ema = self.policy.swapped(self.ema.shadow) if self.ema is not None else nullcontext()
         with ema, accelerator.autocast():
@@ -601,6 +583,34 @@ class GenerationTrainer(PhaseLoop):
             "last_train_reward": train[-1] if train else None,
             "output_dir": str(self.output_dir),
         }
+
+
+def sampling_options(config: GenerationConfig, **overrides: Any) -> RolloutOptions:
+    """``RolloutOptions`` from the config's ``sample`` section and run seed, with ``overrides``."""
+    sample = config.sample
+    options = RolloutOptions(
+        num_steps=sample.num_steps,
+        height=sample.height,
+        width=sample.width,
+        cfg_scale=sample.cfg_scale,
+        negative_prompt=sample.negative_prompt,
+        guidance=sample.guidance,
+        shift=sample.shift,
+        sde_type=sample.sde_type,
+        noise_level=sample.noise_level,
+        share_initial_noise=sample.share_initial_noise,
+        seed=config.train.seed,
+        max_sequence_length=sample.max_sequence_length,
+        num_frames=sample.num_frames,
+    )
+    return dataclasses.replace(options, **overrides)
+
+
+def eval_options(config: GenerationConfig) -> RolloutOptions:
+    """The held-out evaluation's options: eval seed and noise level, no shared initial noise (fixed every time)."""
+    return sampling_options(
+        config, seed=config.eval.seed, noise_level=config.eval.noise_level, share_initial_noise=False
+    )
 
 
 def whole_groups_first(group_ids: torch.Tensor, order: torch.Tensor) -> torch.Tensor:

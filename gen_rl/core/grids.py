@@ -15,7 +15,9 @@ from PIL import Image, ImageDraw, ImageFont
 
 from gen_rl.core.images import to_uint8
 
-MIN_CELL_SIDE = 160  # pixels: smaller samples are upscaled (nearest neighbour, so pixels stay visible) to this
+MIN_CELL_SIDE = (
+    160  # pixels: smaller samples are upscaled (nearest neighbour, so pixels stay visible) to this
+)
 LABEL_WIDTH = 220  # pixels of the prompt column
 FONT_SIZE = 14
 PADDING = 6
@@ -63,7 +65,9 @@ def labelled_grid(
     cell_height, cell_width = height * scale, width * scale
     font = _font()
     line = FONT_SIZE + 4
-    header = line + PADDING if column_labels is not None else 0
+    per_line = max(4, cell_width // (FONT_SIZE * 6 // 10))  # characters of a label line over one cell
+    headers = [textwrap.wrap(label, per_line)[:2] or [""] for label in column_labels or []]
+    header = max((len(lines) for lines in headers), default=0) * line + PADDING if column_labels else 0
     footer = line if cell_labels is not None else 0
     row_height = max(cell_height + footer, 3 * line) + PADDING
     canvas = Image.new(
@@ -73,8 +77,9 @@ def labelled_grid(
     )
     draw = ImageDraw.Draw(canvas)
     characters = max(8, LABEL_WIDTH // (FONT_SIZE * 6 // 10))
-    for column, label in enumerate(column_labels or []):
-        draw.text((LABEL_WIDTH + column * (cell_width + PADDING), PADDING), label, fill="black", font=font)
+    for column, lines in enumerate(headers):
+        left = LABEL_WIDTH + column * (cell_width + PADDING)
+        draw.multiline_text((left, PADDING), "\n".join(lines), fill="black", font=font, spacing=4)
     for row in range(rows):
         top = header + PADDING + row * row_height
         wrapped = textwrap.wrap(row_labels[row], characters)[: max(1, cell_height // line)]
