@@ -11,7 +11,10 @@
 
 from __future__ import annotations
 
+import inspect
 import math
+from contextlib import contextmanager
+from functools import partial
 
 import pytest
 import torch
@@ -21,6 +24,8 @@ from gen_rl.algorithms.base import LossBatch
 from gen_rl.algorithms.branch_grpo import BranchGRPO, depth_advantages, width_kept
 from gen_rl.algorithms.options_likelihood import BranchGRPOOptions
 from gen_rl.core.config import ConfigError
+from gen_rl.core.seeding import derive_seed
+from gen_rl.trainer import GenerationTrainer
 from pipelines import FluxSampler, RolloutOptions
 from pipelines.tiny import tiny_flux_pipeline
 from pipelines.tree import Tree, tree_rollout
@@ -209,3 +214,93 @@ def test_the_loss_uses_the_unit_advantage_and_weight(sampler):
     batch = LossBatch(rollout, units[:, 2:3], advantages[:, 2], weights[:, 2], step=0)
     loss, _ = algorithm.loss(batch, policy)
     assert torch.allclose(loss, -(advantages[:, 2] * weights[:, 2]).mean(), atol=1e-5)
+
+
+# ----- learning direction ----------------------------------------------------------------------------------------
+# 4 groups of 4 per step, two updates of 8 per step, eval over 4 held-out prompts x 2 (as test_user_algorithm)
+LEARNING = (
+    "train.lr=3e-2",
+    "train.samples_per_update=8",
+    "train.microbatch_size=8",
+    "sample.groups_per_step=4",
+    "sample.groups_per_rollout=2",
+    "checkpoint.every_steps=0",
+    "eval.every_steps=0",
+    "eval.max_prompts=4",
+    "log.monitors=false",
+)
+
+
+def trainer_has_algorithm_hooks() -> bool:
+    """Whether gen_rl/trainer.py routes the rollout and the unit advantages through the algorithm."""
+    return "unit_advantages" in inspect.getsource(GenerationTrainer.update)
+
+
+@contextmanager
+def tree_sampling(trainer: GenerationTrainer):
+    """The training rollouts through ``algorithm.rollout`` (what the trainer hook does), evaluation untouched."""
+    sampler, rollout = trainer.sampler, getattr(trainer.algorithm, "rollout", None)
+    if rollout is None:
+        yield
+        return
+    sampler.rollout = partial(rollout, sampler)
+    try:
+        yield
+    finally:
+        del sampler.rollout
+
+
+def hooked_step(trainer: GenerationTrainer, step: int) -> float:
+    """One training step with the two algorithm hooks of /work/helpers/requests/lr_algos.md: through the trainer
+    when it has them, else sample / score / advantages from the trainer and the update written out here as the
+    requested diff makes it (per-unit advantages and weights from ``algorithm.unit_advantages``)."""
+    if trainer_has_algorithm_hooks():
+        return trainer.run_step(step)["reward/mean"]
+    algorithm, train = trainer.algorithm, trainer.config.train
+    with tree_sampling(trainer):
+        batch = trainer.sample(step)
+    trainer.score(batch)
+    record = trainer.advantages(batch)
+    rollout = batch.rollout
+    units = algorithm.select(rollout, step)
+    advantages, weights = algorithm.unit_advantages(rollout, batch.group_ids, batch.advantages, units)
+    weights = weights * batch.valid[:, None].float()
+    generator = torch.Generator().manual_seed(derive_seed(train.seed, "minibatch", step))
+    for update in torch.randperm(len(rollout), generator=generator).split(train.samples_per_update):
+        micros = update.split(train.microbatch_size)
+        for micro in micros:
+            part = rollout.select(micro)
+            for k in range(units.shape[1]):
+                batch_k = LossBatch(
+                    part, units[micro][:, k : k + 1], advantages[micro, k], weights[micro, k], step
+                )
+                loss, _ = algorithm.loss(batch_k, trainer.policy)
+                (loss / (len(micros) * units.shape[1])).backward()
+        trainer._optimizer_step()
+        algorithm.after_update(trainer.policy)
+    return record["reward/mean"]
+
+
+def test_a_short_branch_grpo_run_raises_the_held_out_reward(tmp_path):
+    trainer = GenerationTrainer(small_config(tmp_path, *LEARNING, "algorithm.name=branch_grpo"))
+    before = trainer.evaluate(0)["eval/reward/mean"]
+    train_rewards = [hooked_step(trainer, step) for step in range(8)]
+    after = trainer.evaluate(8)["eval/reward/mean"]
+    print(f"branch_grpo held-out {before:.4f} -> {after:.4f}; train {train_rewards}")
+    assert after - before > 0.005, (before, after)
+
+
+def test_a_trainer_that_skips_unit_advantages_is_refused(sampler):
+    """Without the per-edge advantages the loss would train BranchGRPO as plain GRPO: it refuses in one line."""
+    algorithm = branch_algorithm()
+    rollout = tree_rollout(sampler, PROMPTS[:1], OPTIONS, algorithm.tree, group_size=4, prompt_keys=["p0"])
+    units = algorithm.select(rollout, 0)
+
+    class Policy:
+        pass
+
+    policy = Policy()
+    policy.sampler = sampler
+    batch = LossBatch(rollout, units[:, :1], LEAVES, torch.ones(4), step=0)
+    with pytest.raises(RuntimeError, match="never called algorithm.unit_advantages"):
+        algorithm.loss(batch, policy)

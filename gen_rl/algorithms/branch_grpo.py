@@ -97,8 +97,14 @@ class BranchGRPO(PolicyGradient):
             if tree.stochastic(step) and tree.splits_before(step + 1) >= 1 and step + 1 not in pruned
         ]
 
+    @property
+    def needs_unit_advantages(self) -> bool:
+        """Always: each edge's advantage and weight come from :meth:`unit_advantages`."""
+        return True
+
     def select(self, rollout: Any, step: int) -> Tensor:
         """Every trainable edge step ``[B, K]`` (the same for every leaf; :meth:`unit_advantages` weighs them)."""
+        self.expect_unit_advantages()
         steps = self.trained_steps()
         if not steps:
             raise ValueError("branch_grpo: every edge after the first split is pruned; shrink depth_pruning")
@@ -110,6 +116,7 @@ class BranchGRPO(PolicyGradient):
         """Per-edge advantages and weights ``[B, K]`` from the leaves' advantages ``[B]`` (one tree per group).
 
         Weight 1 where the row owns the edge of that step and the edge survives width pruning, else 0."""
+        self._units_weighed = True
         tree, leaves = self.tree, self.tree.leaves
         device = advantages.device
         members = rollout.members.to(device)

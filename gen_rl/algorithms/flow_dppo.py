@@ -52,6 +52,7 @@ class FlowDPPO(OldPolicyMeans, PolicyGradient):
 
     def loss(self, batch: LossBatch, policy: Policy) -> tuple[Tensor, dict[str, Tensor]]:
         """The masked surrogate (+ beta KL to the reference) of one microbatch at one step."""
+        self.check_unit_advantages()
         part, column = batch.rollout, batch.units
         old_means = self.old_means(policy, part, column)
         out = policy.sampler.log_prob(part, column)

@@ -51,6 +51,7 @@ class GRPOGuard(OldPolicyMeans, PolicyGradient):
 
     def loss(self, batch: LossBatch, policy: Policy) -> tuple[Tensor, dict[str, Tensor]]:
         """Clipped surrogate of the normalised ratio x the step weight (+ beta KL) of one microbatch at one step."""
+        self.check_unit_advantages()
         part, column = batch.rollout, batch.units
         old_means = self.old_means(policy, part, column)
         out = policy.sampler.log_prob(part, column)

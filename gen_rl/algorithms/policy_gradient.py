@@ -53,8 +53,27 @@ class PolicyGradient(Algorithm):
         )
         return {} if window is None else {"sde_window": window}
 
+    @property
+    def needs_unit_advantages(self) -> bool:
+        """Whether the loss needs the per-unit advantages of :meth:`unit_advantages` (best-of-N)."""
+        return self.options.best_of_n_k is not None
+
+    def expect_unit_advantages(self) -> None:
+        """Called by ``select``: until :meth:`unit_advantages` runs, a loss that needs it refuses to train."""
+        self._units_weighed = not self.needs_unit_advantages
+
+    def check_unit_advantages(self) -> None:
+        """One line when the trainer skipped :meth:`unit_advantages` (the loss would silently ignore it)."""
+        if not getattr(self, "_units_weighed", True):
+            raise RuntimeError(
+                f"{type(self).__name__} with these options trains per-unit advantages and weights, but the trainer "
+                "never called algorithm.unit_advantages(rollout, group_ids, advantages, units); use a trainer with "
+                "the Algorithm.unit_advantages hook (gen_rl/trainer.py update)"
+            )
+
     def select(self, rollout: Any, step: int) -> Tensor:
         """Trained steps ``[B, K]`` among the stochastic ones (``gen_rl/core/step_selection.py``)."""
+        self.expect_unit_advantages()
         options = self.options
         return train_step_indices(
             rollout.stochastic,
@@ -67,6 +86,7 @@ class PolicyGradient(Algorithm):
 
     def loss(self, batch: LossBatch, policy: Policy) -> tuple[Tensor, dict[str, Tensor]]:
         """Clipped surrogate (+ beta KL) of one microbatch at one trained step, in the configured conventions."""
+        self.check_unit_advantages()
         part, column, convention = batch.rollout, batch.units, self.options.log_prob_convention
         old_log_probs = part.log_probs.gather(1, column.to(part.log_probs.device))
         out = policy.sampler.log_prob(part, column)
@@ -94,6 +114,7 @@ class PolicyGradient(Algorithm):
     ) -> tuple[Tensor, Tensor]:
         """Advantages and weights ``[B, K]``: each sample's advantage at every unit; with ``best_of_n_k`` only each
         group's top and bottom k samples by advantage weigh 1, the others 0 (advantages unchanged)."""
+        self._units_weighed = True
         expanded = advantages[:, None].expand(-1, units.shape[1])
         weights = torch.ones(expanded.shape, device=advantages.device)
         if self.options.best_of_n_k is not None:
