@@ -217,6 +217,20 @@ def test_registration():
     assert HunyuanVideoI2VSampler.conditions == ("image",) and HunyuanVideoSampler.conditions == ()
 
 
+@pytest.mark.parametrize("name", MODELS)
+def test_conditioning_rows_follow_the_prompts(name):
+    """Encoding 2 prompts for groups of 2 equals encoding the 4 expanded prompts one row each (diffusers 0.42's 1.5
+    ``encode_prompt`` pairs embeddings with another prompt's mask when asked for several videos per prompt)."""
+    sampler = _sampler(name)
+    options = dataclasses.replace(OPTIONS, cfg_scale=3.0, negative_prompt="blurry")
+    grouped = sampler.encode_prompts(PROMPTS, options, num_per_prompt=2)
+    expanded = sampler.encode_prompts([p for p in PROMPTS for _ in range(2)], options, num_per_prompt=1)
+    assert grouped.keys() == expanded.keys()
+    for key, value in grouped.items():
+        torch.testing.assert_close(value, expanded[key], atol=1e-6, rtol=0)
+    assert (grouped["prompt_embeds"][0] - grouped["prompt_embeds"][2]).abs().max() > 0
+
+
 # ----- closed forms -----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("shift", [None, 3.0])
 def test_the_grid_is_the_shifted_linspace(shift):
