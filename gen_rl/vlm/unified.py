@@ -1,0 +1,236 @@
+"""SRUM's unified path: a model that both understands and generates (transformers ``JanusForConditionalGeneration``)
+trains its image-token generation with the shared token-level policy-gradient core, rewarded by its own
+understanding of what it drew.
+
+One step, per prompt (a group of ``group_size`` images):
+
+1. **Sample** image tokens autoregressively (no CFG): the prompt ``<|User|>: {prompt} <|Assistant|>:<begin_of_image>``
+   is embedded, then each next VQ token is drawn from ``softmax(generation_head(h_t) / temperature)`` and fed back
+   through ``prepare_embeddings_for_image_generation``; its log-probability is kept (the old policy).
+2. **Decode** the tokens with the VQ decoder (``decode_image_tokens``) to pixels in [0, 1].
+3. **Self-reward**: the same model, in understanding mode, is shown its image and asked a yes / no question; the
+   reward is ``P(yes | yes or no)`` from its answer logits (``rewards.vlm_judge.yes_probability``; with objects in
+   the metadata, the SRUM map of ``rewards.srum`` combines a global and one local answer per object).
+4. **Update**: group advantages (``gen_rl.core.advantages.group_advantages``) and the token-level GRPO loss of
+   ``gen_rl.vlm.objectives.policy_loss`` over the image tokens, their log-probs recomputed teacher-forced.
+
+``trainable="generation"`` (default) trains only the generation embeddings, aligner and head, so the
+understanding that judges stays fixed; ``"all"`` trains the language model too (the judge then moves with the
+policy: true self-rewarding, and easier to hack). A held-out gold reward (any ``rewards`` reward, e.g. ``colour``)
+is scored on the same images and reported beside the self-reward, to show whether the policy hacks itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from gen_rl.core.advantages import group_advantages
+from gen_rl.vlm.objectives import policy_loss
+from rewards.base import score_reward
+from rewards.srum import pixel_box, region_view, reward_map
+from rewards.vlm_judge import format_question, to_pil, yes_probability
+
+GENERATION_PROMPT = "<|User|>: {prompt} <|Assistant|>:"
+JUDGE_PROMPT = "<|User|>: <image_placeholder> {question} <|Assistant|>:"
+DEFAULT_QUESTION = "does this image show {prompt} ? answer yes or no ."
+GENERATION_MODULES = ("generation_embeddings", "generation_aligner", "generation_head")
+
+
+@dataclass
+class SelfRewardConfig:
+    """Settings of a self-rewarded run (the VLM trainer's names where they exist)."""
+
+    num_steps: int = 20
+    group_size: int = 8
+    lr: float = 1e-2
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    loss: str = "grpo"
+    inner_epochs: int = 1
+    temperature: float = 1.0
+    trainable: str = "generation"  # or "all"
+    question: str = DEFAULT_QUESTION
+    objects_key: str = "objects"
+    yes_words: tuple[str, ...] = ("yes", "Yes")
+    no_words: tuple[str, ...] = ("no", "No")
+    seed: int = 0
+
+
+class UnifiedPolicy:
+    """A Janus-like unified model: samples image tokens with log-probs, decodes them, and judges images."""
+
+    def __init__(self, model: Any, processor: Any, config: SelfRewardConfig) -> None:
+        self.model, self.processor, self.config = model, processor, config
+        self.tokenizer = processor.tokenizer
+        self.language_model = model.model.language_model
+        self.boi_id = self.tokenizer.convert_tokens_to_ids(processor.image_start_token)
+        quant = model.model.vqmodel.quantize.quant_state_dims
+        self.num_image_tokens = int(quant[0] * quant[1])
+        self.yes_ids = [self._token(word) for word in config.yes_words]
+        self.no_ids = [self._token(word) for word in config.no_words]
+
+    def _token(self, word: str) -> int:
+        ids = self.tokenizer.encode(word, add_special_tokens=False)
+        if len(ids) != 1 or ids[0] == self.tokenizer.unk_token_id:
+            raise ValueError(f"the unified model's tokenizer does not read {word!r} as one known token")
+        return int(ids[0])
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """The generation modules (``trainable="generation"``) or those plus the language model (``"all"``)."""
+        self.model.requires_grad_(False)
+        modules = [getattr(self.model.model, name) for name in GENERATION_MODULES]
+        if self.config.trainable == "all":
+            modules.append(self.language_model)
+        elif self.config.trainable != "generation":
+            raise ValueError(f"trainable must be 'generation' or 'all'; got {self.config.trainable!r}")
+        for module in modules:
+            module.requires_grad_(True)
+        return [parameter for module in modules for parameter in module.parameters()]
+
+    def prompt_ids(self, prompt: str) -> Tensor:
+        """``[L]`` token ids of the generation prompt, ending with ``<begin_of_image>``."""
+        text = GENERATION_PROMPT.format(prompt=prompt)
+        ids = self.tokenizer.encode(text, add_special_tokens=False) + [self.boi_id]
+        return torch.tensor(ids, dtype=torch.long)
+
+    def _logits(self, hidden: Tensor) -> Tensor:
+        return self.model.model.generation_head(hidden).float() / self.config.temperature
+
+    @torch.no_grad()
+    def sample(self, prompt: str, count: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """``count`` image-token sequences ``[G, n]`` and their log-probs ``[G, n]`` under the current policy."""
+        from transformers import DynamicCache
+
+        device = next(self.model.parameters()).device
+        ids = self.prompt_ids(prompt).to(device)[None].expand(count, -1)
+        embeds = self.model.get_input_embeddings()(ids)
+        cache = DynamicCache()
+        hidden = self.language_model(inputs_embeds=embeds, cache=cache, use_cache=True).last_hidden_state
+        tokens, log_probs = [], []
+        for _ in range(self.num_image_tokens):
+            log_p = torch.log_softmax(self._logits(hidden[:, -1]), dim=-1)
+            token = torch.multinomial(log_p.exp().cpu(), 1, generator=generator).to(device)[:, 0]
+            tokens.append(token)
+            log_probs.append(log_p.gather(1, token[:, None])[:, 0])
+            step = self.model.prepare_embeddings_for_image_generation(token)[:, None]
+            hidden = self.language_model(inputs_embeds=step, cache=cache, use_cache=True).last_hidden_state
+        return torch.stack(tokens, dim=1), torch.stack(log_probs, dim=1)
+
+    def log_probs(self, prompt: str, tokens: Tensor) -> Tensor:
+        """Teacher-forced log-probs ``[G, n]`` of ``tokens`` (with gradient to the trainable parameters)."""
+        ids = self.prompt_ids(prompt).to(tokens.device)[None].expand(tokens.shape[0], -1)
+        prompt_embeds = self.model.get_input_embeddings()(ids)
+        image_embeds = self.model.prepare_embeddings_for_image_generation(tokens[:, :-1])
+        embeds = torch.cat([prompt_embeds, image_embeds.to(prompt_embeds.dtype)], dim=1)
+        hidden = self.language_model(inputs_embeds=embeds).last_hidden_state[:, ids.shape[1] - 1 :]
+        return torch.log_softmax(self._logits(hidden), dim=-1).gather(2, tokens[..., None])[..., 0]
+
+    @torch.no_grad()
+    def decode(self, tokens: Tensor) -> Tensor:
+        """Pixels ``[G, 3, H, W]`` in [0, 1] of image tokens ``[G, n]`` (the VQ decoder's [-1, 1] mapped)."""
+        images = self.model.decode_image_tokens(tokens).float()  # [G, H, W, 3]
+        return ((images + 1.0) / 2.0).clamp(0, 1).permute(0, 3, 1, 2).contiguous()
+
+    @torch.no_grad()
+    def yes_probability(self, views: Sequence[Tensor], questions: Sequence[str]) -> Tensor:
+        """The model's own ``P(yes | yes or no)`` ``[N]`` answering ``questions[i]`` about ``views[i]``."""
+        texts = [JUDGE_PROMPT.format(question=question) for question in questions]
+        encoded = self.processor(
+            text=texts, images=[to_pil(view) for view in views], padding=True, return_tensors="pt"
+        )
+        encoded = encoded.to(next(self.model.parameters()).device)
+        logits = self.model(**encoded).logits[:, -1].float()
+        return yes_probability(logits, self.yes_ids, self.no_ids, "yes_no")
+
+    def self_reward(self, pixels: Tensor, prompt: str, metadata: dict) -> tuple[Tensor, Tensor]:
+        """SRUM reward ``[G]`` and the global ``P(yes)`` ``[G]`` of one group's images, judged by the model itself.
+
+        Without objects in ``metadata`` the reward is the global ``P(yes)``; with objects, SRUM's map mean
+        ``P_g * max(1/2, P_k on box_k)`` (``rewards.srum``), local questions on cropped regions.
+        """
+        question = format_question(self.config.question, prompt, metadata)
+        global_p = self.yes_probability(list(pixels), [question] * len(pixels)).double()
+        objects = metadata.get(self.config.objects_key) or []
+        if not objects:
+            return global_p.float(), global_p.float()
+        height, width = pixels.shape[-2:]
+        boxes = [pixel_box(item.get("box", (0, 0, 1, 1)), height, width) for item in objects]
+        views = [region_view(image, box, "crop") for image in pixels for box in boxes]
+        local_questions = [format_question(self.config.question, item["name"], metadata) for item in objects]
+        local_p = self.yes_probability(views, local_questions * len(pixels)).double().view(len(pixels), -1)
+        rewards = [
+            reward_map(
+                float(global_p[i]), list(zip(local_p[i].tolist(), boxes, strict=True)), height, width
+            ).mean()
+            for i in range(len(pixels))
+        ]
+        return torch.stack(rewards).float(), global_p.float()
+
+
+def train_self_rewarding(
+    policy: UnifiedPolicy,
+    prompts: Sequence[str],
+    metadata: Sequence[dict] | None = None,
+    gold: Any = None,
+) -> list[dict[str, float]]:
+    """Self-rewarded GRPO over ``prompts`` (every prompt a group each step); one record per step.
+
+    Records hold ``reward/mean`` (the self-reward), ``reward/global/mean``, ``eval/gold/<name>`` (the held-out gold
+    reward on the same images, when ``gold`` is given), ``loss/total``, ``policy/clip_fraction`` and ``step``.
+    """
+    config = policy.config
+    records = [{} for _ in prompts] if metadata is None else [dict(record) for record in metadata]
+    parameters = policy.trainable_parameters()
+    optimizer = torch.optim.Adam(parameters, lr=config.lr)
+    generator = torch.Generator().manual_seed(config.seed)
+    history = []
+    for step in range(config.num_steps):
+        groups = []
+        for prompt, record in zip(prompts, records, strict=True):
+            tokens, old_log_probs = policy.sample(prompt, config.group_size, generator)
+            pixels = policy.decode(tokens)
+            reward, global_p = policy.self_reward(pixels, prompt, record)
+            groups.append((prompt, record, tokens, old_log_probs, pixels, reward, global_p))
+        rewards = torch.cat([group[5] for group in groups])
+        group_ids = torch.arange(len(groups)).repeat_interleave(config.group_size)
+        advantages = group_advantages(rewards, group_ids).advantages.float()
+        record_out: dict[str, float] = {
+            "step": float(step),
+            "reward/mean": float(rewards.mean()),
+            "reward/global/mean": float(torch.cat([group[6] for group in groups]).mean()),
+        }
+        if gold is not None:
+            pixels = torch.cat([group[4] for group in groups])
+            names = [group[0] for group in groups for _ in range(config.group_size)]
+            extra = [group[1] for group in groups for _ in range(config.group_size)]
+            gold_scores = score_reward(gold, pixels, names, extra).scores
+            record_out[f"eval/gold/{type(gold).__name__}"] = float(gold_scores.nanmean())
+        losses, clipped = [], []
+        for _ in range(config.inner_epochs):
+            for index, (prompt, _, tokens, old_log_probs, _, _, _) in enumerate(groups):
+                rows = slice(index * config.group_size, (index + 1) * config.group_size)
+                log_probs = policy.log_probs(prompt, tokens)
+                output = policy_loss(
+                    config.loss,
+                    log_probs,
+                    old_log_probs,
+                    advantages[rows],
+                    torch.ones_like(tokens, dtype=torch.bool),
+                    clip_low=config.clip_low,
+                    clip_high=config.clip_high,
+                    max_completion_length=policy.num_image_tokens,
+                )
+                optimizer.zero_grad(set_to_none=True)
+                output.loss.backward()
+                optimizer.step()
+                losses.append(float(output.loss.detach()))
+                clipped.append(float(output.stats.get("clip_fraction", 0.0)))
+        record_out["loss/total"] = sum(losses) / len(losses)
+        record_out["policy/clip_fraction"] = sum(clipped) / len(clipped)
+        history.append(record_out)
+    return history
