@@ -12,6 +12,7 @@ columns: models; rewards under each sample); video families also get ``<model>/p
 from __future__ import annotations
 
 import csv
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,7 +41,7 @@ class EvalReport:
     files: dict[str, Path] = field(default_factory=dict)
 
 
-def checkpoint_config(checkpoint: str | Path) -> tuple[GenerationConfig, Path]:
+def checkpoint_config(checkpoint: str | Path, overrides: Sequence[str] = ()) -> tuple[GenerationConfig, Path]:
     """The run config saved in a checkpoint folder (or a run folder's latest checkpoint) and its LoRA folder."""
     from gen_rl.checkpoint import CheckpointManager
 
@@ -58,11 +59,11 @@ def checkpoint_config(checkpoint: str | Path) -> tuple[GenerationConfig, Path]:
         raise ConfigError(
             f"{folder} has no lora/ folder: only LoRA runs can be compared with their base model"
         )
-    return load_config(GenerationConfig, folder / "config.yaml"), lora
+    return load_config(GenerationConfig, folder / "config.yaml", list(overrides)), lora
 
 
 def targets_of(
-    checkpoints: list[str], include_base: bool = True
+    checkpoints: list[str], include_base: bool = True, overrides: Sequence[str] = ()
 ) -> tuple[GenerationConfig, list[EvalTarget]]:
     """The config of the first checkpoint and one target per checkpoint (names ``<run>/<checkpoint>``), the base
     model first; every checkpoint must share the first one's model."""
@@ -72,7 +73,7 @@ def targets_of(
         )
     config, targets = None, [EvalTarget("base")] if include_base else []
     for checkpoint in checkpoints:
-        own, lora = checkpoint_config(checkpoint)
+        own, lora = checkpoint_config(checkpoint, overrides)
         if config is None:
             config = own
         elif (own.model.family, own.model.pretrained) != (config.model.family, config.model.pretrained):

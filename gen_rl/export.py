@@ -151,3 +151,37 @@ def _replace_directory(staging: Path, directory: Path) -> None:
         retired.rename(directory)
         raise
     shutil.rmtree(retired, ignore_errors=True)
+
+
+def export_checkpoint(checkpoint: str | Path, export_format: str, out: str | Path) -> Path:
+    """Export a checkpoint (or a run folder's latest) as ``lora`` (diffusers' LoRA folder), ``merged`` (a full
+    diffusers model folder with the LoRA fused into the base weights) or ``kohya`` (one ``.safetensors`` file in
+    the kohya-ss layout that ComfyUI / A1111 read; SD 1.x / 2.x and SDXL). Returns the path written."""
+    from gen_rl.evaluation import checkpoint_config
+    from gen_rl.policy import load_sampler
+
+    config, lora = checkpoint_config(checkpoint)
+    out = Path(out)
+    if export_format == "lora":
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=_parent(out)))
+        shutil.copytree(lora, staging, dirs_exist_ok=True)
+        _replace_directory(staging, out)
+        return out
+    if export_format not in ("merged", "kohya"):
+        raise ValueError(f"unknown export format {export_format!r}; use lora, merged or kohya")
+    sampler = load_sampler(config.model, torch.device("cpu"))
+    sampler.pipeline.load_lora_weights(lora, adapter_name="default")
+    if export_format == "kohya":
+        from gen_rl.export_kohya import save_kohya_lora
+
+        return save_kohya_lora(sampler, out)
+    merge_lora(sampler, "default")
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=_parent(out)))
+    sampler.pipeline.save_pretrained(staging)
+    _replace_directory(staging, out)
+    return out
+
+
+def _parent(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path.parent

@@ -157,7 +157,12 @@ class PhaseLoop:
         self.started_at = time.perf_counter()
         num_steps = self.config.train.num_steps
         show = self.config.log.progress and self.accelerator.is_main_process
-        if self.accelerator.is_main_process:
+        accelerator = self.accelerator
+        if accelerator.num_processes > 1:  # every process says it is there (a launch that ran one shows it)
+            print(f"[gen-rl] process {accelerator.process_index} of {accelerator.num_processes} ready on "
+                  f"{accelerator.device}", flush=True)  # fmt: skip
+            accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
             print(startup_text(self.describe_run(), self.start_step, num_steps, self.checkpoints.latest()))
         steps = range(self.start_step, num_steps)
         bar = tqdm(

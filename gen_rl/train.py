@@ -154,9 +154,7 @@ def cli(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {one_line(error)}", file=sys.stderr)
         return 1
-    if summary:
-        print({key: value for key, value in summary.items()})
-    return 0
+    return 0  # the trainer printed its closing summary in words
 
 
 if __name__ == "__main__":
