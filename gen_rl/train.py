@@ -143,7 +143,7 @@ def cli(argv: list[str] | None = None) -> int:
     """``main`` for the command line: an input error prints ``error: <message>`` on stderr and returns 2."""
     argv = sys.argv[1:] if argv is None else argv
     try:
-        summary = main(argv)
+        main(argv)
     except ConfigError as error:
         if "--debug" in argv:
             raise
