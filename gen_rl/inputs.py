@@ -188,7 +188,7 @@ def check_registered_names(config: Any) -> None:
         return
     from gen_rl.core.registry import resolve
     from pipelines import SAMPLERS
-    from rewards.base import REWARDS, Reward, _check_arguments
+    from rewards.base import REWARDS, Reward, _check_arguments, check_reward_sources
 
     try:
         resolve(SAMPLERS, config.model.family, "model family")
@@ -202,6 +202,7 @@ def check_registered_names(config: Any) -> None:
             if not (isinstance(reward_class, type) and issubclass(reward_class, Reward)):
                 raise TypeError(f"{term.name!r} resolves to {reward_class!r}, which is not a Reward subclass")
             _check_arguments(reward_class, term.name, term.kwargs)
+            check_reward_sources(reward_class, term.kwargs, key)
         except (TypeError, ValueError) as error:
             raise ConfigError(f"{key}: {error}") from error
 
