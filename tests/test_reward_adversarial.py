@@ -210,3 +210,49 @@ def test_missing_backbone_and_references_are_one_line(assets, tmp_path):
     assert "reward.terms[0].kwargs.model" in str(error.value) and "\n" not in str(error.value)
     built = build_reward("adversarial", references=assets["references"], model=assets["dino"], hidden=8)
     assert built.learns and built.head.layers[0].out_features == 8
+
+
+def test_a_resumed_run_restores_the_head_and_ends_like_an_uninterrupted_one(assets, tmp_path):
+    """Through the trainer: colour (weight 1) + adversarial (weight 0.5), stopped after step 3, resumed from the
+    step-2 checkpoint; the head, its Adam state and its generator come back and the runs end alike."""
+    from trainer_helpers import small_config
+
+    from gen_rl.checkpoint import CheckpointManager
+    from gen_rl.trainer import GenerationTrainer
+
+    terms = (
+        "reward.terms=[{name: colour, weight: 1.0}, {name: adversarial, weight: 0.5, kwargs: "
+        f"{{references: '{assets['references']}', model: '{assets['dino']}', hidden: 16, num_patches: 4, "
+        "lr: 0.01, updates_per_step: 2}}]"
+    )
+    overrides = (
+        terms,
+        "train.num_steps=3",
+        "checkpoint.every_steps=2",
+        "eval.every_steps=0",
+        "sample.num_steps=2",
+    )
+    overrides += ("sample.group_size=2", "log.monitors=false")
+
+    def state(trainer):
+        return trainer.reward_models["adversarial_1"].state_dict()
+
+    straight = GenerationTrainer(small_config(tmp_path / "straight", *overrides))
+    straight.train()
+    stopped = GenerationTrainer(small_config(tmp_path / "stopped", *overrides))
+    for step in range(2):
+        stopped.run_step(step)
+    saved = state(stopped)
+    record = stopped.run_step(2)  # lost in the "crash": the head learned from it, the checkpoint did not
+    assert record["reward/adversarial_1/adv_trained"] == 2.0
+    assert CheckpointManager(tmp_path / "stopped", 2).latest().name == "checkpoint-000002"
+    del stopped
+    resumed = GenerationTrainer(small_config(tmp_path / "stopped", *overrides), resume=True)
+    restored = state(resumed)
+    assert all(torch.equal(restored["head"][k], v) for k, v in saved["head"].items())
+    assert torch.equal(restored["generator"], saved["generator"]) and restored["trained_steps"] == 4
+    resumed.train()
+    final, expected = state(resumed), state(straight)
+    assert final["trained_steps"] == expected["trained_steps"] == 6
+    for key, value in expected["head"].items():
+        torch.testing.assert_close(final["head"][key], value, rtol=1e-5, atol=1e-6)
