@@ -129,7 +129,7 @@ class PairwiseWinRate(Reward):
         first_words: Sequence[str] = ("first", "First"),
         second_words: Sequence[str] = ("second", "Second"),
         both_orders: bool = True,
-        reward: str | None = None,
+        reward: str | Reward | None = None,
         reward_kwargs: dict[str, Any] | None = None,
         reward_margin: float = 0.0,
         tie_margin: float = 0.0,
