@@ -324,7 +324,29 @@ WAN_TINY_REWARD = "reward.terms=[{name: segmental, weight: 1.0, kwargs: {reward:
 WAN_PROMPTS = CONFIGS / "wan" / "prompts"
 # Families whose prompts carry a source image keep their recipe's JSONL prompts (the colour prompts have none).
 EDIT_PROMPTS = CONFIGS / "editing" / "prompts"
+# HunyuanVideo recipes: segmental HPS -> colour (as Wan), 5 frames, best-of-N down to the tiny group of 2.
+TINY.update(
+    {"hunyuan_video": ("tiny:hunyuan_video", 16), "hunyuan_video_i2v": ("tiny:hunyuan_video_i2v", 16)}
+)
+HUNYUAN_TINY = (
+    "reward.terms=[{name: segmental, weight: 1.0, kwargs: {reward: colour, segments: 4}}]",
+    "sample.num_frames=5",
+)
+HUNYUAN_PROMPTS = CONFIGS / "hunyuan_video" / "prompts"
 TINY_OVERRIDES = {
+    # float32: on the tiny model, CPU bf16 kernels give a batch-of-2 rollout and batch-of-1 recomputation log-probs
+    # ~1e-4 apart, above the ratio check's 1e-5 at DanceGRPO's clip 1e-4 (eta 0.25 makes the step stds small)
+    "hunyuan_video": (
+        *HUNYUAN_TINY,
+        "algorithm.best_of_n_k=1",
+        "model.dtype=float32",
+        "train.mixed_precision='no'",
+    ),
+    "hunyuan_video_i2v": (
+        *HUNYUAN_TINY,
+        f"data.train_prompts={HUNYUAN_PROMPTS / 'i2v_train.jsonl'}",
+        f"data.eval_prompts={HUNYUAN_PROMPTS / 'i2v_eval.jsonl'}",
+    ),
     "flux_kontext": (
         f"data.train_prompts={EDIT_PROMPTS / 'edit_train.jsonl'}",
         f"data.eval_prompts={EDIT_PROMPTS / 'edit_eval.jsonl'}",
