@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from gen_rl.core.config import ConfigError
 from gen_rl.core.hub import MissingWeightsError
 from rewards import REWARDS, Reward, RewardOutput, build_reward, score_reward
 from rewards.base import check_reward_sources
@@ -136,6 +137,10 @@ def test_the_trainer_fails_on_a_missing_judge_before_it_samples(tmp_path):
     config.reward.terms[0].kwargs = {"model": str(tmp_path / "no_judge")}
     with pytest.raises(MissingWeightsError, match="judge model"):
         GenerationTrainer(config)  # rewards are built before the sampler loads: no rollout can start
+    from gen_rl.inputs import check_registered_names
+
+    with pytest.raises(ConfigError, match=r"reward.terms\[0\].kwargs.model: .*no_judge does not exist"):
+        check_registered_names(config)  # gen_rl/train.py's stage 2: before any model loads
 
 
 # ----- SRUM -----------------------------------------------------------------------------------------------------
