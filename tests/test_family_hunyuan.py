@@ -261,6 +261,45 @@ def test_embedded_guidance_is_fed_times_1000_and_reaches_the_transformer():
         _sampler("tiny:hunyuan_video_15").rollout(PROMPTS[:1], dataclasses.replace(OPTIONS, guidance=2.0))
 
 
+@pytest.mark.parametrize("recipe", ["dancegrpo_t2v.yaml", "skyreels_style_i2v.yaml"])
+def test_the_recipes_sample_and_train_dance_grpos_steps(recipe):
+    """DanceGRPO's train_grpo_hunyuan.py / train_grpo_skyreels_i2v.py: sigma = sd3_time_shift(shift, linspace(1, 0,
+    17)), timesteps 1000 sigma, guidance fed as 1000 x guidance (6018 / 1000), int(16 * 0.6) = 9 trained steps per
+    sample from a per-sample permutation of all 16; T2V's best-of-8 trains the top 4 and bottom 4 of a group of 24."""
+    from gen_rl.algorithms.policy_gradient import best_of_n_mask
+    from gen_rl.core.config import load_config
+    from gen_rl.core.step_selection import train_step_indices
+    from gen_rl.trainer_config import GenerationConfig
+
+    config = load_config(GenerationConfig, ROOT / "configs" / "hunyuan_video" / recipe)
+    sample, algorithm = config.sample, config.algorithm
+    sampler = _sampler("tiny:hunyuan_video_i2v" if "i2v" in recipe else "tiny:hunyuan_video")
+    options = RolloutOptions(num_steps=sample.num_steps, shift=sample.shift, guidance=sample.guidance)
+    sigmas, timesteps = sampler.grid(options, torch.zeros(1))
+    t = torch.linspace(1, 0, 17, dtype=torch.float64)
+    theirs = sample.shift * t / (1 + (sample.shift - 1) * t)  # DanceGRPO's sd3_time_shift
+    torch.testing.assert_close(sigmas, theirs.float(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(timesteps, 1000 * theirs[:-1].float(), atol=1e-3, rtol=0)
+    guidance = sampler.encode_prompts(PROMPTS[:1], options, 1)["guidance"]
+    assert guidance.tolist() == [6018.0 if "t2v" in recipe else 1000.0]
+    stochastic = torch.ones(3, 16, dtype=torch.bool)
+    chosen = [
+        train_step_indices(
+            stochastic, algorithm.step_selection, fraction=algorithm.step_fraction, seed=0, step=step
+        )
+        for step in range(10)
+    ]
+    assert all(c.shape == (3, 9) for c in chosen) and max(int(c.max()) for c in chosen) == 15
+    if "t2v" in recipe:
+        assert sample.group_size == 24 and algorithm.best_of_n_k == 4
+        advantages = torch.tensor([float(i) for i in (5, 17, 2, 11, 23, 8, 14, 0, 20, 3, 9, 16)] * 2)
+        advantages[12:] += 100  # a second group
+        chosen = best_of_n_mask(advantages, torch.arange(24) // 12, 4)
+        expected = {0, 2, 4, 7, 8, 9, 1, 11}  # values 0, 2, 3, 5 and 23, 20, 17, 16 of the first group
+        assert set(chosen[:12].nonzero().flatten().tolist()) == expected
+        assert set((chosen[12:].nonzero().flatten()).tolist()) == expected
+
+
 # ----- image-to-video: the stored source --------------------------------------------------------------------------
 def test_the_source_image_is_encoded_once_and_stored_for_training():
     """conditioning['image_latents'] is the source's VAE posterior mode x scaling factor on the first latent frame,
