@@ -45,6 +45,36 @@ def test_sampled_log_probs_equal_teacher_forced_ones(one_thread):
     assert pixels.shape == (4, 3, 16, 16) and float(pixels.min()) >= 0 and float(pixels.max()) <= 1
 
 
+def test_classifier_free_guidance_is_the_guided_distribution(one_thread):
+    """With CFG (w = 5, Janus's default) the sampled log-probs are those of ``log_softmax(l_u + w (l_c - l_u))``
+    of conditional and unconditional log-softmaxes, recomputed here with the unconditional prompt built by hand."""
+    policy = make_policy(guidance_scale=5.0)
+    tokens, sampled = policy.sample("a red square", 3, torch.Generator().manual_seed(4))
+    # w = 5 multiplies float32 rounding of the two log-softmaxes: 1e-4, against 1e-5 without guidance
+    torch.testing.assert_close(policy.log_probs("a red square", tokens), sampled, rtol=0, atol=1e-4)
+    model, pad = policy.model, policy.tokenizer.pad_token_id
+    conditional = policy.prompt_ids("a red square")
+    unconditional = torch.where(conditional == policy.boi_id, conditional, torch.full_like(conditional, pad))
+
+    def head_log_softmax(ids):
+        embeds = torch.cat(
+            [
+                model.get_input_embeddings()(ids[None].expand(3, -1)),
+                model.prepare_embeddings_for_image_generation(tokens[:, :-1]),
+            ],
+            dim=1,
+        )
+        hidden = model.model.language_model(inputs_embeds=embeds).last_hidden_state[:, len(ids) - 1 :]
+        return torch.log_softmax(model.model.generation_head(hidden), dim=-1)
+
+    with torch.no_grad():
+        cond, uncond = head_log_softmax(conditional), head_log_softmax(unconditional)
+    guided = torch.log_softmax(uncond + 5.0 * (cond - uncond), dim=-1).gather(2, tokens[..., None])[..., 0]
+    torch.testing.assert_close(sampled, guided, rtol=0, atol=1e-4)
+    plain = make_policy().log_probs("a red square", tokens).detach()
+    assert float((plain - guided).abs().max()) > 1e-2  # guidance changes the policy
+
+
 def test_own_yes_probability_equals_an_independent_softmax(one_thread):
     policy = make_policy()
     images = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(1))

@@ -4,9 +4,10 @@ understanding of what it drew.
 
 One step, per prompt (a group of ``group_size`` images):
 
-1. **Sample** image tokens autoregressively (no CFG): the prompt ``<|User|>: {prompt} <|Assistant|>:<begin_of_image>``
-   is embedded, then each next VQ token is drawn from ``softmax(generation_head(h_t) / temperature)`` and fed back
-   through ``prepare_embeddings_for_image_generation``; its log-probability is kept (the old policy).
+1. **Sample** image tokens autoregressively: the prompt ``<|User|>: {prompt} <|Assistant|>:<begin_of_image>`` is
+   embedded, then each next VQ token is drawn from ``softmax(generation_head(h_t) / temperature)`` (with
+   ``guidance_scale`` > 1, CFG against unconditional rows, as Janus samples) and fed back through
+   ``prepare_embeddings_for_image_generation``; its log-probability is kept (the old policy).
 2. **Decode** the tokens with the VQ decoder (``decode_image_tokens``) to pixels in [0, 1].
 3. **Self-reward**: the same model, in understanding mode, is shown its image and asked a yes / no question; the
    reward is ``P(yes | yes or no)`` from its answer logits (``rewards.vlm_judge.yes_probability``; with objects in
@@ -53,6 +54,7 @@ class SelfRewardConfig:
     loss: str = "grpo"
     inner_epochs: int = 1
     temperature: float = 1.0
+    guidance_scale: float = 1.0  # Janus samples with 5 (CFG); 1 = no unconditional rows
     trainable: str = "generation"  # or "all"
     question: str = DEFAULT_QUESTION
     objects_key: str = "objects"
@@ -98,8 +100,27 @@ class UnifiedPolicy:
         ids = self.tokenizer.encode(text, add_special_tokens=False) + [self.boi_id]
         return torch.tensor(ids, dtype=torch.long)
 
-    def _logits(self, hidden: Tensor) -> Tensor:
-        return self.model.model.generation_head(hidden).float() / self.config.temperature
+    def _rows(self, prompt: str, count: int, device: torch.device) -> Tensor:
+        """Prompt ids ``[count, L]``, followed with CFG by ``count`` unconditional rows (every token but the
+        leading BOS and ``<begin_of_image>`` replaced by padding, as ``JanusForConditionalGeneration.generate``)."""
+        ids = self.prompt_ids(prompt).to(device)[None].expand(count, -1)
+        if self.config.guidance_scale == 1.0:
+            return ids
+        keep = ids == self.boi_id
+        if self.tokenizer.bos_token_id is not None:
+            keep |= (ids == self.tokenizer.bos_token_id) & (torch.arange(ids.shape[1], device=device) == 0)
+        unconditional = torch.where(keep, ids, torch.full_like(ids, self.tokenizer.pad_token_id))
+        return torch.cat([ids, unconditional])
+
+    def _log_policy(self, hidden: Tensor) -> Tensor:
+        """``log pi`` ``[count, ..., V]`` from hidden states ``[rows, ..., H]``: with CFG (scale ``w``),
+        ``log_softmax((l_u + w (l_c - l_u)) / T)`` of the conditional / unconditional log-softmaxes (transformers'
+        ``ClassifierFreeGuidanceLogitsProcessor`` then the temperature), else ``log_softmax(logits / T)``."""
+        logits = self.model.model.generation_head(hidden).float()
+        if self.config.guidance_scale != 1.0:
+            conditional, unconditional = torch.log_softmax(logits, dim=-1).chunk(2)
+            logits = unconditional + self.config.guidance_scale * (conditional - unconditional)
+        return torch.log_softmax(logits / self.config.temperature, dim=-1)
 
     @torch.no_grad()
     def sample(self, prompt: str, count: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -107,28 +128,30 @@ class UnifiedPolicy:
         from transformers import DynamicCache
 
         device = next(self.model.parameters()).device
-        ids = self.prompt_ids(prompt).to(device)[None].expand(count, -1)
-        embeds = self.model.get_input_embeddings()(ids)
+        ids = self._rows(prompt, count, device)
+        repeats = ids.shape[0] // count  # 2 with CFG: each token feeds its conditional and unconditional row
         cache = DynamicCache()
+        embeds = self.model.get_input_embeddings()(ids)
         hidden = self.language_model(inputs_embeds=embeds, cache=cache, use_cache=True).last_hidden_state
         tokens, log_probs = [], []
         for _ in range(self.num_image_tokens):
-            log_p = torch.log_softmax(self._logits(hidden[:, -1]), dim=-1)
+            log_p = self._log_policy(hidden[:, -1])
             token = torch.multinomial(log_p.exp().cpu(), 1, generator=generator).to(device)[:, 0]
             tokens.append(token)
             log_probs.append(log_p.gather(1, token[:, None])[:, 0])
-            step = self.model.prepare_embeddings_for_image_generation(token)[:, None]
+            step = self.model.prepare_embeddings_for_image_generation(token.repeat(repeats))[:, None]
             hidden = self.language_model(inputs_embeds=step, cache=cache, use_cache=True).last_hidden_state
         return torch.stack(tokens, dim=1), torch.stack(log_probs, dim=1)
 
     def log_probs(self, prompt: str, tokens: Tensor) -> Tensor:
         """Teacher-forced log-probs ``[G, n]`` of ``tokens`` (with gradient to the trainable parameters)."""
-        ids = self.prompt_ids(prompt).to(tokens.device)[None].expand(tokens.shape[0], -1)
+        ids = self._rows(prompt, tokens.shape[0], tokens.device)
+        repeats = ids.shape[0] // tokens.shape[0]
         prompt_embeds = self.model.get_input_embeddings()(ids)
-        image_embeds = self.model.prepare_embeddings_for_image_generation(tokens[:, :-1])
+        image_embeds = self.model.prepare_embeddings_for_image_generation(tokens[:, :-1].repeat(repeats, 1))
         embeds = torch.cat([prompt_embeds, image_embeds.to(prompt_embeds.dtype)], dim=1)
         hidden = self.language_model(inputs_embeds=embeds).last_hidden_state[:, ids.shape[1] - 1 :]
-        return torch.log_softmax(self._logits(hidden), dim=-1).gather(2, tokens[..., None])[..., 0]
+        return self._log_policy(hidden).gather(2, tokens[..., None])[..., 0]
 
     @torch.no_grad()
     def decode(self, tokens: Tensor) -> Tensor:
