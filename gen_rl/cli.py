@@ -45,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--num-processes", type=int, default=1, help="processes to launch (GPUs, or CPU workers)"
     )
     train.add_argument(
+        "--accelerate-config",
+        help="an accelerate config file (examples/accelerate/: ddp, fsdp_<family>, deepspeed)",
+    )
+    train.add_argument(
         "--resume", action="store_true", help="continue from the run folder's latest checkpoint"
     )
     train.add_argument(
@@ -119,24 +123,33 @@ def run_train(args: argparse.Namespace) -> int:
     train_argv = ["--config", args.config, *[f"--{flag}" for flag in flags], *args.overrides]
     if args.num_processes < 1:
         raise ConfigError(f"--num-processes must be >= 1; got {args.num_processes}")
-    if args.num_processes == 1:
+    if args.num_processes == 1 and not args.accelerate_config:
         return train.cli(train_argv)
-    command = launch_command(args.num_processes, train_argv)
+    if args.accelerate_config and not Path(args.accelerate_config).is_file():
+        raise ConfigError(
+            f"--accelerate-config {args.accelerate_config} does not exist; see examples/accelerate/"
+        )
+    command = launch_command(args.num_processes, train_argv, args.accelerate_config)
     print(f"[gen-rl] launching {args.num_processes} processes: {' '.join(command)}", flush=True)
     return subprocess.run(
         command, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     ).returncode
 
 
-def launch_command(num_processes: int, train_argv: list[str]) -> list[str]:
+def launch_command(
+    num_processes: int, train_argv: list[str], accelerate_config: str | None = None
+) -> list[str]:
     """``accelerate launch`` of ``gen_rl/train.py`` on ``num_processes`` processes of this machine.
 
-    ``--multi_gpu`` is accelerate's multi-process mode; on a machine without GPUs the trainers build their
-    ``Accelerator(cpu=True)`` and the processes talk over gloo (``--cpu`` would silently run one process)."""
+    Without a config file, ``--multi_gpu`` is accelerate's multi-process mode; on a machine without GPUs the
+    trainers build their ``Accelerator(cpu=True)`` and the processes talk over gloo (``--cpu`` would silently run
+    one process). With ``accelerate_config`` its distributed type (DDP, FSDP, DeepSpeed) applies."""
+    mode = (
+        ["--config_file", accelerate_config] if accelerate_config else ["--multi_gpu", "--num_machines", "1"]
+    )
     return [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
-        "--num_machines", "1", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-        str(ROOT / "train.py"), *train_argv,
+        sys.executable, "-m", "accelerate.commands.launch", *mode, "--num_processes", str(num_processes),
+        "--dynamo_backend", "no", "--main_process_port", str(_free_port()), str(ROOT / "train.py"), *train_argv,
     ]  # fmt: skip
 
 

@@ -203,6 +203,8 @@ def check_registered_names(config: Any) -> None:
                 raise TypeError(f"{term.name!r} resolves to {reward_class!r}, which is not a Reward subclass")
             _check_arguments(reward_class, term.name, term.kwargs)
             check_reward_sources(reward_class, term.kwargs, key)
+        except ConfigError:
+            raise  # already names its key
         except (TypeError, ValueError) as error:
             raise ConfigError(f"{key}: {error}") from error
 

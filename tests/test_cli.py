@@ -56,11 +56,13 @@ def test_the_console_script_is_declared():
 
 
 def test_train_on_two_processes_really_runs_two_and_equals_one(tmp_path, demo_run):
-    """Two CPU processes (gloo) split each step's groups; rewards are gathered, the gradient is all-reduced, so
-    the records equal the one-process run's (one update per step over all samples in both)."""
+    """Two CPU processes (gloo) launched with the shipped DDP accelerate config split each step's groups; rewards
+    are gathered, the gradient is all-reduced, so the records equal the one-process run's (one update per step
+    over all samples in both)."""
     two = tmp_path / "two"
     finished = _gen_rl(
-        "train", str(DEMO), "--num-processes", "2", f"log.output_dir={two}", "train.num_steps=2", *SMALL,
+        "train", str(DEMO), "--num-processes", "2", "--accelerate-config", "examples/accelerate/ddp.yaml",
+        f"log.output_dir={two}", "train.num_steps=2", *SMALL,
         "train.samples_per_update=2", "train.microbatch_size=2",
     )  # fmt: skip
     assert finished.returncode == 0, finished.stderr[-3000:]
@@ -136,3 +138,32 @@ def test_describe_and_bad_input(capsys):
     assert main(["train", str(DEMO), "--num-processes", "0"]) == 2
     assert main(["export", "/nonexistent/run", "--out", "x"]) == 2
     assert "neither a checkpoint folder" in capsys.readouterr().err
+
+
+ACCELERATE = sorted((ROOT / "examples" / "accelerate").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", ACCELERATE, ids=[path.name for path in ACCELERATE])
+def test_shipped_accelerate_configs(path):
+    """Every accelerate config opens with its command and parses; DeepSpeed files name their ZeRO stage; an FSDP
+    file wraps block classes that occur in its family's (tiny) denoiser, and no class it does not have."""
+    import yaml
+
+    from pipelines.families import TINY_MODELS, build_tiny_pipeline
+
+    text = path.read_text()
+    config = yaml.safe_load(text)
+    assert text.startswith("# ") and "examples/accelerate/" + path.name in "".join(text.splitlines()[:3])
+    if config["distributed_type"] == "DEEPSPEED":
+        assert config["deepspeed_config"]["zero_stage"] == int(path.stem[-1])
+    if config["distributed_type"] != "FSDP":
+        return
+    family = path.stem.removeprefix("fsdp_")
+    tiny = next(name for name, model in TINY_MODELS.items() if model.family == family)
+    pipeline = build_tiny_pipeline(tiny, family)
+    from pipelines import SAMPLERS
+
+    denoiser = getattr(pipeline, SAMPLERS[family].denoiser_component)
+    present = {type(module).__name__ for module in denoiser.modules()}
+    wrapped = set(config["fsdp_config"]["fsdp_transformer_layer_cls_to_wrap"].split(","))
+    assert wrapped <= present, wrapped - present

@@ -354,5 +354,17 @@ def describe(cls: type, where: str = "") -> list[str]:
             lines.extend(describe(section_class, name))
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        lines.append(f"{name} = {default!r}  # {f.metadata.get('doc', '')}")
+        choices = literal_choices(hints[f.name])
+        shown = f" (one of: {' | '.join(map(str, choices))})" if choices else ""
+        lines.append(f"{name} = {default!r}  # {f.metadata.get('doc', '')}{shown}")
     return lines
+
+
+def literal_choices(hint: Any) -> tuple[Any, ...]:
+    """The values a ``Literal[...]`` type (or ``Literal[...] | None``) allows; empty for other types."""
+    if typing.get_origin(hint) is typing.Literal:
+        return typing.get_args(hint)
+    for argument in typing.get_args(hint):
+        if typing.get_origin(argument) is typing.Literal:
+            return typing.get_args(argument)
+    return ()
