@@ -6,6 +6,11 @@ prepared model). Their differences from each other are settings, not code: the S
 step selection (Flow-GRPO-Fast / MixGRPO windows, DanceGRPO's random fraction), the log-prob convention and KL
 estimator (``gen_rl/objective.py``) and the advantage std (``reward.std_ddof`` / ``std_eps``);
 ``tests/test_recipes.py`` checks each recipe against the papers' own code.
+
+DanceGRPO's best-of-N subset (``algorithm.best_of_n_k``) is an option of the family: advantages come from the whole
+group, then only each group's k highest and k lowest samples train (:meth:`PolicyGradient.unit_advantages` gives
+the others weight 0, the advantages are not renormalised). Subclasses weight each step's surrogate through
+:meth:`PolicyGradient.step_weight` (TempFlow-GRPO, Flash-GRPO).
 """
 
 from __future__ import annotations
