@@ -30,6 +30,8 @@ _LAZY = {
     "ZImageSampler": "pipelines.z_image",
     "SD3Sampler": "pipelines.sd3",
     "SDSampler": "pipelines.sd",
+    "SDEPipeline": "pipelines.notebook",
+    "SDEPipelineOutput": "pipelines.notebook",
     "SDXLSampler": "pipelines.sdxl",
     "WanSampler": "pipelines.wan",
     "WanI2VSampler": "pipelines.wan",
@@ -58,6 +60,8 @@ def build_sampler(family: str, pretrained: Any, **kwargs: Any) -> Any:
 
 __all__ = [
     "FAMILIES",
+    "SDEPipeline",
+    "SDEPipelineOutput",
     "SAMPLERS",
     "TINY_MODELS",
     "DDIMSampler",
