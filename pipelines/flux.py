@@ -77,17 +77,7 @@ class FluxSampler(FlowMatchSampler):
         self, generators: list[torch.Generator], image_size: tuple[int, int], num_frames: int | None = None
     ) -> Tensor:
         """Packed latents ``[B, tokens, 4 * latent_channels]`` drawn exactly as ``FluxPipeline`` draws them."""
-        height, width = image_size
-        latents, _ = self.pipeline.prepare_latents(
-            len(generators),
-            self.denoiser.config.in_channels // 4,
-            height,
-            width,
-            self.dtype,
-            self.device,
-            generators,
-        )
-        return latents
+        return draw_packed_latents(self, generators, image_size)
 
     def grid(self, options: RolloutOptions, latents: Tensor) -> tuple[Tensor, Tensor]:
         """FluxPipeline's schedule: linspace(1, 1/S) shifted by mu(image tokens), or a static ``shift``."""
@@ -144,13 +134,32 @@ class FluxSampler(FlowMatchSampler):
         return 2 * (height // factor), 2 * (width // factor)
 
     def _image_size(self, options: RolloutOptions) -> tuple[int, int]:
-        height, width = super()._image_size(options)
-        multiple = self.pipeline.vae_scale_factor * 2
-        if height % multiple or width % multiple:
-            raise ValueError(
-                f"FLUX image height and width must be multiples of {multiple}; got {height}x{width}"
-            )
-        return height, width
+        return check_packed_image_size("FLUX", super()._image_size(options), self.pipeline.vae_scale_factor)
+
+
+def draw_packed_latents(
+    sampler: FlowMatchSampler, generators: list[torch.Generator], image_size: tuple[int, int], *leading: Any
+) -> Tensor:
+    """Initial packed latents from the pipeline's own ``prepare_latents`` (its ``randn_tensor`` draw, one generator
+    per sample; FLUX.1, FLUX.2, Qwen-Image, Kontext). ``leading``: arguments a pipeline takes first (Kontext's
+    source image, None here); the tuple some pipelines return (latents, ids, ...) gives its latents."""
+    height, width = image_size
+    channels = sampler.denoiser.config.in_channels // 4
+    drawn = sampler.pipeline.prepare_latents(
+        *leading, len(generators), channels, height, width, sampler.dtype, sampler.device, generators
+    )
+    return drawn[0] if isinstance(drawn, tuple) else drawn
+
+
+def check_packed_image_size(name: str, image_size: tuple[int, int], vae_scale_factor: int) -> tuple[int, int]:
+    """``image_size`` when both sides are multiples of the VAE scale x 2 (2x2 latent packing), else a clear error."""
+    height, width = image_size
+    multiple = vae_scale_factor * 2
+    if height % multiple or width % multiple:
+        raise ValueError(
+            f"{name} image height and width must be multiples of {multiple}; got {height}x{width}"
+        )
+    return height, width
 
 
 def linear_sigmas(num_steps: int) -> np.ndarray:

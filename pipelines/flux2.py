@@ -20,7 +20,7 @@ from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
 from torch import Tensor
 
 from pipelines.base import ATTENTION_LORA_TARGETS, NEGATIVE_PREFIX, FlowMatchSampler, RolloutOptions
-from pipelines.flux import linear_sigmas, shifted_flow_grid
+from pipelines.flux import check_packed_image_size, draw_packed_latents, linear_sigmas, shifted_flow_grid
 from pipelines.qwen_image import refuse_embedded_guidance
 
 DEFAULT_GUIDANCE = 4.0  # Flux2Pipeline.__call__'s guidance_scale
@@ -76,17 +76,7 @@ class Flux2Sampler(FlowMatchSampler):
         self, generators: list[torch.Generator], image_size: tuple[int, int], num_frames: int | None = None
     ) -> Tensor:
         """Packed patchified latents ``[B, tokens, 4 * latent_channels]`` drawn as the FLUX.2 pipelines draw them."""
-        height, width = image_size
-        latents, _ = self.pipeline.prepare_latents(
-            len(generators),
-            self.denoiser.config.in_channels // 4,
-            height,
-            width,
-            self.dtype,
-            self.device,
-            generators,
-        )
-        return latents
+        return draw_packed_latents(self, generators, image_size)
 
     def grid(self, options: RolloutOptions, latents: Tensor) -> tuple[Tensor, Tensor]:
         """FLUX.2's schedule: linspace(1, 1/S) shifted by ``compute_empirical_mu(tokens, S)``, or a static
@@ -152,13 +142,7 @@ class Flux2Sampler(FlowMatchSampler):
         return self._position_cache[key]
 
     def _image_size(self, options: RolloutOptions) -> tuple[int, int]:
-        height, width = super()._image_size(options)
-        multiple = self.pipeline.vae_scale_factor * 2
-        if height % multiple or width % multiple:
-            raise ValueError(
-                f"FLUX.2 image height and width must be multiples of {multiple}; got {height}x{width}"
-            )
-        return height, width
+        return check_packed_image_size("FLUX.2", super()._image_size(options), self.pipeline.vae_scale_factor)
 
 
 class Flux2KleinSampler(Flux2Sampler):

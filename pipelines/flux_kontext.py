@@ -18,7 +18,7 @@ from torch import Tensor
 
 from gen_rl.core.images import load_condition_image
 from pipelines.base import RolloutOptions
-from pipelines.flux import FluxSampler
+from pipelines.flux import FluxSampler, draw_packed_latents
 
 SOURCE_KEY = "image_latents"
 
@@ -50,18 +50,7 @@ class FluxKontextSampler(FluxSampler):
     ) -> Tensor:
         """Packed latents drawn exactly as ``FluxKontextPipeline.prepare_latents`` draws them (no source there:
         the source is encoded by ``encode_conditions``)."""
-        height, width = image_size
-        latents, _, _, _ = self.pipeline.prepare_latents(
-            None,
-            len(generators),
-            self.denoiser.config.in_channels // 4,
-            height,
-            width,
-            self.dtype,
-            self.device,
-            generators,
-        )
-        return latents
+        return draw_packed_latents(self, generators, image_size, None)
 
     def model_output(
         self, latents: Tensor, timesteps: Tensor, conditioning: dict[str, Tensor], image_size: tuple[int, int]

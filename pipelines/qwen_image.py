@@ -17,7 +17,7 @@ from diffusers import QwenImagePipeline
 from torch import Tensor
 
 from pipelines.base import ATTENTION_LORA_TARGETS, NEGATIVE_PREFIX, FlowMatchSampler, RolloutOptions
-from pipelines.flux import linear_sigmas, sequence_length_shift, shifted_flow_grid
+from pipelines.flux import FluxSampler, check_packed_image_size, draw_packed_latents
 
 MASK_KEY = "prompt_embeds_mask"
 
@@ -97,22 +97,10 @@ class QwenImageSampler(FlowMatchSampler):
         self, generators: list[torch.Generator], image_size: tuple[int, int], num_frames: int | None = None
     ) -> Tensor:
         """Packed latents ``[B, tokens, 4 * z_dim]`` drawn exactly as ``QwenImagePipeline`` draws them."""
-        height, width = image_size
-        return self.pipeline.prepare_latents(
-            len(generators),
-            self.denoiser.config.in_channels // 4,
-            height,
-            width,
-            self.dtype,
-            self.device,
-            generators,
-        )
+        return draw_packed_latents(self, generators, image_size)
 
-    def grid(self, options: RolloutOptions, latents: Tensor) -> tuple[Tensor, Tensor]:
-        """QwenImagePipeline's schedule: linspace(1, 1/S) shifted by mu(image tokens), or a static ``shift``."""
-        config = self.scheduler.config
-        mu = sequence_length_shift(config, latents.shape[1])
-        return shifted_flow_grid(config, options, self.device, linear_sigmas(options.num_steps), mu)
+    # QwenImagePipeline's schedule is FluxPipeline's: linspace(1, 1/S) shifted by mu(image tokens)
+    grid = FluxSampler.grid
 
     def model_output(
         self, latents: Tensor, timesteps: Tensor, conditioning: dict[str, Tensor], image_size: tuple[int, int]
@@ -184,10 +172,6 @@ class QwenImageSampler(FlowMatchSampler):
         return image_size[0] // factor, image_size[1] // factor
 
     def _image_size(self, options: RolloutOptions) -> tuple[int, int]:
-        height, width = super()._image_size(options)
-        multiple = self.pipeline.vae_scale_factor * 2
-        if height % multiple or width % multiple:
-            raise ValueError(
-                f"Qwen-Image height and width must be multiples of {multiple}; got {height}x{width}"
-            )
-        return height, width
+        return check_packed_image_size(
+            "Qwen-Image", super()._image_size(options), self.pipeline.vae_scale_factor
+        )

@@ -23,7 +23,7 @@ from diffusers.pipelines.z_image.pipeline_z_image import get_default_z_image_sig
 from torch import Tensor
 
 from pipelines.base import NEGATIVE_PREFIX, FlowMatchSampler, RolloutOptions
-from pipelines.flux import sequence_length_shift, shifted_flow_grid
+from pipelines.flux import check_packed_image_size, sequence_length_shift, shifted_flow_grid
 from pipelines.qwen_image import refuse_embedded_guidance
 
 DEFAULT_IMAGE_SIDE = 1024  # ZImagePipeline.__call__'s default height and width
@@ -111,13 +111,9 @@ class ZImageSampler(FlowMatchSampler):
         return DEFAULT_IMAGE_SIDE, DEFAULT_IMAGE_SIDE
 
     def _image_size(self, options: RolloutOptions) -> tuple[int, int]:
-        height, width = super()._image_size(options)
-        multiple = self.pipeline.vae_scale_factor * 2
-        if height % multiple or width % multiple:
-            raise ValueError(
-                f"Z-Image height and width must be multiples of {multiple}; got {height}x{width}"
-            )
-        return height, width
+        return check_packed_image_size(
+            "Z-Image", super()._image_size(options), self.pipeline.vae_scale_factor
+        )
 
 
 def _padded_captions(captions: list[Tensor], length: int, num_per_prompt: int) -> dict[str, Tensor]:
