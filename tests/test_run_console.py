@@ -4,7 +4,7 @@ metrics' names, the reward curve refreshed at each evaluation, eval pictures in 
 from __future__ import annotations
 
 import pytest
-from trainer_helpers import small_config
+from trainer_helpers import ROOT, small_config
 
 from gen_rl.loop import PROGRESS_KEYS, closing_text, progress_fields, startup_text
 
@@ -74,3 +74,24 @@ def test_resume_prints_the_checkpoint_it_continues_from(tmp_path, capsys):
     GenerationTrainer(longer, resume=True).train()
     second = capsys.readouterr().out
     assert "resumed from" in second and "checkpoint-000002 (step 2 of 3)" in second
+
+
+def test_a_video_evaluation_writes_one_playable_mp4_per_prompt(tmp_path):
+    """The tiny Wan: each eval prompt gets an MP4 with its samples side by side, readable with the expected frame
+    count and size, plus the labelled frame-strip grid."""
+    from gen_rl.core.video_io import read_video
+    from gen_rl.trainer import GenerationTrainer
+
+    config = small_config(
+        tmp_path / "run", "eval.samples_per_prompt=2", "log.monitors=false",
+        base_config=ROOT / "configs" / "demo" / "tiny_wan_cpu.yaml",
+    )  # fmt: skip
+    trainer = GenerationTrainer(config)
+    record = trainer.evaluate(0)
+    assert "eval/reward/mean" in record
+    folder = tmp_path / "run" / "eval" / "step-000000"
+    videos = sorted(folder.glob("prompt-*.mp4"))
+    assert [path.name for path in videos] == ["prompt-00.mp4", "prompt-01.mp4"]
+    frames = read_video(videos[0])
+    assert frames.shape == (config.sample.num_frames, 32, 2 * 32, 3)  # two samples side by side
+    assert (tmp_path / "run" / "eval" / "step-000000.png").stat().st_size > 1000
