@@ -192,8 +192,8 @@ def test_width_and_depth_pruning_drop_edges():
 
 
 def test_branch_grpo_options_check_the_tree(tmp_path):
-    with pytest.raises(ConfigError, match="has branch_factor \\*\\* len\\(branch_steps\\) = 4 leaves"):
-        small_config(tmp_path, "algorithm.name=branch_grpo", "sample.group_size=8")
+    with pytest.raises(ConfigError, match="has branch_factor \\*\\* len\\(branch_steps\\) = 8 leaves"):
+        small_config(tmp_path, "algorithm.name=branch_grpo", "sample.group_size=6")
     with pytest.raises(ConfigError, match="branch_steps \\[0, 4\\] must be distinct"):
         small_config(tmp_path, "algorithm.name=branch_grpo", "algorithm.branch_steps=[0,4]")
 
@@ -285,7 +285,8 @@ def hooked_step(trainer: GenerationTrainer, step: int) -> float:
 
 def test_a_short_branch_grpo_run_raises_the_held_out_reward(tmp_path):
     """8 steps of 4 trees of 4 leaves: held-out reward 0.4167 -> 0.4275 measured."""
-    trainer = GenerationTrainer(small_config(tmp_path, *LEARNING, "algorithm.name=branch_grpo"))
+    config = small_config(tmp_path, *LEARNING, "algorithm.name=branch_grpo", "algorithm.branch_steps=[0,2]")
+    trainer = GenerationTrainer(config)
     before = trainer.evaluate(0)["eval/reward/mean"]
     train_rewards = [hooked_step(trainer, step) for step in range(8)]
     after = trainer.evaluate(8)["eval/reward/mean"]

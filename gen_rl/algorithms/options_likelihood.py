@@ -125,7 +125,9 @@ class BranchGRPOOptions(PolicyGradientOptions):
     """BranchGRPO (Li et al. 2025, arXiv 2509.06040): tree rollouts sharing their prefix, node reward = mean of its
     children, advantages normalised per depth, depth and width pruning; only non-pruned stochastic edges train."""
 
-    branch_steps: tuple[int, ...] = option((0, 2), "denoising steps at which every node splits")
+    branch_steps: tuple[int, ...] = option(
+        (0, 1, 2), "denoising steps at which every node splits (default: 8 leaves, the demo's group of 8)"
+    )
     branch_factor: int = option(
         2, "children per split; sample.group_size must be branch_factor ** len(steps)"
     )
