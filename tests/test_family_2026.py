@@ -254,3 +254,14 @@ def test_kontext_stores_the_encoded_source_and_trains_on_it():
 def test_kontext_refuses_a_prompt_without_a_source_image():
     with pytest.raises(ValueError, match="'image'"):
         _sampler("tiny:flux_kontext").rollout(PROMPTS, OPTIONS, metadata=[{"image": SOURCES[0]}, {}])
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_every_lora_target_names_a_linear_layer_of_the_denoiser(name):
+    """A misspelt target would leave that projection untrained without any error from peft (others match)."""
+    sampler = _sampler(name)
+    linear_names = [
+        key for key, module in sampler.denoiser.named_modules() if isinstance(module, torch.nn.Linear)
+    ]
+    for target in sampler.lora_target_modules:
+        assert any(key == target or key.endswith("." + target) for key in linear_names), target
