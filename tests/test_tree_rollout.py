@@ -189,6 +189,12 @@ def test_width_and_depth_pruning_drop_edges():
     # after the last split (step 3) only the best (leaf 1) and worst (leaf 2) leaves' edges train
     step3 = {int(members[row]): float(weights[row, 2]) for row in range(4)}
     assert step3 == {0: 0.0, 1: 1.0, 2: 1.0, 3: 0.0}
+    # width pruning starts after the last split: the split edges themselves (step 2) all train
+    algorithm = branch_algorithm(width_keep=0.5)
+    units = algorithm.select(rollout, step=0)
+    _, weights = algorithm.unit_advantages(rollout, torch.zeros(4, dtype=torch.long), LEAVES[members], units)
+    assert weights[:, 2].tolist() == [1.0] * 4
+    assert {int(members[row]): float(weights[row, 3]) for row in range(4)} == step3
 
 
 def test_branch_grpo_options_check_the_tree(tmp_path):
