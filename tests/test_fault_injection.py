@@ -145,7 +145,10 @@ def test_each_fault_stops_the_run_as_planned(chain):
 
 def test_a_full_disk_prints_one_line_and_leaves_the_previous_checkpoint_resumable(chain):
     code, output, listing = chain["steps"][0]
-    lines = [line for line in output.splitlines() if line.strip()]
+    # everything but the start-up summary (its "[gen-rl] run" header and indented lines) is the one error line
+    summary = output.split("\n  starting at step 0 of 6\n", 1)
+    assert len(summary) == 2 and summary[0].startswith("[gen-rl] run"), output
+    lines = [line for line in summary[1].splitlines() if line.strip()]
     assert code == 1 and len(lines) == 1, output
     assert lines[0].startswith("error: writing checkpoint-000002 under ")
     assert "no space left on device" in lines[0] and "checkpoint-000001 is intact" in lines[0]
