@@ -16,11 +16,25 @@ import time
 
 import torch
 from diffusers import DDIMScheduler
+from PIL import Image
 
 from gen_rl.core.seeding import make_generators
 from pipelines import FluxSampler, RolloutOptions, SD3Sampler, SDSampler, SDXLSampler
+from pipelines.flux2 import Flux2KleinSampler, Flux2Sampler
+from pipelines.flux_kontext import FluxKontextSampler
+from pipelines.qwen_image import QwenImageSampler
 from pipelines.tiny import tiny_flux_pipeline, tiny_sd3_pipeline, tiny_sd_pipeline
+from pipelines.tiny_2026 import (
+    tiny_flux2_klein_pipeline,
+    tiny_flux2_pipeline,
+    tiny_flux_kontext_pipeline,
+    tiny_qwen_image_pipeline,
+    tiny_z_image_pipeline,
+)
 from pipelines.tiny_sdxl import tiny_sd2_pipeline, tiny_sdxl_pipeline
+from pipelines.tiny_wan import TINY_NUM_FRAMES, tiny_wan_i2v_pipeline, tiny_wan_pipeline
+from pipelines.wan import WanI2VSampler, WanSampler
+from pipelines.z_image import ZImageSampler
 
 # (sampler, builder, image side in pixels): each gives 1024 latent positions, as in shared/TINY_MODELS.md
 CASES = {
@@ -32,6 +46,37 @@ CASES = {
 }
 TARGETS = {"sd3": 1.05, "flux": 1.05, "sd": 1.05}
 TARGETS.update({"sd2": 1.05, "sdxl": 1.05})
+# Wan videos: 5 frames of 128 px (2 x 16 x 16 latent positions of 16 channels, 128 tokens); wan22 switches
+# between its two experts at the boundary
+CASES.update(
+    {
+        "wan": (WanSampler, tiny_wan_pipeline, 128),
+        "wan22": (WanSampler, lambda: tiny_wan_pipeline(two_experts=True), 128),
+        "wan_i2v": (WanI2VSampler, tiny_wan_i2v_pipeline, 128),
+    }
+)
+TARGETS.update({"wan": 1.05, "wan22": 1.05, "wan_i2v": 1.05})
+# 2026 image families (pipelines/tiny_2026.py): 1024 image tokens; Qwen-Image 256 at 128 px (its 3-D VAE is slow)
+CASES.update(
+    {
+        "qwen_image": (QwenImageSampler, tiny_qwen_image_pipeline, 128),
+        "flux2": (Flux2Sampler, tiny_flux2_pipeline, 64),
+        "flux2_klein": (Flux2KleinSampler, tiny_flux2_klein_pipeline, 64),
+        "z_image": (ZImageSampler, tiny_z_image_pipeline, 64),
+        "flux_kontext": (FluxKontextSampler, tiny_flux_kontext_pipeline, 64),
+    }
+)
+TARGETS.update(
+    {"qwen_image": 1.05, "flux2": 1.05, "flux2_klein": 1.05, "z_image": 1.05, "flux_kontext": 1.05}
+)
+# their pipelines' calls without CFG (Qwen-Image defaults to true_cfg 4, Z-Image to guidance 5, klein to 4)
+PIPELINE_KWARGS_2026 = {
+    "qwen_image": {"true_cfg_scale": 1.0, "max_sequence_length": 64},
+    "flux2": {"max_sequence_length": 64},
+    "flux2_klein": {"guidance_scale": 1.0, "max_sequence_length": 64},
+    "z_image": {"guidance_scale": 0.0, "max_sequence_length": 64},
+    "flux_kontext": {"max_sequence_length": 64, "_auto_resize": False},
+}
 
 
 def _timed(function) -> float:
@@ -57,11 +102,24 @@ def measure(family: str, batch: int, steps: int, repeats: int) -> dict[str, floa
         pipeline_kwargs = {"guidance_scale": 1.0, "eta": 1.0}
         # SDXL ships Euler: the pipeline steps with DDIM from the same config, as the rollout does
         sampler.pipeline.scheduler = DDIMScheduler.from_config(sampler.pipeline.scheduler.config)
-    seeds = sampler.rollout(prompts, options).seeds.tolist()
+    metadata = None
+    if family in ("wan", "wan22", "wan_i2v"):  # CFG off (Wan's pipeline defaults to 5), the tiny frame count
+        pipeline_kwargs = {"guidance_scale": 1.0, "max_sequence_length": 64, "num_frames": TINY_NUM_FRAMES}
+        if family == "wan_i2v":  # one source image for every prompt: the I2V pipeline takes one per call
+            image = Image.new("RGB", (side, side), (200, 40, 40))
+            metadata = [{"image": image}] * batch
+            pipeline_kwargs["image"] = image
+    if family in PIPELINE_KWARGS_2026:
+        pipeline_kwargs = dict(PIPELINE_KWARGS_2026[family])
+        if family == "flux_kontext":  # one source image per sample on both sides
+            images = [Image.new("RGB", (side, side), (200, 40, 40))] * batch
+            metadata = [{"image": image} for image in images]
+            pipeline_kwargs.update(image=images, max_area=side * side)
+    seeds = sampler.rollout(prompts, options, metadata=metadata).seeds.tolist()
 
     def call_pipeline() -> None:
         sampler.pipeline(
-            prompts,
+            prompt=prompts,
             num_inference_steps=steps,
             height=side,
             width=side,
@@ -71,7 +129,7 @@ def measure(family: str, batch: int, steps: int, repeats: int) -> dict[str, floa
         )
 
     def call_rollout() -> None:
-        sampler.rollout(prompts, options)
+        sampler.rollout(prompts, options, metadata=metadata)
 
     pipeline_times, rollout_times = [], []
     with torch.inference_mode():

@@ -71,9 +71,11 @@ class WanExperts(torch.nn.Module):
     def forward(self, expert: str, **kwargs: Any) -> Any:
         """The output of expert ``expert`` ("high" or "low") called with ``kwargs`` (``return_dict=False``)."""
         output = self._expert(expert)(**kwargs)
+        if not torch.is_grad_enabled():  # sampling: nothing to keep in the graph
+            return output
         other = self._expert("low" if expert == "high" else "high")
         unused = [param for param in other.parameters() if param.requires_grad]
-        if torch.is_grad_enabled() and unused:
+        if unused:
             zero = sum(param.sum() for param in unused) * 0.0
             output = (output[0] + zero.to(output[0].dtype), *output[1:])
         return output
@@ -409,9 +411,10 @@ class WanI2VSampler(WanSampler):
         """Per prompt: ``condition`` ``[G, 4 + C, T', h, w]`` (mask and first-frame latents) and, for Wan 2.1
         I2V, ``image_embeds`` ``[G, L, D]`` (CLIP penultimate hidden states)."""
         height, width = image_size
-        conditions, embeddings = [], []
+        conditions, sources = [], []
         for record in metadata:
             source = load_condition_image(record["image"], height, width)
+            sources.append(source)
             image = self.pipeline.video_processor.preprocess(source[None], height=height, width=width)
             image = image.to(self.device, torch.float32)
             placeholder = torch.zeros(
@@ -431,13 +434,13 @@ class WanI2VSampler(WanSampler):
                 placeholder,  # given latents: no draw, only the condition latents are computed
             )
             conditions.append(condition.to(self.dtype))
-            if self._uses_image_embeddings():
-                pil = Image.fromarray(np.asarray((source * 255).round().byte().permute(1, 2, 0).cpu()))
-                embeds = self.pipeline.encode_image(pil, self.device)
-                embeddings.append(embeds.to(self.dtype).repeat(num_per_prompt, 1, 1))
         encoded = {"condition": torch.cat(conditions)}
-        if embeddings:
-            encoded["image_embeds"] = torch.cat(embeddings)
+        if self._uses_image_embeddings():  # one CLIP call for every prompt's source
+            images = [
+                Image.fromarray(np.asarray((s * 255).round().byte().permute(1, 2, 0).cpu())) for s in sources
+            ]
+            embeds = self.pipeline.encode_image(images, self.device)
+            encoded["image_embeds"] = embeds.to(self.dtype).repeat_interleave(num_per_prompt, dim=0)
         return encoded
 
     def _uses_image_embeddings(self) -> bool:
