@@ -22,6 +22,8 @@ from gen_rl.core.seeding import make_generators
 from pipelines import FluxSampler, RolloutOptions, SD3Sampler, SDSampler, SDXLSampler
 from pipelines.flux2 import Flux2KleinSampler, Flux2Sampler
 from pipelines.flux_kontext import FluxKontextSampler
+from pipelines.hunyuan_video import HunyuanVideoI2VSampler, HunyuanVideoSampler
+from pipelines.hunyuan_video_15 import HunyuanVideo15Sampler
 from pipelines.qwen_image import QwenImageSampler
 from pipelines.tiny import tiny_flux_pipeline, tiny_sd3_pipeline, tiny_sd_pipeline
 from pipelines.tiny_2026 import (
@@ -30,6 +32,11 @@ from pipelines.tiny_2026 import (
     tiny_flux_kontext_pipeline,
     tiny_qwen_image_pipeline,
     tiny_z_image_pipeline,
+)
+from pipelines.tiny_hunyuan import (
+    tiny_hunyuan_video_15_pipeline,
+    tiny_hunyuan_video_i2v_pipeline,
+    tiny_hunyuan_video_pipeline,
 )
 from pipelines.tiny_sdxl import tiny_sd2_pipeline, tiny_sdxl_pipeline
 from pipelines.tiny_wan import TINY_NUM_FRAMES, tiny_wan_i2v_pipeline, tiny_wan_pipeline
@@ -69,6 +76,15 @@ CASES.update(
 TARGETS.update(
     {"qwen_image": 1.05, "flux2": 1.05, "flux2_klein": 1.05, "z_image": 1.05, "flux_kontext": 1.05}
 )
+# HunyuanVideo: 5 frames (2 latent frames) of 64 px, the pipelines' defaults otherwise (embedded guidance 6 / 1)
+CASES.update(
+    {
+        "hunyuan_video": (HunyuanVideoSampler, tiny_hunyuan_video_pipeline, 64),
+        "hunyuan_video_i2v": (HunyuanVideoI2VSampler, tiny_hunyuan_video_i2v_pipeline, 64),
+        "hunyuan_video_15": (HunyuanVideo15Sampler, tiny_hunyuan_video_15_pipeline, 64),
+    }
+)
+TARGETS.update({"hunyuan_video": 1.05, "hunyuan_video_i2v": 1.05, "hunyuan_video_15": 1.05})
 # their pipelines' calls without CFG (Qwen-Image defaults to true_cfg 4, Z-Image to guidance 5, klein to 4)
 PIPELINE_KWARGS_2026 = {
     "qwen_image": {"true_cfg_scale": 1.0, "max_sequence_length": 64},
@@ -115,6 +131,16 @@ def measure(family: str, batch: int, steps: int, repeats: int) -> dict[str, floa
             images = [Image.new("RGB", (side, side), (200, 40, 40))] * batch
             metadata = [{"image": image} for image in images]
             pipeline_kwargs.update(image=images, max_area=side * side)
+    if family.startswith("hunyuan_video"):
+        pipeline_kwargs = {"num_frames": sampler.default_num_frames()}
+        if family == "hunyuan_video_15":  # its VAE decodes batch > 1 only in slices (the sampler: 1 per call)
+            sampler.pipeline.vae.enable_slicing()
+        else:
+            pipeline_kwargs.update(prompt_template=sampler.prompt_template, max_sequence_length=64)
+        if family == "hunyuan_video_i2v":  # one source per sample on both sides; SkyReels' true CFG 6 off
+            image = Image.new("RGB", (side, side), (200, 40, 40))
+            metadata = [{"image": image}] * batch
+            pipeline_kwargs.update(image=[image] * batch, true_cfg_scale=1.0)
     seeds = sampler.rollout(prompts, options, metadata=metadata).seeds.tolist()
 
     def call_pipeline() -> None:
