@@ -93,8 +93,9 @@ def evaluate_models(
 ) -> EvalReport:
     """Sample and score every target on ``config``'s eval prompts (``eval.max_prompts``, ``eval.samples_per_prompt``)
     with the trainer's evaluation seeds; write the CSV, the Markdown table and the comparison grid."""
+    from gen_rl.objective import reward_key
     from gen_rl.policy import load_sampler
-    from gen_rl.trainer import _reward_key, eval_options
+    from gen_rl.sampling import eval_options
     from rewards import build_reward
     from rewards.base import score_reward
 
@@ -104,13 +105,13 @@ def evaluate_models(
     count = min(len(prompt_set), config.eval.max_prompts)
     prompts, metadata = prompt_set.prompts[:count], prompt_set.metadata[:count]
     per_prompt = config.eval.samples_per_prompt
-    weights = {_reward_key(i, t.name): t.weight for i, t in enumerate(config.reward.terms)}
+    weights = {reward_key(i, t.name): t.weight for i, t in enumerate(config.reward.terms)}
     rewards = {
-        _reward_key(i, t.name): build_reward(t.name, **t.kwargs) for i, t in enumerate(config.reward.terms)
+        reward_key(i, t.name): build_reward(t.name, **t.kwargs) for i, t in enumerate(config.reward.terms)
     }
     rewards.update(
         {
-            f"gold/{_reward_key(i, t.name)}": build_reward(t.name, **t.kwargs)
+            f"gold/{reward_key(i, t.name)}": build_reward(t.name, **t.kwargs)
             for i, t in enumerate(config.eval.gold)
         }
     )

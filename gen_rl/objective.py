@@ -161,3 +161,9 @@ def step_loss(
         "policy/ratio_dev_max": (ratio - 1).abs().max(),
     }
     return loss, stats
+
+
+def reward_key(index: int, name: str) -> str:
+    """The key of ``reward.terms[index]`` in records (``colour``, a second ``colour`` -> ``colour_1``)."""
+    base = name.rsplit(":", 1)[-1]
+    return base if index == 0 else f"{base}_{index}"

@@ -1,4 +1,5 @@
-"""``gen-rl sample``: images or videos from a base model (any family) or a checkpoint's model plus its LoRA.
+"""Sampling options of a run config (training and evaluation), and ``gen-rl sample``: images or videos from a
+base model (any family) or a checkpoint's model plus its LoRA.
 
 Samples follow the deterministic sampler (noise level 0) from seeds derived from ``--seed``, the prompt and the
 member, exactly as training and evaluation draw them; each sample is written as a PNG (videos: MP4) and all of
@@ -8,12 +9,43 @@ them in one labelled grid.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from gen_rl.core.config import ConfigError
-from gen_rl.trainer_config import ModelConfig
+from gen_rl.trainer_config import GenerationConfig, ModelConfig
+from pipelines.base import RolloutOptions
+
+
+def sampling_options(config: GenerationConfig, **overrides: Any) -> RolloutOptions:
+    """``RolloutOptions`` from the config's ``sample`` section and run seed, with ``overrides``."""
+    sample = config.sample
+    options = RolloutOptions(
+        num_steps=sample.num_steps,
+        height=sample.height,
+        width=sample.width,
+        cfg_scale=sample.cfg_scale,
+        negative_prompt=sample.negative_prompt,
+        guidance=sample.guidance,
+        shift=sample.shift,
+        sde_type=sample.sde_type,
+        noise_level=sample.noise_level,
+        share_initial_noise=sample.share_initial_noise,
+        seed=config.train.seed,
+        max_sequence_length=sample.max_sequence_length,
+        num_frames=sample.num_frames,
+    )
+    return dataclasses.replace(options, **overrides)
+
+
+def eval_options(config: GenerationConfig) -> RolloutOptions:
+    """The held-out evaluation's options: eval seed and noise level, no shared initial noise (fixed every time)."""
+    return sampling_options(
+        config, seed=config.eval.seed, noise_level=config.eval.noise_level, share_initial_noise=False
+    )
 
 
 def model_of(args: argparse.Namespace) -> tuple[ModelConfig, Path | None, dict]:
@@ -57,7 +89,6 @@ def prompts_of(args: argparse.Namespace) -> tuple[list[str], list[dict]]:
 def sample_to_folder(args: argparse.Namespace) -> list[Path]:
     """Sample every prompt ``--samples-per-prompt`` times; returns the sample files, then the grid."""
     from gen_rl.policy import load_sampler
-    from pipelines import RolloutOptions
 
     model, lora, sample = model_of(args)
     prompts, metadata = prompts_of(args)

@@ -34,9 +34,10 @@ from gen_rl.eval_media import save_eval_samples
 from gen_rl.loop import PhaseLoop
 from gen_rl.metrics import MetricsLog
 from gen_rl.monitoring import HackingMonitor
-from gen_rl.objective import compute_advantages
+from gen_rl.objective import compute_advantages, reward_key
 from gen_rl.policy import load_sampler, make_trainable
 from gen_rl.run_folder import GENERATION_TUNABLES
+from gen_rl.sampling import eval_options, sampling_options
 from gen_rl.trainer_config import GenerationConfig
 from pipelines import Rollout, RolloutOptions
 from pipelines.base import worst_log_prob_mismatch
@@ -144,14 +145,14 @@ class GenerationTrainer(PhaseLoop):
             else None
         )
         self.reward_models = {
-            _reward_key(i, term.name): build_reward(term.name, **term.kwargs)
+            reward_key(i, term.name): build_reward(term.name, **term.kwargs)
             for i, term in enumerate(config.reward.terms)
         }
         self.reward_weights = {
             key: term.weight for key, term in zip(self.reward_models, config.reward.terms, strict=True)
         }
         self.gold_models = {
-            _reward_key(i, term.name): build_reward(term.name, **term.kwargs)
+            reward_key(i, term.name): build_reward(term.name, **term.kwargs)
             for i, term in enumerate(config.eval.gold)
         }
         learning_gold = [key for key, model in self.gold_models.items() if reward_learns(model)]
@@ -585,34 +586,6 @@ class GenerationTrainer(PhaseLoop):
         }
 
 
-def sampling_options(config: GenerationConfig, **overrides: Any) -> RolloutOptions:
-    """``RolloutOptions`` from the config's ``sample`` section and run seed, with ``overrides``."""
-    sample = config.sample
-    options = RolloutOptions(
-        num_steps=sample.num_steps,
-        height=sample.height,
-        width=sample.width,
-        cfg_scale=sample.cfg_scale,
-        negative_prompt=sample.negative_prompt,
-        guidance=sample.guidance,
-        shift=sample.shift,
-        sde_type=sample.sde_type,
-        noise_level=sample.noise_level,
-        share_initial_noise=sample.share_initial_noise,
-        seed=config.train.seed,
-        max_sequence_length=sample.max_sequence_length,
-        num_frames=sample.num_frames,
-    )
-    return dataclasses.replace(options, **overrides)
-
-
-def eval_options(config: GenerationConfig) -> RolloutOptions:
-    """The held-out evaluation's options: eval seed and noise level, no shared initial noise (fixed every time)."""
-    return sampling_options(
-        config, seed=config.eval.seed, noise_level=config.eval.noise_level, share_initial_noise=False
-    )
-
-
 def whole_groups_first(group_ids: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     """``order`` with each group's members made adjacent (groups in the order their first member appears), so a
     minibatch of a multiple of ``group_size`` samples holds whole groups."""
@@ -629,11 +602,6 @@ def _even_shard(count: int, rank: int, world: int) -> list[int]:
     size = -(-count // world)
     mine = list(range(rank, count, world))
     return mine + [mine[-1] if mine else count - 1] * (size - len(mine))
-
-
-def _reward_key(index: int, name: str) -> str:
-    base = name.rsplit(":", 1)[-1]
-    return base if index == 0 else f"{base}_{index}"
 
 
 def _report_dropped(names: list[str], rewards: torch.Tensor, invalid: torch.Tensor, accelerator) -> None:
