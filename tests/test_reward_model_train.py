@@ -18,6 +18,7 @@ from gen_rl.reward_model.synthetic import write_pairs, write_ranked
 from gen_rl.reward_model.trainer import train
 from gen_rl.train import main
 from rewards.preference_model import load_preference_model
+from rewards.preprocess import ImagePreprocess
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "reward_model" / "tiny_colour_preference_cpu.yaml"
@@ -93,6 +94,9 @@ def test_the_saved_model_scores_as_the_trained_one(tmp_path, mode, head):
     with torch.no_grad():
         reloaded = loaded(images, prompts)
     assert torch.allclose(reloaded, trained, atol=1e-5), (reloaded, trained)
+    # the backbone's own image-processor recipe, saved with the checkpoint and read back whole
+    builtin = str(tmp_path / "run" / "builtin" / "tiny-clip")
+    assert loaded.preprocess == ImagePreprocess.from_pretrained(builtin, what="tiny CLIP", published="-")
     assert not torch.allclose(trained, initial, atol=1e-4)
     from transformers import CLIPModel
 

@@ -323,12 +323,3 @@ def _unreadable(path: Path) -> str | None:
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as error:
         return f"image {path} cannot be read as an image ({type(error).__name__})"
     return None
-
-
-def records_per_category(comparisons: list[Comparison]) -> dict[str, int]:
-    """How many records each category holds (records with no category are not counted)."""
-    counts: dict[str, int] = defaultdict(int)
-    for item in comparisons:
-        if item.category is not None:
-            counts[item.category] += 1
-    return dict(counts)

@@ -14,6 +14,7 @@ import json
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -119,7 +120,10 @@ class ImageCache:
 
 
 def batch_loss(
-    scorer: PreferenceScorer, batch: list[Comparison], loss_name: str, images: ImageCache
+    scorer: PreferenceScorer | Callable[[list[Tensor], list[str]], Tensor],
+    batch: list[Comparison],
+    loss_name: str,
+    images: Callable[[Path, Comparison], Tensor],
 ) -> tuple[Tensor, Tensor]:
     """(loss, pairwise accuracy) of one batch: Bradley-Terry on pairs, Plackett-Luce on ranked lists."""
     pixels, prompts = [], []
