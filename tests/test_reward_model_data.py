@@ -120,3 +120,21 @@ def test_hpd_entries_give_pairs_from_the_preferred_image_and_rankings_from_ranks
         ("a", ["1.png", "2.png"], 1.0, 1),
         ("b", ["1.png", "2.png", "0.png"], None, 2),
     ]
+
+
+def test_implicit_feedback_files_become_pairs_within_each_context(tmp_path):
+    names = [_image(tmp_path / f"{i}.png", (40 * i, 0, 0)) for i in range(4)]
+    rows = [
+        {"prompt": "p", "image": names[0], "engagement": 40, "group": "u1", "category": "art"},
+        {"prompt": "p", "image": names[1], "engagement": 3, "group": "u1", "category": "art"},
+        {"prompt": "q", "image": names[2], "engagement": 1000, "group": "u2"},  # alone in its context
+        {"prompt": "q", "image": names[3], "engagement": -1, "group": "u2"},  # bad count
+    ]
+    path = tmp_path / "implicit.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(DataError, match=f"{path}:4: 'engagement' must be a count >= 0; got -1"):
+        load_comparisons(path, "implicit")
+    kept = load_comparisons(path, "implicit", bad_records="skip")
+    assert [([p.name for p in c.images], c.label, c.line, c.category) for c in kept] == [
+        (["0.png", "1.png"], 1.0, 1, "art")
+    ]
