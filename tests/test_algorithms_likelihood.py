@@ -386,6 +386,8 @@ def test_the_weights_of_this_file_are_not_degenerate():
 
 
 # ----- learning direction on the colour demo ---------------------------------------------------------------------
+# trainer_helpers.LEARNING (4 groups of 8 per step, updates of 16) for 10 steps, as Flow-GRPO's own learning test
+# (tests/test_trainer_update.py: +0.024); the held-out reward over 6 prompts x 2 must rise by MIN_RISE
 @pytest.mark.parametrize(
     ("name", "overrides"),
     [
@@ -393,20 +395,28 @@ def test_the_weights_of_this_file_are_not_degenerate():
         ("flow_dppo", ()),
         ("tempflow_grpo", ()),
         ("flash_grpo", ()),
-        ("flow_grpo", ("algorithm.best_of_n_k=1",)),  # best-of-N: the best and the worst of each group of 4
+        (
+            "flow_grpo",
+            ("algorithm.best_of_n_k=2",),
+        ),  # best-of-N: the best 2 and the worst 2 of each group of 8
     ],
 )
 def test_a_short_run_raises_the_held_out_reward(tmp_path, name, overrides):
-    """8 steps of 16 samples: held-out reward 0.4167 -> GRPO-Guard 0.4194, Flow-DPPO 0.4187, TempFlow-GRPO 0.4552,
-    Flash-GRPO 0.4251, best-of-N 0.4216 (measured on 2 loaded CPU cores; deterministic for a given machine)."""
-    from test_tree_rollout import LEARNING, hooked_step
-    from trainer_helpers import small_config
+    """Held-out reward 0.4136 -> GRPO-Guard 0.4895, Flow-DPPO 0.4281, TempFlow-GRPO 0.4542, Flash-GRPO 0.4693,
+    best-of-N 0.4374 in 10 steps (Flow-GRPO itself: 0.4136 -> 0.4420)."""
+    from trainer_helpers import LEARNING, small_config
 
     from gen_rl.trainer import GenerationTrainer
 
-    trainer = GenerationTrainer(small_config(tmp_path, *LEARNING, f"algorithm.name={name}", *overrides))
+    config = small_config(tmp_path, *LEARNING, "train.num_steps=10", f"algorithm.name={name}", *overrides)
+    trainer = GenerationTrainer(config)
     before = trainer.evaluate(0)["eval/reward/mean"]
-    train_rewards = [hooked_step(trainer, step) for step in range(8)]
-    after = trainer.evaluate(8)["eval/reward/mean"]
-    print(f"{name} {overrides} held-out {before:.4f} -> {after:.4f}; train {train_rewards}")
-    assert after - before > 0.001, (before, after)
+    train_rewards = [trainer.run_step(step)["reward/mean"] for step in range(10)]
+    after = trainer.evaluate(10)["eval/reward/mean"]
+    print(
+        f"{name} {overrides} held-out {before:.4f} -> {after:.4f}; train {[round(r, 4) for r in train_rewards]}"
+    )
+    assert after - before > MIN_RISE, (before, after)
+
+
+MIN_RISE = 0.01  # Flow-GRPO's own test asks the same; measured +0.015 (Flow-DPPO) to +0.076 (GRPO-Guard)
