@@ -102,8 +102,9 @@ def _qwen3_config(tokenizer: PreTrainedTokenizerFast, num_layers: int) -> Qwen3C
 
 
 def _flux2_vae() -> AutoencoderKLFlux2:
-    """FLUX.2's VAE (batch-norm latent statistics) at diffusers-test size: scale factor 1, one latent channel."""
-    return AutoencoderKLFlux2(
+    """FLUX.2's VAE at diffusers-test size (scale factor 1, one latent channel), with batch-norm latent statistics
+    other than 0 / 1 so that a dropped or inverted normalisation shows."""
+    vae = AutoencoderKLFlux2(
         sample_size=32,
         in_channels=3,
         out_channels=3,
@@ -116,6 +117,9 @@ def _flux2_vae() -> AutoencoderKLFlux2:
         use_quant_conv=False,
         use_post_quant_conv=False,
     )
+    vae.bn.running_mean.copy_(torch.tensor([0.2, -0.1, 0.3, 0.05]))
+    vae.bn.running_var.copy_(torch.tensor([0.5, 1.5, 0.8, 1.2]))
+    return vae
 
 
 def _flux2_transformer(joint_attention_dim: int, guidance_embeds: bool) -> Flux2Transformer2DModel:
@@ -157,8 +161,8 @@ def tiny_qwen_image_pipeline(seed: int = 0) -> QwenImagePipeline:
         dim_mult=[1, 2, 4],
         num_res_blocks=1,
         temperal_downsample=[False, True],
-        latents_mean=[0.0] * 4,
-        latents_std=[1.0] * 4,
+        latents_mean=[0.1, -0.2, 0.05, 0.3],  # not 0 / 1, so a dropped or inverted normalisation shows
+        latents_std=[0.8, 1.3, 0.6, 1.1],
     )
     config = Qwen2_5_VLConfig(
         text_config={

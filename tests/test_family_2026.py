@@ -265,3 +265,30 @@ def test_every_lora_target_names_a_linear_layer_of_the_denoiser(name):
     ]
     for target in sampler.lora_target_modules:
         assert any(key == target or key.endswith("." + target) for key in linear_names), target
+
+
+def test_qwen_image_encode_is_the_img2img_pipelines_encoding_packed():
+    """``encode`` (clean latents for forward-process algorithms) is QwenImageImg2ImgPipeline's own VAE encoding
+    (same generator, same sample) with its latent normalisation, packed like the rollout's latents."""
+    from diffusers import QwenImageImg2ImgPipeline
+
+    sampler = _sampler("tiny:qwen_image")
+    pixels = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        encoded = sampler.encode(pixels, torch.Generator().manual_seed(3))
+        img2img = QwenImageImg2ImgPipeline(**sampler.pipeline.components)
+        images = img2img.image_processor.normalize(pixels)[:, :, None]
+        reference = img2img._encode_vae_image(images, torch.Generator().manual_seed(3))[:, :, 0]
+    expected = img2img._pack_latents(reference, 2, reference.shape[1], 4, 4)
+    torch.testing.assert_close(encoded, expected)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_encode_gives_the_rollout_latent_layout(name):
+    """Pixels encode to the layout the rollout stores (packed tokens, patchified tokens or [C, h, w])."""
+    sampler = _sampler(name)
+    metadata = _metadata(name)
+    rollout = sampler.rollout(PROMPTS, OPTIONS, metadata=metadata)
+    with torch.no_grad():
+        encoded = sampler.encode(rollout.pixels)
+    assert encoded.shape == rollout.latents[:, -1].shape and encoded.dtype == rollout.latents.dtype
