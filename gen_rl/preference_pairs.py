@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gen_rl.core.config import resolve_path
-from gen_rl.data import DataError, read_text_lines, report_bad_records
+from gen_rl.data import DataError, read_text_lines
 
 IMAGE_KEYS = ("chosen", "rejected")
 
@@ -53,7 +53,10 @@ def load_preference_pairs(path: str | Path, key: str = "algorithm.pairs") -> Pre
         prompts.append(record["prompt"])
         for name in IMAGE_KEYS:
             images[name].append(record[name])
-    report_bad_records(shown, problems, "abort", total=len(numbered))
+    if problems:
+        listed = "; ".join(f"{shown}:{number}: {problem}" for number, problem in problems)
+        count = f"{len(problems)} bad records" if len(problems) > 1 else "a bad record"
+        raise DataError(f"{listed} ({count} of {len(numbered)}); fix them ({key})")
     return PreferencePairs(prompts, images["chosen"], images["rejected"], str(shown))
 
 
