@@ -79,6 +79,12 @@ class VideoFlowSampler(FlowMatchSampler):
         factor = self.pipeline.vae_scale_factor_spatial
         return image_size[0] // factor, image_size[1] // factor
 
+    @staticmethod
+    def _model_dtype(conditioning: dict[str, Tensor]) -> torch.dtype:
+        """The transformer's dtype, read off the stored prompt embeddings (``encode_prompts`` casts them to it): the
+        model's own ``.dtype`` walks every parameter, a cost paid at each denoising step otherwise."""
+        return conditioning["prompt_embeds"].dtype
+
     # ----- schedule -----------------------------------------------------------------------------------------
     def grid(self, options: RolloutOptions, latents: Tensor) -> tuple[Tensor, Tensor]:
         """The pipelines' grid: ``linspace(1, 0, S + 1)[:-1]`` shifted by the scheduler's static shift
@@ -166,10 +172,11 @@ class HunyuanVideoSampler(VideoFlowSampler):
             device=self.device,
             max_sequence_length=self._max_sequence_length(options),
         )
+        dtype = self.dtype
         return {
-            "prompt_embeds": prompt_embeds.to(self.dtype),
-            "prompt_attention_mask": attention_mask.to(self.dtype),
-            "pooled_prompt_embeds": pooled_embeds.to(self.dtype),
+            "prompt_embeds": prompt_embeds.to(dtype),
+            "prompt_attention_mask": attention_mask.to(dtype),
+            "pooled_prompt_embeds": pooled_embeds.to(dtype),
         }
 
     def initial_latents(
@@ -192,7 +199,7 @@ class HunyuanVideoSampler(VideoFlowSampler):
         self, latents: Tensor, timesteps: Tensor, conditioning: dict[str, Tensor], image_size: tuple[int, int]
     ) -> Tensor:
         """One HunyuanVideo transformer call (velocity) at per-sample timesteps ``sigma * 1000``."""
-        return self._transformer_call(latents.to(self.dtype), timesteps, conditioning)
+        return self._transformer_call(latents.to(self._model_dtype(conditioning)), timesteps, conditioning)
 
     def _transformer_call(
         self, hidden_states: Tensor, timesteps: Tensor, conditioning: dict[str, Tensor]
@@ -277,7 +284,7 @@ class HunyuanVideoI2VSampler(HunyuanVideoSampler):
     ) -> Tensor:
         """One transformer call on ``[latents, source latents]`` (channel concat), as the SkyReels pipeline."""
         hidden_states = torch.cat(
-            [latents.to(self.dtype), conditioning["image_latents"].to(self.dtype)], dim=1
+            [latents.to(self._model_dtype(conditioning)), conditioning["image_latents"]], dim=1
         )
         return self._transformer_call(hidden_states, timesteps, conditioning)
 

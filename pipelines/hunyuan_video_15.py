@@ -109,8 +109,9 @@ class HunyuanVideo15Sampler(VideoFlowSampler):
     ) -> Tensor:
         """One transformer call on ``[latents, zero source latents, zero mask]`` with zero image embeddings (the
         pipeline's text-to-video inputs), timesteps ``sigma * 1000`` in the latent dtype."""
-        latents = latents.to(self.dtype)
-        source, mask = self.pipeline.prepare_cond_latents_and_mask(latents, self.dtype, latents.device)
+        dtype = self._model_dtype(conditioning)
+        latents = latents.to(dtype)
+        source, mask = self.pipeline.prepare_cond_latents_and_mask(latents, dtype, latents.device)
         image_embeds = latents.new_zeros(
             (latents.shape[0], self.pipeline.vision_num_semantic_tokens, self.pipeline.vision_states_dim)
         )
