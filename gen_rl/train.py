@@ -1,6 +1,6 @@
 """Entry point: ``accelerate launch gen_rl/train.py --config configs/<family>/<run>.yaml [key=value ...]``.
 
-The YAML's ``task`` picks the trainer (``generation``, the default, ``vlm``, or ``reward_model``); dotted
+The YAML's ``task`` picks the trainer (``generation``, the default, ``vlm``, ``reward_model`` or ``unified``); dotted
 overrides such as ``train.lr=1e-5`` replace values of the file. ``--resume`` continues from the run folder's
 latest checkpoint. ``--describe`` prints every config key with its default and meaning. Relative paths in the
 YAML resolve against the working directory.
@@ -58,8 +58,8 @@ def task_of(path: str | None, overrides: list[str]) -> str:
     """The ``task`` of a config file plus overrides (``generation`` when absent)."""
     data = merge(read_yaml(path) if path else {}, parse_overrides(overrides))
     task = data.get("task", "generation")
-    if task not in ("generation", "vlm", "reward_model"):
-        raise ConfigError(f"task must be 'generation', 'vlm' or 'reward_model', got {task!r}")
+    if task not in ("generation", "vlm", "reward_model", "unified"):
+        raise ConfigError(f"task must be 'generation', 'vlm', 'reward_model' or 'unified', got {task!r}")
     return task
 
 
@@ -73,6 +73,10 @@ def config_class_of(task: str) -> type:
         from gen_rl.reward_model.config import RewardModelConfig
 
         return RewardModelConfig
+    if task == "unified":
+        from gen_rl.unified.config import UnifiedConfig
+
+        return UnifiedConfig
     from gen_rl.trainer_config import GenerationConfig
 
     return GenerationConfig
@@ -93,6 +97,10 @@ def load_checked_config(args: argparse.Namespace) -> Any:
         from gen_rl.reward_model.inputs import check_reward_model_inputs
 
         check_reward_model_inputs(config)
+    elif task == "unified":
+        from gen_rl.unified.inputs import check_unified_inputs
+
+        check_unified_inputs(config)
     else:
         inputs.check_generation_inputs(config)
     check_start(config, resume=args.resume, overwrite=args.overwrite)  # used folder, config change on resume
@@ -107,6 +115,10 @@ def run(config: Any, resume: bool, overwrite: bool = False) -> dict[str, Any]:
         from gen_rl.reward_model.trainer import train as train_reward_model
 
         return train_reward_model(config, resume=resume, overwrite=overwrite)
+    if config.task == "unified":
+        from gen_rl.unified.trainer import train as train_unified
+
+        return train_unified(config, resume=resume, overwrite=overwrite)
     check_registered_names(config)
     if config.task == "vlm":
         from gen_rl.vlm.trainer import train
@@ -127,7 +139,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.check:
         from gen_rl.inputs import check_registered_names
 
-        if config.task != "reward_model":  # its records and images are checked when the trainer reads them
+        if config.task == "unified":
+            from gen_rl.unified.trainer import check_gold_names
+
+            check_gold_names(config)
+        elif config.task != "reward_model":  # its records and images are checked when the trainer reads them
             check_registered_names(config)
         print(f"{args.config}: config, data files and weights checked, no problem found")
         return {}

@@ -190,7 +190,10 @@ def test_multi_line_library_messages_are_joined_to_one_line(capsys, monkeypatch)
         (["--config", "no/such.yaml"], f"config file {ROOT / 'no' / 'such.yaml'} does not exist"),
         (["--config", str(DEMO), "train.lr"], "override 'train.lr' must look like section.key=value"),
         (["--config", str(DEMO), "train.lr=[1"], "override 'train.lr=[1': the value is not valid YAML"),
-        (["--config", str(DEMO), "task=video"], "task must be 'generation', 'vlm' or 'reward_model', got 'video'"),
+        (
+            ["--config", str(DEMO), "task=video"],
+            "task must be 'generation', 'vlm', 'reward_model' or 'unified', got 'video'",
+        ),
         (["--config", str(DEMO), "reward.terms=[{name:colour}]"], "YAML needs a space after the colon"),
         (["--config", str(DEMO), "--resume", "--resume=yes"], "ignored explicit argument 'yes'"),
     ],

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from gen_rl.core.advantages import group_advantages
-from gen_rl.vlm.objectives import policy_loss
+from gen_rl.vlm.objectives import MiniBatchNorms, policy_loss
 from rewards.base import score_reward
 from rewards.srum import pixel_box, region_view, reward_map
 from rewards.vlm_judge import format_question, to_pil, yes_probability
@@ -170,21 +170,29 @@ class UnifiedPolicy:
         logits = self.model(**encoded).logits[:, -1].float()
         return yes_probability(logits, self.yes_ids, self.no_ids, "yes_no")
 
-    def self_reward(self, pixels: Tensor, prompt: str, metadata: dict) -> tuple[Tensor, Tensor]:
+    def self_reward(
+        self,
+        pixels: Tensor,
+        prompt: str,
+        metadata: dict,
+        question: str | None = None,
+        objects_key: str | None = None,
+    ) -> tuple[Tensor, Tensor]:
         """SRUM reward ``[G]`` and the global ``P(yes)`` ``[G]`` of one group's images, judged by the model itself.
 
         Without objects in ``metadata`` the reward is the global ``P(yes)``; with objects, SRUM's map mean
         ``P_g * max(1/2, P_k on box_k)`` (``rewards.srum``), local questions on cropped regions.
         """
-        question = format_question(self.config.question, prompt, metadata)
+        template = question or self.config.question
+        question = format_question(template, prompt, metadata)
         global_p = self.yes_probability(list(pixels), [question] * len(pixels)).double()
-        objects = metadata.get(self.config.objects_key) or []
+        objects = metadata.get(objects_key or self.config.objects_key) or []
         if not objects:
             return global_p.float(), global_p.float()
         height, width = pixels.shape[-2:]
         boxes = [pixel_box(item.get("box", (0, 0, 1, 1)), height, width) for item in objects]
         views = [region_view(image, box, "crop") for image in pixels for box in boxes]
-        local_questions = [format_question(self.config.question, item["name"], metadata) for item in objects]
+        local_questions = [format_question(template, item["name"], metadata) for item in objects]
         local_p = self.yes_probability(views, local_questions * len(pixels)).double().view(len(pixels), -1)
         rewards = [
             reward_map(
@@ -195,6 +203,154 @@ class UnifiedPolicy:
         return torch.stack(rewards).float(), global_p.float()
 
 
+@dataclass
+class SelfRewardGroup:
+    """One prompt's group: sampled image tokens ``[G, n]``, their sampling log-probs ``[G, n]``, decoded pixels
+    ``[G, 3, H, W]`` and (after :func:`score_group`) the self-reward ``[G]`` and the global ``P(yes)`` ``[G]``."""
+
+    prompt: str
+    metadata: dict
+    tokens: Tensor
+    old_log_probs: Tensor
+    pixels: Tensor
+    reward: Tensor | None = None
+    global_p: Tensor | None = None
+    terms: dict[str, Tensor] | None = None
+
+
+def sample_group(
+    policy: UnifiedPolicy, prompt: str, metadata: dict, group_size: int, generator: torch.Generator
+) -> SelfRewardGroup:
+    """Sample ``group_size`` images of ``prompt`` (tokens, log-probs) and decode them (the rollout phase)."""
+    tokens, old_log_probs = policy.sample(prompt, group_size, generator)
+    return SelfRewardGroup(prompt, metadata, tokens, old_log_probs, policy.decode(tokens))
+
+
+def score_group(policy: UnifiedPolicy, group: SelfRewardGroup, terms: Sequence[dict] | None = None) -> None:
+    """Set the group's self-reward ``sum_k w_k r_k`` (SRUM: each ``r_k`` judged by the policy itself).
+
+    ``terms``: dicts ``{name: srum | vlm_judge, weight, question?, objects_key?}``; ``srum`` uses the objects of
+    the metadata (global x local map mean), ``vlm_judge`` only the global ``P(yes)``. Default: one ``srum`` term
+    with the policy config's question.
+    """
+    terms = terms or [{"name": "srum", "weight": 1.0}]
+    total, per_term, global_p = None, {}, None
+    for term in terms:
+        metadata = group.metadata if term["name"] == "srum" else {}
+        reward, global_p = policy.self_reward(
+            group.pixels, group.prompt, metadata, term.get("question"), term.get("objects_key")
+        )
+        per_term[term["name"]] = reward
+        weighted = float(term.get("weight", 1.0)) * reward
+        total = weighted if total is None else total + weighted
+    group.reward, group.global_p, group.terms = total, global_p, per_term
+
+
+def batch_advantages(
+    groups: Sequence[SelfRewardGroup], std_mode: str = "group", eps: float = 1e-4, clip: float | None = None
+) -> Tensor:
+    """GRPO group-relative advantages ``[sum G]`` of the groups' rewards (shared core ``group_advantages``)."""
+    rewards = torch.cat([group.reward for group in groups])
+    group_ids = torch.cat([torch.full((len(group.reward),), i) for i, group in enumerate(groups)])
+    return group_advantages(rewards, group_ids, std_mode=std_mode, eps=eps, clip=clip).advantages.float()
+
+
+@dataclass
+class UpdateSettings:
+    """How a step's batch becomes optimizer updates (the trainer's ``train.*`` / ``algorithm.*`` keys)."""
+
+    loss: str = "grpo"
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    inner_epochs: int = 1
+    samples_per_update: int = 0  # 0: the whole batch
+    microbatch_size: int = 0  # 0: the whole update
+    max_grad_norm: float = 0.0
+    kl_coef: float = 0.0
+    kl_estimator: str = "k3"
+
+
+def _rows_log_probs(
+    policy: UnifiedPolicy, groups: Sequence[SelfRewardGroup], rows: Sequence[tuple[int, int]]
+):
+    """Teacher-forced log-probs ``[len(rows), n]`` of (group, row) pairs: one forward per group present."""
+    pieces = []
+    for index in sorted({g for g, _ in rows}, key=[g for g, _ in rows].index):
+        members = [r for g, r in rows if g == index]
+        pieces.append(policy.log_probs(groups[index].prompt, groups[index].tokens[members]))
+    return torch.cat(pieces)
+
+
+def policy_update(
+    policy: UnifiedPolicy,
+    optimizer: torch.optim.Optimizer,
+    groups: Sequence[SelfRewardGroup],
+    advantages: Tensor,
+    settings: UpdateSettings,
+    reference: UnifiedPolicy | None = None,
+    parameters: Sequence[torch.nn.Parameter] = (),
+) -> dict[str, float]:
+    """``inner_epochs`` passes of optimizer updates over the batch in order (``samples_per_update`` images each,
+    accumulated over microbatches whose losses use the whole update's denominators), with the shared token-level
+    objective ``gen_rl.vlm.objectives.policy_loss`` over image tokens (and a KL to ``reference``)."""
+    rows = [(g, r) for g, group in enumerate(groups) for r in range(len(group.tokens))]
+    per_update = settings.samples_per_update or len(rows)
+    per_micro = settings.microbatch_size or per_update
+    length = policy.num_image_tokens
+    old = torch.cat([group.old_log_probs for group in groups])
+    losses, kls, clipped, norms_seen = [], [], [], []
+    for _ in range(settings.inner_epochs):
+        for start in range(0, len(rows), per_update):
+            update = list(range(start, start + per_update))
+            norms = MiniBatchNorms.of(torch.ones(len(update), length, dtype=torch.bool))
+            optimizer.zero_grad(set_to_none=True)
+            total, kl, clip = 0.0, 0.0, 0.0
+            for micro_start in range(0, len(update), per_micro):
+                indices = update[micro_start : micro_start + per_micro]
+                picked = [rows[i] for i in indices]
+                log_probs = _rows_log_probs(policy, groups, picked)
+                ref = None
+                if reference is not None and settings.kl_coef > 0:
+                    with torch.no_grad():
+                        ref = _rows_log_probs(reference, groups, picked)
+                output = policy_loss(
+                    settings.loss,
+                    log_probs,
+                    old[indices],
+                    advantages[indices],
+                    torch.ones_like(log_probs, dtype=torch.bool),
+                    clip_low=settings.clip_low,
+                    clip_high=settings.clip_high,
+                    max_completion_length=length,
+                    norms=norms,
+                    ref_log_probs=ref,
+                    kl_coef=settings.kl_coef if ref is not None else 0.0,
+                    kl_estimator=settings.kl_estimator,
+                )
+                output.loss.backward()
+                share = len(indices) / len(update)
+                total += float(output.loss.detach())
+                kl += float(output.kl.detach())
+                clip += share * float(output.stats.get("clip_fraction", 0.0))
+            if settings.max_grad_norm > 0:
+                norms_seen.append(
+                    float(torch.nn.utils.clip_grad_norm_(list(parameters), settings.max_grad_norm))
+                )
+            optimizer.step()
+            losses.append(total)
+            kls.append(kl)
+            clipped.append(clip)
+    stats = {
+        "loss/total": sum(losses) / len(losses),
+        "loss/kl": sum(kls) / len(kls),
+        "policy/clip_fraction": sum(clipped) / len(clipped),
+        "optim/updates": float(len(losses)),
+    }
+    if norms_seen:
+        stats["optim/grad_norm"] = sum(norms_seen) / len(norms_seen)
+    return stats
+
+
 def train_self_rewarding(
     policy: UnifiedPolicy,
     prompts: Sequence[str],
@@ -203,57 +359,49 @@ def train_self_rewarding(
 ) -> list[dict[str, float]]:
     """Self-rewarded GRPO over ``prompts`` (every prompt a group each step); one record per step.
 
-    Records hold ``reward/mean`` (the self-reward), ``reward/global/mean``, ``eval/gold/<name>`` (the held-out gold
-    reward on the same images, when ``gold`` is given), ``loss/total``, ``policy/clip_fraction`` and ``step``.
+    The phases of ``gen_rl.unified.trainer.UnifiedTrainer`` without its run folder: :func:`sample_group`,
+    :func:`score_group`, :func:`batch_advantages`, :func:`policy_update` (one optimizer update per group). Records
+    hold ``reward/mean`` (the self-reward), ``reward/global/mean``, ``eval/gold/<name>`` (the held-out gold reward
+    on the same images, when ``gold`` is given), ``loss/total``, ``policy/clip_fraction`` and ``step``.
     """
     config = policy.config
     records = [{} for _ in prompts] if metadata is None else [dict(record) for record in metadata]
     parameters = policy.trainable_parameters()
     optimizer = torch.optim.Adam(parameters, lr=config.lr)
     generator = torch.Generator().manual_seed(config.seed)
+    settings = UpdateSettings(
+        loss=config.loss,
+        clip_low=config.clip_low,
+        clip_high=config.clip_high,
+        inner_epochs=config.inner_epochs,
+        samples_per_update=config.group_size,
+    )
     history = []
     for step in range(config.num_steps):
-        groups = []
-        for prompt, record in zip(prompts, records, strict=True):
-            tokens, old_log_probs = policy.sample(prompt, config.group_size, generator)
-            pixels = policy.decode(tokens)
-            reward, global_p = policy.self_reward(pixels, prompt, record)
-            groups.append((prompt, record, tokens, old_log_probs, pixels, reward, global_p))
-        rewards = torch.cat([group[5] for group in groups])
-        group_ids = torch.arange(len(groups)).repeat_interleave(config.group_size)
-        advantages = group_advantages(rewards, group_ids).advantages.float()
+        groups = [
+            sample_group(policy, prompt, record, config.group_size, generator)
+            for prompt, record in zip(prompts, records, strict=True)
+        ]
+        for group in groups:
+            score_group(policy, group)
+        advantages = batch_advantages(groups)
         record_out: dict[str, float] = {
             "step": float(step),
-            "reward/mean": float(rewards.mean()),
-            "reward/global/mean": float(torch.cat([group[6] for group in groups]).mean()),
+            "reward/mean": float(torch.cat([group.reward for group in groups]).mean()),
+            "reward/global/mean": float(torch.cat([group.global_p for group in groups]).mean()),
         }
         if gold is not None:
-            pixels = torch.cat([group[4] for group in groups])
-            names = [group[0] for group in groups for _ in range(config.group_size)]
-            extra = [group[1] for group in groups for _ in range(config.group_size)]
-            gold_scores = score_reward(gold, pixels, names, extra).scores
-            record_out[f"eval/gold/{type(gold).__name__}"] = float(gold_scores.nanmean())
-        losses, clipped = [], []
-        for _ in range(config.inner_epochs):
-            for index, (prompt, _, tokens, old_log_probs, _, _, _) in enumerate(groups):
-                rows = slice(index * config.group_size, (index + 1) * config.group_size)
-                log_probs = policy.log_probs(prompt, tokens)
-                output = policy_loss(
-                    config.loss,
-                    log_probs,
-                    old_log_probs,
-                    advantages[rows],
-                    torch.ones_like(tokens, dtype=torch.bool),
-                    clip_low=config.clip_low,
-                    clip_high=config.clip_high,
-                    max_completion_length=policy.num_image_tokens,
-                )
-                optimizer.zero_grad(set_to_none=True)
-                output.loss.backward()
-                optimizer.step()
-                losses.append(float(output.loss.detach()))
-                clipped.append(float(output.stats.get("clip_fraction", 0.0)))
-        record_out["loss/total"] = sum(losses) / len(losses)
-        record_out["policy/clip_fraction"] = sum(clipped) / len(clipped)
+            record_out[f"eval/gold/{type(gold).__name__}"] = gold_score(gold, groups)
+        update = policy_update(policy, optimizer, groups, advantages, settings)
+        record_out["loss/total"] = update["loss/total"]
+        record_out["policy/clip_fraction"] = update["policy/clip_fraction"]
         history.append(record_out)
     return history
+
+
+def gold_score(gold: Any, groups: Sequence[SelfRewardGroup]) -> float:
+    """Mean of a held-out (not optimised) reward over the groups' decoded images."""
+    pixels = torch.cat([group.pixels for group in groups])
+    names = [group.prompt for group in groups for _ in range(len(group.pixels))]
+    extra = [group.metadata for group in groups for _ in range(len(group.pixels))]
+    return float(score_reward(gold, pixels, names, extra).scores.float().nanmean())
