@@ -90,13 +90,13 @@ TINY_MODELS: dict[str, TinyModel] = {
     ),
     "tiny:wan_i2v": TinyModel("wan_i2v", 16, "pipelines.tiny_wan:tiny_wan_i2v_pipeline", {"seed": 0}),
     "tiny:hunyuan_video": TinyModel(
-        "hunyuan_video", 16, "pipelines.tiny_hunyuan:tiny_hunyuan_video_pipeline", {"seed": 0}
+        "hunyuan_video", 8, "pipelines.tiny_hunyuan:tiny_hunyuan_video_pipeline", {"seed": 0}
     ),
     "tiny:hunyuan_video_i2v": TinyModel(
-        "hunyuan_video_i2v", 16, "pipelines.tiny_hunyuan:tiny_hunyuan_video_i2v_pipeline", {"seed": 0}
+        "hunyuan_video_i2v", 8, "pipelines.tiny_hunyuan:tiny_hunyuan_video_i2v_pipeline", {"seed": 0}
     ),
     "tiny:hunyuan_video_15": TinyModel(
-        "hunyuan_video_15", 16, "pipelines.tiny_hunyuan:tiny_hunyuan_video_15_pipeline", {"seed": 0}
+        "hunyuan_video_15", 4, "pipelines.tiny_hunyuan:tiny_hunyuan_video_15_pipeline", {"seed": 0}
     ),
 }
 
