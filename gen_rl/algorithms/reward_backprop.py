@@ -30,7 +30,6 @@ from gen_rl.algorithms.base import Algorithm, LossBatch, Policy, refuse
 from gen_rl.algorithms.forward_process import draw_noise, expand, refuse_non_flow
 from gen_rl.algorithms.options_matching import DraftOptions, PartialEditOptions, ReFLOptions
 from gen_rl.core.seeding import derive_seed
-from rewards.base import score_reward
 
 
 class RewardBackprop(Algorithm):
@@ -68,8 +67,11 @@ class RewardBackprop(Algorithm):
         weights = getattr(policy, "reward_weights", None) or {}
         total = None
         for key, model in self.rewards.items():
-            scores = score_reward(model, pixels, rollout.prompts, rollout.metadata, rollout.group_ids)
-            term = weights.get(key, 1.0) * scores.scores.to(latents.device)
+            groups = {"group_ids": rollout.group_ids} if getattr(model, "uses_group_ids", False) else {}
+            scores = model(
+                pixels, rollout.prompts, rollout.metadata, **groups
+            ).scores  # a rewards.base.Reward
+            term = weights.get(key, 1.0) * scores.to(latents.device)
             total = term if total is None else total + term
         return total
 
