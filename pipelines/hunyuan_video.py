@@ -147,16 +147,15 @@ class HunyuanVideoSampler(VideoFlowSampler):
     ) -> dict[str, Tensor]:
         """Llama sequence + mask and pooled CLIP embeddings (``negative_*`` for CFG), plus the embedded guidance
         ``[B]`` (``guidance * 1000``, as the pipeline feeds it)."""
-        conditioning = self._encode(prompts, options, num_per_prompt)
+        dtype = self.dtype  # looked up once: a model's .dtype walks its parameters
+        conditioning = self._encode(prompts, options, num_per_prompt, dtype)
         if options.cfg_scale > 1.0:
-            negative = self._encode([options.negative_prompt] * len(prompts), options, num_per_prompt)
+            negative = self._encode([options.negative_prompt] * len(prompts), options, num_per_prompt, dtype)
             conditioning.update({NEGATIVE_PREFIX + key: value for key, value in negative.items()})
         guidance = self.default_guidance if options.guidance is None else options.guidance
         if self.denoiser.config.guidance_embeds:
             batch = len(prompts) * num_per_prompt
-            conditioning["guidance"] = torch.full((batch,), guidance * 1000.0, device=self.device).to(
-                self.dtype
-            )
+            conditioning["guidance"] = torch.full((batch,), guidance * 1000.0, device=self.device).to(dtype)
         elif options.guidance is not None:
             raise ValueError(
                 f"guidance was set but this {self.family} transformer has no guidance embedding; set "
@@ -164,7 +163,9 @@ class HunyuanVideoSampler(VideoFlowSampler):
             )
         return conditioning
 
-    def _encode(self, prompts: list[str], options: RolloutOptions, num_per_prompt: int) -> dict[str, Tensor]:
+    def _encode(
+        self, prompts: list[str], options: RolloutOptions, num_per_prompt: int, dtype: torch.dtype
+    ) -> dict[str, Tensor]:
         prompt_embeds, pooled_embeds, attention_mask = self.pipeline.encode_prompt(
             prompt=prompts,
             prompt_template=self.prompt_template,
@@ -172,7 +173,6 @@ class HunyuanVideoSampler(VideoFlowSampler):
             device=self.device,
             max_sequence_length=self._max_sequence_length(options),
         )
-        dtype = self.dtype
         return {
             "prompt_embeds": prompt_embeds.to(dtype),
             "prompt_attention_mask": attention_mask.to(dtype),
@@ -245,11 +245,12 @@ class HunyuanVideoI2VSampler(HunyuanVideoSampler):
         times the scaling factor, zero-padded over the later latent frames, repeated for the group."""
         height, width = image_size
         vae = self.pipeline.vae
+        vae_dtype = vae.dtype
         sources = []
         for item in metadata:
             image = load_condition_image(item["image"], height, width)[None]
             image = self.pipeline.video_processor.preprocess(image, height=height, width=width)
-            posterior = vae.encode(image.to(self.device, vae.dtype).unsqueeze(2)).latent_dist
+            posterior = vae.encode(image.to(self.device, vae_dtype).unsqueeze(2)).latent_dist
             sources.append(posterior.mode().to(torch.float32) * self.pipeline.vae_scaling_factor)
         first_frame = torch.cat(sources)
         padding = first_frame.new_zeros(
@@ -272,9 +273,9 @@ class HunyuanVideoI2VSampler(HunyuanVideoSampler):
         gives the pipeline's noise."""
         height, width = self._latent_size(image_size)
         vae = self.pipeline.vae
-        posterior_shape = (1, vae.config.latent_channels, 1, height, width)
+        posterior_shape, vae_dtype = (1, vae.config.latent_channels, 1, height, width), vae.dtype
         for generator in generators:
-            randn_tensor(posterior_shape, generator=generator, device=self.device, dtype=vae.dtype)
+            randn_tensor(posterior_shape, generator=generator, device=self.device, dtype=vae_dtype)
         channels = self.denoiser.config.in_channels // 2
         shape = (len(generators), channels, self._latent_frames(num_frames), height, width)
         return randn_tensor(shape, generator=generators, device=self.device, dtype=torch.float32)
