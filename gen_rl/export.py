@@ -45,7 +45,9 @@ def save_lora(
 
     The folder is written whole into a temporary sibling and renamed into place, so a crash never leaves a
     half-written export; an existing folder at ``directory`` is replaced. Load it back with
-    ``pipeline.load_lora_weights(directory)``. Call it on the main process only.
+    ``pipeline.load_lora_weights(directory)``. Wan 2.2 with both experts trained writes ``high_noise/`` and
+    ``low_noise/``: ``pipe.load_lora_weights(d / "high_noise")`` and ``pipe.load_lora_weights(d / "low_noise",
+    load_into_transformer_2=True)``. Call it on the main process only.
     """
     denoiser = sampler.denoiser
     component = sampler.denoiser_component  # "transformer" or "unet": the key prefix diffusers expects
@@ -58,12 +60,17 @@ def save_lora(
         raise FileExistsError(f"cannot export a LoRA to {directory}: a file of that name exists")
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
+    # an adapter over modules that load from separate files (Wan 2.2's two experts: high_noise/ and low_noise/) is
+    # split by the sampler; one file otherwise
+    split = getattr(sampler, "lora_export_parts", None)
+    parts = split(state_dict) if split is not None else {"": state_dict}
     try:
-        type(sampler.pipeline).save_lora_weights(
-            staging,
-            safe_serialization=True,
-            **{f"{component}_lora_layers": state_dict, f"{component}_lora_adapter_metadata": metadata},
-        )
+        for folder, part in parts.items():
+            type(sampler.pipeline).save_lora_weights(
+                staging / folder,
+                safe_serialization=True,
+                **{f"{component}_lora_layers": part, f"{component}_lora_adapter_metadata": metadata},
+            )
         _replace_directory(staging, directory)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from peft import LoraConfig
 
+from gen_rl.core.config import ConfigError
 from gen_rl.core.dtypes import DTYPES
 from gen_rl.trainer_config import ModelConfig
 from pipelines import TINY_MODELS as _TINY_MODEL_TABLE
@@ -24,6 +25,16 @@ def load_sampler(model: ModelConfig, device: torch.device) -> Sampler:
     else:
         sampler = build_sampler(model.family, model.pretrained, dtype=dtype)
     sampler.pipeline.to(device)
+    if model.trained_experts:
+        if not hasattr(sampler, "trained_experts"):
+            raise ConfigError(
+                f"model.trained_experts applies to two-expert models (the wan families); the {model.family} "
+                "sampler has one denoiser. Remove the key."
+            )
+        try:
+            sampler.trained_experts = tuple(model.trained_experts)
+        except ValueError as error:
+            raise ConfigError(f"model.trained_experts: {error}") from error
     vae = getattr(sampler.pipeline, "vae", None)
     if model.vae_tiling:
         vae.enable_tiling()  # decode / encode in tiles: less memory for large images and videos

@@ -52,6 +52,9 @@ class ModelConfig:
     gradient_checkpointing: bool = option(False, "recompute activations in backward (saves memory)")
     vae_tiling: bool = option(False, "VAE decode / encode in tiles (large images, videos: saves memory)")
     vae_slicing: bool = option(False, "VAE decode / encode one sample at a time (saves memory)")
+    trained_experts: list[str] = option(
+        [], "two-expert models (Wan 2.2 A14B): the experts that train, high and / or low; empty: all"
+    )
 
 
 @dataclass

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -197,15 +196,11 @@ def test_lora_on_either_or_both_experts_exports_files_wan_loads(experts, tmp_pat
     assert adapted == set(experts)
     parts = sampler.lora_export_parts(lora_state_dict(sampler.denoiser))
     assert set(parts) == ({""} if len(experts) == 1 else {"high_noise", "low_noise"})
+    folder = save_lora(sampler, tmp_path / "lora")  # one file per trained expert, named by its loader's slot
     fresh = tiny_wan_pipeline(two_experts=True)
-    for folder, part in parts.items():
-        expert = {"": experts[0], "high_noise": "high", "low_noise": "low"}[
-            folder
-        ]  # loaded by the folder's name
-        assert all(torch.equal(part[key], value) for key, value in lora_state_dict(modules[expert]).items())
-        view = SimpleNamespace(denoiser=modules[expert], denoiser_component="transformer", pipeline=pipeline)
-        path = save_lora(view, tmp_path / "lora" / folder, state_dict=part)
-        fresh.load_lora_weights(path, load_into_transformer_2=expert == "low")
+    for part in parts:
+        expert = {"": experts[0], "high_noise": "high", "low_noise": "low"}[part]
+        fresh.load_lora_weights(folder / part, load_into_transformer_2=expert == "low")
     loaded = WanSampler(fresh).rollout(PROMPTS, zero).latents[:, -1]
     torch.testing.assert_close(loaded, trained, rtol=0, atol=1e-5)
     assert float((trained - base).abs().max()) > 1e-3
@@ -342,3 +337,20 @@ def test_a_short_run_trains(name, tmp_path, fresh_accelerator):
     assert all(math.isfinite(record["reward/mean"]) for record in records if "reward/mean" in record)
     video = read_video(tmp_path / "eval" / "step-000000" / "prompt-00.mp4")  # the evaluation's MP4
     assert video.shape == (TINY_NUM_FRAMES, HEIGHT, WIDTH, 3)
+
+
+def test_the_trained_experts_key_reaches_the_sampler_and_is_refused_elsewhere():
+    from gen_rl.core.config import ConfigError
+    from gen_rl.policy import load_sampler, make_trainable
+    from gen_rl.trainer_config import ModelConfig
+
+    model = ModelConfig(family="wan", pretrained="tiny:wan22", trained_experts=["low"], lora_rank=2)
+    sampler = load_sampler(model, torch.device("cpu"))
+    make_trainable(sampler, model)
+    low = [n for n, p in sampler.pipeline.transformer_2.named_parameters() if p.requires_grad]
+    high = [n for n, p in sampler.pipeline.transformer.named_parameters() if p.requires_grad]
+    assert low and not high
+    with pytest.raises(ConfigError, match="model.trained_experts applies to two-expert models"):
+        load_sampler(
+            ModelConfig(family="flux", pretrained="tiny:flux", trained_experts=["low"]), torch.device("cpu")
+        )
