@@ -414,10 +414,25 @@ def test_check_refuses_a_ddim_sampler_and_cfg_with_one_line(name):
 
 
 @pytest.mark.parametrize("name", ["dgpo", "diffusion_dpo"])
-def test_group_algorithms_refuse_minibatches_that_split_groups(tmp_path, name):
-    """4 groups of 8 in updates of 16: a microbatch would hold part of the step's groups."""
-    with pytest.raises(ConfigError, match="set train.samples_per_update and train.microbatch_size to 32"):
-        small_config(tmp_path, *LEARNING, base_config=DEMOS / f"{name}.yaml")
+def test_group_algorithms_refuse_microbatches_that_split_groups(tmp_path, name):
+    """4 groups of 8 in microbatches of 4: a microbatch would hold half a group."""
+    with pytest.raises(
+        ConfigError, match=r"train.microbatch_size \(4\) must be a multiple of sample.group_size"
+    ):
+        small_config(tmp_path, *LEARNING, "train.microbatch_size=4", base_config=DEMOS / f"{name}.yaml")
+
+
+@pytest.mark.parametrize("name", ["dgpo", "diffusion_dpo"])
+def test_group_algorithms_train_on_group_ordered_minibatches(tmp_path, name):
+    """4 groups of 8 in updates of 16 and microbatches of 8: the trainer orders the samples group by group
+    (``whole_groups``), so every microbatch holds one whole group (the loss refuses anything else at run time)."""
+    from gen_rl.trainer import GenerationTrainer
+
+    config = small_config(tmp_path, *LEARNING, "train.microbatch_size=8", base_config=DEMOS / f"{name}.yaml")
+    trainer = GenerationTrainer(config)
+    assert trainer.algorithm.whole_groups
+    record = trainer.run_step(0)
+    assert record["optim/updates"] == 2 and math.isfinite(record["loss/total"])
 
 
 # ----- few-step GRPO ---------------------------------------------------------------------------------------------

@@ -105,7 +105,7 @@ def check_whole_groups(name: str, groups: Tensor, num_groups: int, group_size: i
     if bool((counts != group_size).any()):
         raise RuntimeError(
             f"{name}: a microbatch holds {counts.tolist()} members of its groups, not whole groups of "
-            f"{group_size}; set train.samples_per_update = train.microbatch_size = groups_per_step x group_size"
+            f"{group_size}; set train.samples_per_update and train.microbatch_size to multiples of group_size"
         )
 
 

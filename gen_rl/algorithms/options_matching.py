@@ -43,15 +43,18 @@ def _refuse_kl_without_lora(kl_coef: float, config: Any) -> None:
 
 
 def _require_whole_groups(name: str, config: Any) -> None:
-    """Group-level losses see whole groups only when one microbatch holds the whole step (one process)."""
+    """Group-level losses see whole groups: the trainer orders each process's samples group by group
+    (``Algorithm.whole_groups``), so updates and microbatches must be whole multiples of the group size."""
     sample, train = config.sample, config.train
-    step_samples = sample.groups_per_step * sample.group_size
-    if not train.samples_per_update == train.microbatch_size == step_samples:
-        raise ConfigError(
-            f"{name} compares the members of each group inside one microbatch, which the trainer's random "
-            f"minibatches split; set train.samples_per_update and train.microbatch_size to {step_samples} "
-            "(sample.groups_per_step x sample.group_size) and run on one process"
-        )
+    for key, value in (
+        ("samples_per_update", train.samples_per_update),
+        ("microbatch_size", train.microbatch_size),
+    ):
+        if value % sample.group_size:
+            raise ConfigError(
+                f"{name} compares the members of each group inside one microbatch; train.{key} ({value}) must be "
+                f"a multiple of sample.group_size ({sample.group_size})"
+            )
 
 
 @dataclass
