@@ -359,6 +359,9 @@ TINY_OVERRIDES = {
     ),
 }
 
+# group-level losses (whole_groups) need microbatches of whole groups: one group of 2 here
+ALGORITHM_OVERRIDES = {name: ("train.microbatch_size=2",) for name in ("dgpo", "diffusion_dpo")}
+
 
 @pytest.mark.parametrize("path", GENERATION, ids=[str(p.relative_to(CONFIGS)) for p in GENERATION])
 def test_every_generation_config_trains_two_steps_on_tiny_models(
@@ -368,7 +371,8 @@ def test_every_generation_config_trains_two_steps_on_tiny_models(
     models and tiny reward checkpoints, and shrunk to two steps of two groups."""
     from gen_rl.trainer import GenerationTrainer
 
-    family = load_config(GenerationConfig, path).model.family
+    shipped = load_config(GenerationConfig, path)
+    family = shipped.model.family
     pretrained, size = TINY[family]
     config = load_config(
         GenerationConfig,
@@ -393,6 +397,7 @@ def test_every_generation_config_trains_two_steps_on_tiny_models(
             f"data.train_prompts={DEMO.parent / 'prompts' / 'colour_train.txt'}",
             f"data.eval_prompts={DEMO.parent / 'prompts' / 'colour_eval.txt'}",
             *TINY_OVERRIDES.get(family, ()),
+            *ALGORITHM_OVERRIDES.get(shipped.algorithm.name, ()),
         ],
     )
     for term in [*config.reward.terms, *config.eval.gold]:
