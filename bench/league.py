@@ -38,6 +38,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--algorithms", default=None, help="comma-separated names (default: every registered)"
     )
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument(
+        "--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1"
+    )
     parser.add_argument("--budget-seconds", type=float, default=15.0, help="training time per run")
     parser.add_argument("--budget-evals", type=int, default=None, help="model evaluations per run")
     parser.add_argument("--reference", default="flow_grpo", help="sets the evaluations budget when not given")
@@ -83,7 +86,13 @@ def main(argv: list[str] | None = None) -> None:
         clock=args.clock,
     )
     if args.report_from:
-        results = [run for folder in args.report_from for run in load_runs(folder)]
+        results = list(
+            {
+                (r.task, r.algorithm, r.seed): r
+                for folder in args.report_from[::-1]
+                for r in load_runs(folder)
+            }.values()
+        )  # a run repeated in several folders counts once (the earliest folder named wins)
         table, plot = write_report(results, budget, args.out)
         print(table.read_text())
         print(f"[league] table {table}, plot {plot}")
@@ -100,6 +109,7 @@ def main(argv: list[str] | None = None) -> None:
         recipes=recipes(args),
         cpu_threads=args.cpu_threads,
         reference=args.reference if args.reference in algorithms else None,
+        first_seed=args.first_seed,
     )
     table, plot = write_report(results, budget, args.out)
     print(table.read_text())

@@ -240,6 +240,7 @@ def run_league(
     cpu_threads: int = 0,
     reference: str | None = None,
     log: Callable[[str], None] = print,
+    first_seed: int = 0,
 ) -> list[RunResult]:
     """Every (task, algorithm, seed) run, each trained by ``make_trainer`` (``gen_rl.trainer.GenerationTrainer``);
     the evaluations budget of a task is ``budget.evals`` or, when None, the
@@ -258,7 +259,7 @@ def run_league(
             if task_budget.evals is None and algorithm != first:
                 task_budget.evals = reference_evals_budget(results, task, first)
                 log(f"[league] {task}: evaluations budget {task_budget.evals} ({first} at the time budget)")
-            for seed in range(seeds):
+            for seed in range(first_seed, first_seed + seeds):
                 run = RunResult(task, algorithm, seed, out / task / algorithm / f"seed{seed}")
                 run.evals_budget = task_budget.evals
                 results.append(run)
@@ -456,6 +457,8 @@ def plot_league(results: list[RunResult], path: str | Path) -> None:
     import numpy as np
 
     tasks = list(dict.fromkeys(run.task for run in results))
+    names = list(dict.fromkeys(run.algorithm for run in results))  # one colour and style per algorithm
+    colours = plt.cm.tab20(np.linspace(0, 1, 20))
     figure, axes = plt.subplots(len(tasks), 2, figsize=(12, 4.2 * len(tasks)), squeeze=False)
     for row, task in enumerate(tasks):
         by_algorithm: dict[str, list[list[dict[str, Any]]]] = {}
@@ -476,8 +479,12 @@ def plot_league(results: list[RunResult], path: str | Path) -> None:
                     ]
                 )
                 mean, std = curves.mean(0), curves.std(0, ddof=1) if len(runs) > 1 else np.zeros_like(grid)
-                (line,) = axis.plot(grid, mean, label=algorithm)
-                axis.fill_between(grid, mean - std, mean + std, color=line.get_color(), alpha=0.15)
+                index = names.index(algorithm)
+                colour = colours[index % 20]
+                axis.plot(
+                    grid, mean, label=algorithm, color=colour, linestyle=("-", "--", ":")[index // 20 % 3]
+                )
+                axis.fill_between(grid, mean - std, mean + std, color=colour, alpha=0.12)
             axis.set_xlabel(label)
             axis.set_ylabel("held-out eval/reward/mean")
             axis.set_title(f"{task}: reward vs {label}")
