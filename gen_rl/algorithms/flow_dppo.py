@@ -54,14 +54,10 @@ class FlowDPPO(OldPolicyMeans, PolicyGradient):
         """The masked surrogate (+ beta KL to the reference) of one microbatch at one step."""
         self.check_unit_advantages()
         part, column = batch.rollout, batch.units
-        old_means = self.old_means(policy, part, column)
-        out = policy.sampler.log_prob(part, column)
-        means = out.means[:, 0]
-        stds = out.stds.detach()
-        old_log_probs = part.log_probs.gather(1, column.to(part.log_probs.device)).to(out.log_probs.device)
-        reference = means.detach() if old_means is None else old_means
-        kl_old = gaussian_kl(means.detach(), reference, stds[:, 0])
-        log_ratio = (out.log_probs - old_log_probs)[:, 0]
+        step = self.new_and_old_steps(policy, part, column)
+        means, stds = step.means, step.stds
+        kl_old = gaussian_kl(means.detach(), step.old_means, stds[:, 0])
+        log_ratio = (step.log_probs - step.old_log_probs)[:, 0]
         per_sample, ratio, drop = divergence_masked_loss(
             log_ratio, kl_old, batch.advantages, self.options.kl_threshold
         )

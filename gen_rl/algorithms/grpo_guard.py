@@ -53,14 +53,13 @@ class GRPOGuard(OldPolicyMeans, PolicyGradient):
         """Clipped surrogate of the normalised ratio x the step weight (+ beta KL) of one microbatch at one step."""
         self.check_unit_advantages()
         part, column = batch.rollout, batch.units
-        old_means = self.old_means(policy, part, column)
-        out = policy.sampler.log_prob(part, column)
-        means = out.means[:, 0]
-        stds = out.stds.detach()
-        old_log_probs = part.log_probs.gather(1, column.to(part.log_probs.device)).to(out.log_probs.device)
-        reference = means.detach() if old_means is None else old_means
-        log_ratio = ratio_norm(out.log_probs, old_log_probs, means, reference, stds)
-        kl = self.reference_kl(policy, part, column, means, stds[:, 0]) if self.options.kl_coef else None
+        step = self.new_and_old_steps(policy, part, column)
+        log_ratio = ratio_norm(step.log_probs, step.old_log_probs, step.means, step.old_means, step.stds)
+        kl = (
+            self.reference_kl(policy, part, column, step.means, step.stds[:, 0])
+            if self.options.kl_coef
+            else None
+        )
         return weighted_step_loss(
             self.options,
             log_ratio,

@@ -5,6 +5,7 @@ weighted clipped surrogate, and each step's noise std and mean gain read off the
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -47,6 +48,28 @@ class OldPolicyMeans:
             )
         with torch.no_grad(), policy.swapped(self._old_tensors):
             return policy.sampler.log_prob(part, column).means[:, 0].detach()
+
+    def new_and_old_steps(self, policy: Any, part: Any, column: Tensor) -> StepTerms:
+        """The current step (with gradients) and the sampling policy's at ``column`` ``[b, 1]``: ``mu_old`` comes
+        first (see :meth:`old_means`); where no update happened yet it is the current mean, detached."""
+        old_means = self.old_means(policy, part, column)
+        out = policy.sampler.log_prob(part, column)
+        means = out.means[:, 0]
+        old_log_probs = part.log_probs.gather(1, column.to(part.log_probs.device)).to(out.log_probs.device)
+        reference = means.detach() if old_means is None else old_means
+        return StepTerms(out.log_probs, means, out.stds.detach(), old_log_probs, reference)
+
+
+@dataclass(frozen=True)
+class StepTerms:
+    """One trained step: current ``log_probs`` ``[b, 1]`` and ``means`` ``[b, ...]`` (with gradients), detached
+    ``stds`` ``[b, 1]``, the stored ``old_log_probs`` ``[b, 1]`` and the sampling policy's ``old_means``."""
+
+    log_probs: Tensor
+    means: Tensor
+    stds: Tensor
+    old_log_probs: Tensor
+    old_means: Tensor
 
 
 def weighted_step_loss(
