@@ -75,15 +75,21 @@ def _clip_config(hidden_size: int = 32) -> CLIPTextConfig:
     )
 
 
+# the sizes of every tiny T5-family text encoder (T5, UMT5, ByT5): 2 layers of width 32
+TINY_T5_SIZES = {
+    "d_model": 32,
+    "d_ff": 37,
+    "d_kv": 8,
+    "num_layers": 2,
+    "num_heads": 4,
+    "relative_attention_num_buckets": 8,
+}
+
+
 def _t5_encoder() -> T5EncoderModel:
     config = T5Config(
         vocab_size=VOCAB_SIZE,
-        d_model=32,
-        d_ff=37,
-        d_kv=8,
-        num_layers=2,
-        num_heads=4,
-        relative_attention_num_buckets=8,
+        **TINY_T5_SIZES,
         pad_token_id=1,
         eos_token_id=VOCAB_SIZE - 1,
     )

@@ -34,7 +34,7 @@ from transformers import (
 )
 
 from pipelines.hunyuan_video_15 import HunyuanVideo15LoraPipeline
-from pipelines.tiny import VOCAB_SIZE, _clip_config, _eval_mode, build_char_tokenizer
+from pipelines.tiny import TINY_T5_SIZES, VOCAB_SIZE, _clip_config, _eval_mode, build_char_tokenizer
 
 TINY_PROMPT_TEMPLATE = {"template": "{}", "crop_start": 0}  # the prompt alone: no Llama system prompt to crop
 TINY_NUM_FRAMES = 5  # 2 latent frames with the 4x temporal VAE
@@ -195,12 +195,7 @@ def tiny_hunyuan_video_15_pipeline(seed: int = 0) -> HunyuanVideo15LoraPipeline:
     text_encoder_2 = T5EncoderModel(
         T5Config(
             vocab_size=len(byt5),
-            d_model=32,
-            d_ff=37,
-            d_kv=8,
-            num_layers=2,
-            num_heads=4,
-            relative_attention_num_buckets=8,
+            **TINY_T5_SIZES,
             pad_token_id=0,
             eos_token_id=1,
         )

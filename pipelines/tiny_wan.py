@@ -22,7 +22,7 @@ from diffusers import (
 )
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
 
-from pipelines.tiny import VOCAB_SIZE, _eval_mode, build_char_tokenizer
+from pipelines.tiny import TINY_T5_SIZES, VOCAB_SIZE, _eval_mode, build_char_tokenizer
 
 TINY_NUM_FRAMES = 5  # 4k + 1 frames: 2 latent frames with the VAE's temporal factor 4
 TINY_SHIFT = 3.0  # the flow_shift of Wan 2.1's shipped scheduler config
@@ -54,12 +54,7 @@ def _text_parts(seed: int) -> dict:
     encoder = UMT5EncoderModel(
         UMT5Config(
             vocab_size=VOCAB_SIZE,
-            d_model=32,
-            d_ff=37,
-            d_kv=8,
-            num_layers=2,
-            num_heads=4,
-            relative_attention_num_buckets=8,
+            **TINY_T5_SIZES,
             pad_token_id=1,
             eos_token_id=VOCAB_SIZE - 1,
         )
